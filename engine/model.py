@@ -1,0 +1,169 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax.
+
+One forward serves prefill (T tokens per row) and decode (T = 1 for every slot): it
+writes the new K/V at explicit `positions` into the preallocated cache, then each query
+attends to the cache positions at or before its own. Rows are independent, which is
+what lets the engine batch sequences of different lengths slot by slot.
+
+Parameter names follow HF's module names (`layers_3/self_attn/q_proj/kernel`), with
+kernels stored [in, out], so loading is a transpose per matrix.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache, write_positions
+
+F32 = jnp.float32
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), F32)
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (weight * y.astype(self.dtype)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D], positions: [B, T]."""
+    freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(positions: jax.Array, kv_len: int, window: int | None) -> jax.Array:
+    """Bool[B, T, S]: key j is visible to the query at position p iff j <= p (and within
+    the sliding window). Cache entries past a row's length are never visible."""
+    keys = jnp.arange(kv_len)[None, None, :]
+    q = positions[:, :, None]
+    mask = keys <= q
+    if window is not None:
+        mask &= keys > q - window
+    return mask
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
+        cfg = self.config
+        B, T, _ = x.shape
+        dense = lambda n, name, bias: nn.Dense(
+            n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name
+        )
+        q = dense(cfg.num_heads * cfg.head_dim, "q_proj", cfg.attention_bias)(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", cfg.attention_bias)(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", cfg.attention_bias)(x)
+        q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+
+        k_cache = write_positions(cache_kv[0], k, positions)
+        v_cache = write_positions(cache_kv[1], v, positions)
+        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
+        # Grouped-query attention: queries grouped per KV head, no K/V repetition.
+        q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
+        scores = scores * (cfg.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+        out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.hidden_size, "o_proj", False)(out), (k_cache, v_cache)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(
+            n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name
+        )
+        inter = self.config.intermediate_size
+        h = nn.silu(dense(inter, "gate_proj")(x)) * dense(inter, "up_proj")(x)
+        return dense(self.config.hidden_size, "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
+        eps = self.config.rms_norm_eps
+        h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
+        h, cache_kv = Attention(self.config, self.dtype, name="self_attn")(
+            h, positions, mask, inv_freq, cache_kv, kv_len
+        )
+        x = x + h
+        h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + MLP(self.config, self.dtype, name="mlp")(h), cache_kv
+
+
+class Transformer(nn.Module):
+    """forward(tokens [B, T], positions [B, T], cache) -> (logits f32[B, T, V], cache).
+
+    `kv_len` (static) bounds how much of the cache is attended to: the engine passes
+    a bucket above the longest live position so short sequences don't pay for max_len.
+    """
+
+    config: ModelConfig
+    dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        kv_len: int | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        cfg = self.config
+        kv_len = kv_len or cache[0][0].shape[2]
+        embed = self.param(
+            "embed_tokens",
+            nn.initializers.normal(0.02),
+            (cfg.vocab_size, cfg.hidden_size),
+            self.dtype,
+        )
+        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        inv_freq = jnp.asarray(cfg.inv_freq())
+        mask = attention_mask(positions, kv_len, cfg.sliding_window)
+        new_cache = []
+        for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
+            x, kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+                x, positions, mask, inv_freq, cache[i], kv_len
+            )
+            new_cache.append(kv)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            # Contract against the embedding's hidden axis directly; `x @ embed.T` made
+            # XLA materialise a transposed copy of the embedding every step.
+            logits = jax.lax.dot_general(
+                x, embed, (((2,), (1,)), ((), ())), preferred_element_type=F32
+            )
+        else:
+            head = self.param(
+                "lm_head",
+                nn.initializers.normal(0.02),
+                (cfg.hidden_size, cfg.vocab_size),
+                self.dtype,
+            )
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=F32)
+        return logits, new_cache

@@ -1,0 +1,70 @@
+"""HF tensor names → the engine's Flax parameter tree.
+
+checkpoints/ yields tensors under HF names in HF layout ([out, in] for Linear); this is
+the one place that layout becomes the engine's ([in, out] kernels, HF module names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import ConfigError, ModelConfig
+
+Params = dict
+
+
+def params_from_hf(
+    tensor: Callable[[str], np.ndarray], config: ModelConfig, dtype: jnp.dtype = jnp.float32
+) -> Params:
+    """Build the parameter tree by fetching each HF tensor by name.
+
+    Norm weights stay float32 (they scale float32 activations); matrices take `dtype`.
+    Returns numpy arrays so the caller decides placement (device_put with shardings).
+    """
+    np_dtype = np.dtype(dtype)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        arr = np.asarray(tensor(name))
+        if arr.shape != shape:
+            raise ConfigError(f"tensor {name} has shape {arr.shape}, config implies {shape}")
+        return arr
+
+    def linear(name: str, n_in: int, n_out: int, bias: bool = False) -> dict:
+        out = {"kernel": get(f"{name}.weight", (n_out, n_in)).T.astype(np_dtype)}
+        if bias:
+            out["bias"] = get(f"{name}.bias", (n_out,)).astype(np_dtype)
+        return out
+
+    def norm(name: str) -> dict:
+        return {"weight": get(f"{name}.weight", (config.hidden_size,)).astype(np.float32)}
+
+    d, hd = config.hidden_size, config.head_dim
+    q_out, kv_out, inter = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
+    bias = config.attention_bias
+    params: Params = {
+        "embed_tokens": get("model.embed_tokens.weight", (config.vocab_size, d)).astype(np_dtype),
+        "norm": norm("model.norm"),
+    }
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        params[f"layers_{i}"] = {
+            "input_layernorm": norm(f"{p}.input_layernorm"),
+            "post_attention_layernorm": norm(f"{p}.post_attention_layernorm"),
+            "self_attn": {
+                "q_proj": linear(f"{p}.self_attn.q_proj", d, q_out, bias),
+                "k_proj": linear(f"{p}.self_attn.k_proj", d, kv_out, bias),
+                "v_proj": linear(f"{p}.self_attn.v_proj", d, kv_out, bias),
+                "o_proj": linear(f"{p}.self_attn.o_proj", q_out, d),
+            },
+            "mlp": {
+                "gate_proj": linear(f"{p}.mlp.gate_proj", d, inter),
+                "up_proj": linear(f"{p}.mlp.up_proj", d, inter),
+                "down_proj": linear(f"{p}.mlp.down_proj", inter, d),
+            },
+        }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T.astype(np_dtype)
+    return params
