@@ -1,0 +1,96 @@
+"""What goes into the engine and what comes out: the contract between engine and callers.
+
+A caller (serving/, a research script) builds a `GenerationRequest` from token ids and a
+validated `SamplingParams`, submits it, and reads `ChoiceUpdate`s until every choice has
+a finish_reason. Everything here is plain data; no device arrays cross this line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from samplers import SamplingParams
+
+DEFAULT_MAX_TOKENS = 2048
+
+
+class EngineError(Exception):
+    """Base of the engine's typed errors; `field` names the request field at fault, if any."""
+
+    field: str | None = None
+
+
+class EngineOverloaded(EngineError):
+    """The admission queue is full; retry later (the server answers 503 + Retry-After)."""
+
+
+class ContextLengthExceeded(EngineError):
+    """The prompt (or prompt + max_tokens under "error") does not fit the context window."""
+
+    field = "max_tokens"
+
+
+class InvalidRequest(EngineError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class ContextOverflow(enum.Enum):
+    TRUNCATE = "truncate"  # lower max_tokens to fit (Fireworks' default)
+    ERROR = "error"  # refuse a request whose prompt + max_tokens exceeds the window
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    n: int = 1
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int | None = None  # None: no logprobs; k: raw logprob + k alternatives
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens (echo with logprobs)
+    context_overflow: ContextOverflow = ContextOverflow.TRUNCATE
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float | None  # raw model log-probability; None for the first prompt token
+    sampling_logprob: float | None  # under the distribution drawn from; None for prompt
+    top: tuple[tuple[int, float], ...] = ()  # (token id, raw logprob), best first
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceUpdate:
+    """New output of one choice. `text` never contains any part of a stop string; on the
+    last update of a choice `finish_reason` is "stop" or "length"."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    queue_s: float  # submit → prefill start
+    time_to_first_token_s: float  # submit → first token
+    decode_s: float  # first token → last token
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A finished choice, as `Engine.generate` returns it."""
+
+    index: int
+    text: str  # stop string excluded, special tokens skipped
+    token_ids: tuple[int, ...]  # every generated token (the stop-string tokens included)
+    raw_text: str  # the generated text with special tokens, before stop truncation
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    prompt_tokens: int
+    timing: Timing | None = None
