@@ -1,0 +1,141 @@
+"""GGUF files: llama.cpp names and layouts translated to HF's, tensors dequantized to float32."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+from checkpoints.gguf_config import ARCHITECTURES, config_from_metadata
+from checkpoints.gguf_tokenizer import tokenizer_writer
+from checkpoints.source import Checkpoint, CheckpointError
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Metadata arrays read only when the tokenizer is written: decoding them costs seconds.
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+# llama.cpp writes llama-arch Q/K rows interleaved for its rotary kernel (convert_hf_to_gguf's
+# `permute`); qwen2 is written unpermuted.
+_PERMUTED_ARCHS = ("llama", "mistral")
+
+
+def field_value(field) -> object:
+    """A GGUF metadata value as Python: str, int/float/bool, or a list of them."""
+    kind, sub = field.types[0], field.types[-1]
+    if kind == GGUFValueType.ARRAY and sub == GGUFValueType.STRING:
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    if kind == GGUFValueType.ARRAY:
+        return [x for i in field.data for x in field.parts[i].tolist()]
+    if kind == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None when a Llama-family model has no such tensor."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: per head, rows [r0, r2, .., r1, r3, ..] ← [r0, r1, ..]."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _supported(qtype: GGMLQuantizationType) -> bool:
+    """Whether the gguf package dequantizes this type: probe it on one zero block."""
+    if qtype not in GGML_QUANT_SIZES:
+        return False
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _reader(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the parser's own errors vary: ValueError, IndexError, struct.error
+        problem = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: not a readable GGUF file ({problem})") from None
+
+
+def open_gguf(path: Path) -> Checkpoint:
+    """Open a GGUF file of a llama / mistral / qwen2 model."""
+    reader = _reader(path)
+    meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+
+    tensors = {}
+    rope_freqs = None
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # llama3 rope scaling, folded into the config
+            rope_freqs = dequantize(t.data, t.tensor_type)
+            continue
+        name = hf_name(t.name)
+        if name is None:
+            raise CheckpointError(f"{path}: tensor {t.name} has no counterpart in a {arch} model")
+        if not _supported(t.tensor_type):
+            raise CheckpointError(
+                f"{path}: tensor {t.name} uses quantization type {t.tensor_type.name}, "
+                "which this gguf package cannot dequantize"
+            )
+        tensors[name] = t
+
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    config = config_from_metadata(meta, shapes, rope_freqs)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+
+    def field(key: str) -> object | None:
+        return field_value(reader.fields[key]) if key in reader.fields else None
+
+    def read(name: str) -> np.ndarray:
+        t = tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type).reshape(shapes[name])
+        except (ValueError, IndexError) as e:
+            raise CheckpointError(f"{path}: cannot dequantize {t.name} ({e})") from None
+        proj = name.split(".")[-2]
+        if arch in _PERMUTED_ARCHS and proj in heads:
+            w = unpermute_rows(w, heads[proj])
+        # An F32 tensor comes back as a read-only view of the memory-mapped file.
+        return w if w.flags.writeable and w.dtype == np.float32 else w.astype(np.float32)
+
+    return Checkpoint(
+        config=config,
+        generation_config=None,
+        tensor_names=list(tensors),
+        shapes=shapes,
+        source=path,
+        _read=read,
+        _write_tokenizer=tokenizer_writer(field, meta, path),
+    )

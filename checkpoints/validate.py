@@ -1,0 +1,94 @@
+"""Hold a checkpoint's tensors against what its config declares, before anyone reads them."""
+
+from __future__ import annotations
+
+import re
+
+from checkpoints.source import SUPPORTED_ARCHITECTURES, Checkpoint, CheckpointError
+
+_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def architecture(config: dict) -> str:
+    """The config's supported architecture name, or CheckpointError naming what it is."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    found = ", ".join(names) or f"model_type={config.get('model_type')!r}"
+    raise CheckpointError(
+        f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name → shape for a Llama-family causal LM with this config."""
+    missing = [key for key in _REQUIRED_KEYS if config.get(key) is None]
+    if missing:
+        raise CheckpointError(f"config lacks {', '.join(missing)}")
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    # Qwen2 always has q/k/v biases; its config.json does not say so.
+    qkv_bias = config.get("attention_bias") or config.get("model_type") == "qwen2"
+
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
+        if qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_heads * head_dim,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_heads * head_dim,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
+def validate_tensors(checkpoint: Checkpoint) -> None:
+    """Raise CheckpointError unless every tensor the config implies is present with its shape,
+    and no tensor belongs to a layer the config does not declare."""
+    where = checkpoint.source
+    try:
+        architecture(checkpoint.config)
+        expected = expected_shapes(checkpoint.config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+    missing = [name for name in expected if name not in checkpoint.shapes]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(
+            f"{where}: the config declares {checkpoint.config['num_hidden_layers']} layers, "
+            f"but tensors are missing: {', '.join(missing[:3])}{more}"
+        )
+    layers = checkpoint.config["num_hidden_layers"]
+    for name in checkpoint.tensor_names:
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) >= layers:
+            raise CheckpointError(
+                f"{where}: tensor {name} is beyond the {layers} layers the config declares"
+            )
+    for name, shape in expected.items():
+        if tuple(checkpoint.shapes[name]) != shape:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(checkpoint.shapes[name])}, "
+                f"the config implies {shape}"
+            )
