@@ -1,0 +1,230 @@
+"""sample(): the composed sampling step, one XLA program for every mix of requests.
+
+Order (SAMPLING.md, binding decisions): repetition -> frequency/presence -> logit_bias ->
+(greedy rows: argmax) -> / T -> top_k -> top_p -> min_p -> typical_p -> mirostat -> draw ->
+state update.
+
+Exactness without a full sort. The filters run on the C = `num_candidates` highest processed
+logits (lax.top_k, ties by lower id, the same order a stable full sort gives) plus a summary of
+the other V - C tokens (the tail: their log-mass, mean and an upper bound on their logits).
+Each filter either proves its cut lies inside the candidates, or is a no-op so far and keeps
+the whole tail, or flags the row (filters.py explains each proof). If any sampling row is
+flagged, lax.cond recomputes every row on a stable full sort (C = V): the same filter code with
+an empty tail, i.e. the sort-based definition. Either way the result is the exact surviving set.
+
+The draw is defined the same way on both branches, so a row's token never depends on which
+branch its batch took: Gumbel-max over the surviving candidates, with noise keyed by (row key,
+step, token id), against one extra item standing for the surviving tail (its log-mass plus its
+own Gumbel). If the tail wins, the token is drawn from the tail by inverse CDF (in id order).
+This is exact: the max over the tail tokens of z + Gumbel is a Gumbel at the tail's log-mass.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from samplers import bias, filters, mirostat, penalties
+from samplers.filters import NEG_INF, Candidates
+from samplers.params import GREEDY_TEMPERATURE, SamplingBatch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LogprobInfo:
+    """Per-row logprobs of one step. N = the static number of alternatives."""
+
+    token_logprob: jax.Array  # f32[S]; raw: log_softmax of the unprocessed logits
+    top_ids: jax.Array  # i32[S, N]; raw top-N, descending, ties by lower id
+    top_logprobs: jax.Array  # f32[S, N]
+    sampling_logprob: jax.Array  # f32[S]; under the distribution drawn from; 0.0 when greedy
+
+
+@dataclasses.dataclass(frozen=True)
+class _Survivors:
+    """The final set of each row: surviving candidates plus surviving tail tokens."""
+
+    head_z: jax.Array  # f32[S, C]; scaled logits of the candidates, descending
+    head_ids: jax.Array  # i32[S, C]
+    head_keep: jax.Array  # bool[S, C]
+    tail_mask: jax.Array  # bool[S, V]; surviving non-candidate tokens
+    tail_lse: jax.Array  # f32[S]; their log-mass (-inf if none)
+
+
+def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """f32[S, V]: raw logits after repetition, frequency/presence penalties and logit_bias."""
+    seen = batch.prompt_mask | (batch.counts > 0)
+    x = penalties.repetition(logits.astype(jnp.float32), seen, batch.repetition_penalty)
+    x = penalties.frequency_presence(
+        x, batch.counts, batch.frequency_penalty, batch.presence_penalty
+    )
+    return bias.apply(x, batch.bias_ids, batch.bias_values)
+
+
+def _truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
+    c = filters.top_k(c, batch.top_k)
+    c = filters.top_p(c, batch.top_p)
+    c = filters.min_p(c, batch.min_p)
+    c = filters.typical_p(c, batch.typical_p)
+    return mirostat.truncate(c, batch.mirostat_on, batch.mirostat_mu)
+
+
+def _masked_stats(z: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z: f32[S, V], mask: bool[S, V] -> (log sum exp, softmax-weighted mean) over the mask."""
+    m = jnp.max(jnp.where(mask, z, NEG_INF), axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.where(mask, jnp.exp(z - m), 0.0)
+    total = jnp.sum(e, axis=-1)
+    weighted = jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1)
+    mean = jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), 0.0)
+    return m[:, 0] + jnp.log(total), mean
+
+
+def _scatter(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
+    """ids: i32[S, N], values: bool[S, N] -> bool[S, V] holding values at ids, False elsewhere."""
+    rows = jnp.arange(ids.shape[0])[:, None]
+    return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].set(values)
+
+
+def _survivors(
+    x: jax.Array, z_full: jax.Array, batch: SamplingBatch, num_candidates: int
+) -> _Survivors:
+    """x: processed logits f32[S, V]; z_full: x / T. Runs the filters, exactly (module doc)."""
+    s, v = x.shape
+    c = min(num_candidates, v)
+    head_x, head_ids = jax.lax.top_k(x, c)
+    head_z = filters.temperature(head_x, batch.temperature)
+    is_tail = ~_scatter(head_ids, jnp.ones_like(head_ids, bool), v)
+    if c < v:
+        tail_lse, tail_mean = _masked_stats(z_full, is_tail)
+        tail_max, tail_on = head_z[:, -1], jnp.ones((s,), bool)
+    else:
+        tail_lse = tail_max = jnp.full((s,), NEG_INF)
+        tail_mean, tail_on = jnp.zeros((s,)), jnp.zeros((s,), bool)
+    no_fail = jnp.zeros((s,), bool)
+    fast = _truncate(
+        Candidates(
+            head_z, jnp.ones_like(is_tail[:, :c]), tail_on, tail_lse, tail_mean, tail_max, no_fail
+        ),
+        batch,
+    )
+
+    def candidates_only():
+        return (
+            fast.keep,
+            is_tail & fast.tail_on[:, None],
+            jnp.where(fast.tail_on, tail_lse, NEG_INF),
+        )
+
+    def full_sort():
+        iota = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (s, v))
+        neg, ids = jax.lax.sort((-x, iota), dimension=1, num_keys=1, is_stable=True)
+        z = filters.temperature(-neg, batch.temperature)
+        none = jnp.full((s,), NEG_INF)
+        full = _truncate(
+            Candidates(z, jnp.ones((s, v), bool), no_fail, none, jnp.zeros((s,)), none, no_fail),
+            batch,
+        )
+        tail_mask = _scatter(ids[:, c:], full.keep[:, c:], v)
+        return full.keep[:, :c], tail_mask, _masked_stats(z_full, tail_mask)[0]
+
+    sampling = batch.active & (batch.temperature >= GREEDY_TEMPERATURE)
+    keep, tail_mask, tail_lse = jax.lax.cond(
+        jnp.any(fast.fail & sampling), full_sort, candidates_only
+    )
+    return _Survivors(head_z, head_ids, keep, tail_mask, tail_lse)
+
+
+def filtered_logits(
+    logits: jax.Array, batch: SamplingBatch, num_candidates: int = 256
+) -> jax.Array:
+    """f32[S, V]: the logits a sampling row draws from (-inf outside its surviving set)."""
+    x = processed_logits(logits, batch)
+    z = filters.temperature(x, batch.temperature)
+    sv = _survivors(x, z, batch, num_candidates)
+    kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | sv.tail_mask
+    return jnp.where(kept, z, NEG_INF)
+
+
+def _step_keys(batch: SamplingBatch) -> jax.Array:
+    """key[S]: fold_in(fold_in(request key, choice), step)."""
+    keys = jax.random.wrap_key_data(batch.key, impl="threefry2x32")
+    keys = jax.vmap(jax.random.fold_in)(keys, batch.choice)
+    return jax.vmap(jax.random.fold_in)(keys, batch.step)
+
+
+def _gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
+    """keys: key[S], ids: i32[S, N] -> f32[S, N] Gumbel noise that depends only on (key, id)."""
+    one = lambda k, i: jax.random.gumbel(jax.random.fold_in(k, i))
+    return jax.vmap(jax.vmap(one, (None, 0)))(keys, ids)
+
+
+def _draw(sv: _Survivors, z_full: jax.Array, keys: jax.Array, sampling: jax.Array) -> jax.Array:
+    """i32[S]: a token from softmax(z) over the surviving set (module doc)."""
+    s, v = z_full.shape
+    score = jnp.where(sv.head_keep, sv.head_z + _gumbel(keys, sv.head_ids), NEG_INF)
+    pos = jnp.argmax(score, axis=-1)
+    head_token = jnp.take_along_axis(sv.head_ids, pos[:, None], axis=-1)[:, 0]
+    tail_item = sv.tail_lse + _gumbel(keys, jnp.full((s, 1), v, jnp.int32))[:, 0]
+    tail_wins = sampling & (tail_item > jnp.max(score, axis=-1))
+
+    def tail_token():
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, v + 1)))(keys)
+        w = jnp.where(sv.tail_mask, jnp.exp(z_full - sv.tail_lse[:, None]), 0.0)
+        cum = jnp.cumsum(w, axis=-1)
+        idx = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)
+        last = v - 1 - jnp.argmax(sv.tail_mask[:, ::-1], axis=-1)  # guard against rounding
+        return jnp.minimum(idx, last).astype(jnp.int32)
+
+    tail = jax.lax.cond(jnp.any(tail_wins), tail_token, lambda: jnp.zeros((s,), jnp.int32))
+    return jnp.where(tail_wins, tail, head_token)
+
+
+def sample(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    num_logprobs: int = 0,
+    num_candidates: int = 256,
+) -> tuple[jax.Array, LogprobInfo, SamplingBatch]:
+    """One sampling step for every slot.
+
+    logits: f32[S, V] raw model logits; batch: S slots. `num_logprobs` (N) and
+    `num_candidates` are static. Returns tokens i32[S], LogprobInfo and the batch with counts,
+    step and mirostat mu advanced in the active rows (inactive rows are left untouched).
+    """
+    raw = logits.astype(jnp.float32)
+    x = processed_logits(raw, batch)
+    z = filters.temperature(x, batch.temperature)
+    greedy = batch.temperature < GREEDY_TEMPERATURE
+    sampling = batch.active & ~greedy
+
+    sv = _survivors(x, z, batch, num_candidates)
+    drawn = _draw(sv, z, _step_keys(batch), sampling)
+    tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
+
+    head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)
+    log_q = jnp.take_along_axis(z, tokens[:, None], -1)[:, 0] - jnp.logaddexp(head_lse, sv.tail_lse)
+    raw_lse = jax.nn.logsumexp(raw, axis=-1)
+    top_logits, top_ids = jax.lax.top_k(raw, num_logprobs)
+    info = LogprobInfo(
+        token_logprob=jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0] - raw_lse,
+        top_ids=top_ids,
+        top_logprobs=top_logits - raw_lse[:, None],
+        sampling_logprob=jnp.where(greedy, 0.0, log_q),
+    )
+
+    active = batch.active
+    rows = jnp.arange(raw.shape[0])
+    new_batch = dataclasses.replace(
+        batch,
+        counts=batch.counts.at[rows, tokens].add(active.astype(jnp.int32)),
+        step=batch.step + active.astype(jnp.int32),
+        mirostat_mu=mirostat.update_mu(
+            batch.mirostat_mu,
+            batch.mirostat_lr,
+            batch.mirostat_target,
+            log_q,
+            sampling & batch.mirostat_on,
+        ),
+    )
+    return tokens, info, new_batch
