@@ -1,0 +1,234 @@
+"""Small GGUF files written here, the way llama.cpp's converter writes them: names, Q/K row
+permutation, quantization. Opening them must give back the HF tensors."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from checkpoints import CheckpointError, open_checkpoint
+from checkpoints.gguf_config import llama3_rope_scaling
+
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
+HEAD_DIM = HIDDEN // HEADS
+_GGUF_PARTS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def hf_tensors(layers: int = 2, bias: bool = False, tied: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
+    if not tied:
+        shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+            p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        }
+        if bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (HEADS * HEAD_DIM,),
+                p + "self_attn.k_proj.bias": (KV_HEADS * HEAD_DIM,),
+                p + "self_attn.v_proj.bias": (KV_HEADS * HEAD_DIM,),
+            }
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def gguf_name(hf: str) -> str:
+    globals_ = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf in globals_:
+        return globals_[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_PARTS[part]}.{kind}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, in numpy."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_gguf(
+    path,
+    tensors: dict[str, np.ndarray],
+    *,
+    arch: str = "llama",
+    qtype: Q = Q.F32,
+    layers: int = 2,
+    overrides: dict | None = None,
+    extra_tensors: dict | None = None,
+):
+    """Write `tensors` (HF names) as llama.cpp would; 2-D tensors quantized to `qtype`."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(INTER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for key, value in (overrides or {}).items():
+        writer.add_uint32(key, value)
+    for name, w in tensors.items():
+        if arch != "qwen2" and "q_proj" in name:
+            w = llama_cpp_permute(w, HEADS)
+        elif arch != "qwen2" and "k_proj" in name:
+            w = llama_cpp_permute(w, KV_HEADS)
+        if w.ndim == 2 and qtype != Q.F32:
+            writer.add_tensor(gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name(name), w)
+    for name, (data, raw_dtype) in (extra_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# max |dequantized - original| / max |original| each type stays within on Gaussian data
+_TOLERANCE = {
+    Q.F32: 0.0,
+    Q.F16: 1e-3,
+    Q.BF16: 1e-2,
+    Q.Q8_0: 1e-2,
+    Q.Q5_0: 0.05,
+    Q.Q5_1: 0.05,
+    Q.Q4_0: 0.1,
+    Q.Q4_1: 0.1,
+}
+
+
+@pytest.mark.parametrize("qtype", list(_TOLERANCE), ids=lambda q: q.name)
+def test_quantized_llama_file_gives_hf_tensors(tmp_path, qtype):
+    tensors = hf_tensors()
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "m.gguf", tensors, qtype=qtype))
+    assert sorted(checkpoint.tensor_names) == sorted(tensors)
+    for name, want in tensors.items():
+        got = checkpoint.tensor(name)
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= _TOLERANCE[qtype] * scale, name
+        if want.ndim == 2 and qtype != Q.F32:
+            # exactly the package's own round trip: names and un-permutation are right
+            np.testing.assert_array_equal(got, dequantize(quantize(want, qtype), qtype))
+
+
+def test_config_from_metadata(tmp_path):
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "m.gguf", hf_tensors()))
+    c = checkpoint.config
+    assert c["architectures"] == ["LlamaForCausalLM"] and c["model_type"] == "llama"
+    assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (HIDDEN, INTER, 2)
+    assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (4, 2, 16)
+    assert c["vocab_size"] == VOCAB and c["max_position_embeddings"] == 256
+    assert c["rms_norm_eps"] == 1e-5 and c["rope_theta"] == 10000.0
+    assert c["tie_word_embeddings"] is False and c["attention_bias"] is False
+    assert (c["bos_token_id"], c["eos_token_id"]) == (1, 2)
+
+
+def test_qwen2_biases_unpermuted_and_tied(tmp_path):
+    tensors = hf_tensors(bias=True, tied=True)
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "q.gguf", tensors, arch="qwen2"))
+    assert checkpoint.config["architectures"] == ["Qwen2ForCausalLM"]
+    assert checkpoint.config["tie_word_embeddings"] is True
+    assert checkpoint.config["attention_bias"] is True
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(checkpoint.tensor(name), want, err_msg=name)
+
+
+def test_unsupported_quant_type_is_named(tmp_path):
+    block, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    raw = np.zeros((HIDDEN, HIDDEN // block * size), np.uint8)
+    tensors = hf_tensors()
+    del tensors["model.layers.0.self_attn.o_proj.weight"]
+    path = write_gguf(
+        tmp_path / "m.gguf", tensors, extra_tensors={"blk.0.attn_output.weight": (raw, Q.Q8_1)}
+    )
+    with pytest.raises(CheckpointError, match="Q8_1"):
+        open_checkpoint(path)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(), arch="gpt2")
+    with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'gpt2'"):
+        open_checkpoint(path)
+
+
+def test_layer_count_mismatch(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(layers=2), layers=3)
+    with pytest.raises(CheckpointError, match="declares 3 layers.*model.layers.2"):
+        open_checkpoint(path)
+
+
+def test_truncated_file(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        open_checkpoint(path)
+
+
+def _llama_cpp_rope_factors(theta, dim, factor, low, high, original):
+    """llama.cpp's LlamaModel.generate_extra_tensors for llama3 rope scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    out = []
+    for wavelen in 2 * np.pi / freqs:
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs():
+    factors = _llama_cpp_rope_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    scaling = llama3_rope_scaling(factors, 128, 500000.0)
+    assert scaling == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+def test_rope_freqs_tensor_sets_llama3_config(tmp_path):
+    factors = _llama_cpp_rope_factors(10000.0, HEAD_DIM, 4.0, 1.0, 4.0, 64)
+    path = write_gguf(
+        tmp_path / "m.gguf", hf_tensors(), extra_tensors={"rope_freqs.weight": (factors, None)}
+    )
+    scaling = open_checkpoint(path).config["rope_scaling"]
+    assert scaling["rope_type"] == "llama3" and scaling["factor"] == 4.0
