@@ -121,6 +121,8 @@ class Transformer(nn.Module):
 
     `kv_len` (static) bounds how much of the cache is attended to: the engine passes
     a bucket above the longest live position so short sequences don't pay for max_len.
+    `head=False` returns the final normed hidden states [B, T, D] instead of logits, so
+    a prefill that needs no prompt logprobs skips the vocabulary projection.
     """
 
     config: ModelConfig
@@ -133,6 +135,7 @@ class Transformer(nn.Module):
         positions: jax.Array,
         cache: KVCache,
         kv_len: int | None = None,
+        head: bool = True,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         kv_len = kv_len or cache[0][0].shape[2]
@@ -152,18 +155,24 @@ class Transformer(nn.Module):
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            # Contract against the embedding's hidden axis directly; `x @ embed.T` made
-            # XLA materialise a transposed copy of the embedding every step.
-            logits = jax.lax.dot_general(
-                x, embed, (((2,), (1,)), ((), ())), preferred_element_type=F32
-            )
-        else:
-            head = self.param(
+        if not cfg.tie_word_embeddings:
+            self.param(
                 "lm_head",
                 nn.initializers.normal(0.02),
                 (cfg.hidden_size, cfg.vocab_size),
                 self.dtype,
             )
-            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=F32)
-        return logits, new_cache
+        if not head:
+            return x, new_cache
+        return logits_from_hidden(self.variables["params"], x, cfg), new_cache
+
+
+def logits_from_hidden(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """f32[B, T, V] from the final normed hidden states [B, T, D]."""
+    if config.tie_word_embeddings:
+        # Contract against the embedding's hidden axis directly; `x @ embed.T` made XLA
+        # materialise a transposed copy of the embedding every step.
+        return jax.lax.dot_general(
+            hidden, params["embed_tokens"], (((2,), (1,)), ((), ())), preferred_element_type=F32
+        )
+    return jnp.einsum("btd,dv->btv", hidden, params["lm_head"], preferred_element_type=F32)

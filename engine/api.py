@@ -1,0 +1,222 @@
+"""Engine: the public Python API (generate, chat, stream) over one background device loop.
+
+    engine = Engine.from_pretrained("smollm2-135m-instruct", max_slots=8, max_len=1024)
+    [out] = engine.generate(["The capital of France is"], SamplingParams(temperature=0))
+    print(out.text)
+
+Every method is thread-safe: requests from any thread (or event loop) queue into the
+one scheduler loop, which batches them into the same compiled decode step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import samplers
+from checkpoints import registry
+from engine.config import ModelConfig
+from engine.kv_cache import init_cache
+from engine.loading import LoadedModel, load_model
+from engine.requests import ChoiceUpdate, Completion, GenerationRequest
+from engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
+from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
+from engine.step import Programs
+from engine.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+def default_dtype() -> jnp.dtype:
+    """float32 on CPU (XLA CPU's fast path), bfloat16 on TPU/GPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs, so a second start compiles nothing new."""
+    jax.config.update("jax_compilation_cache_dir", str(registry.cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: SchedulerSettings,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        max_top_logprobs: int = 5,
+        warmup: bool = True,
+    ):
+        self.name = model.name
+        self.config: ModelConfig = model.config
+        self.tokenizer: Tokenizer = model.tokenizer
+        self.generation_config = model.generation_config
+        self.vocab_size = model.config.vocab_size
+        self.max_context = min(settings.max_len, model.config.max_position_embeddings)
+        self.max_top_logprobs = max_top_logprobs
+        self.mesh = mesh or make_mesh()
+        dtype = model.dtype
+        self.programs = Programs(
+            model.config, dtype, max(1, max_top_logprobs), sorted(self.tokenizer.eos_token_ids)
+        )
+        cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
+        cache = jax.device_put(cache, cache_sharding(self.mesh, cache[0][0].shape))
+        self.scheduler = Scheduler(
+            self.programs,
+            model.params,
+            cache,
+            self.tokenizer,
+            settings,
+            self.vocab_size,
+            self.max_context,
+        )
+        sched = self.scheduler
+        sched.state = jax.device_put(sched.state, slot_shardings(sched.state, self.mesh))
+        if warmup:
+            self.warmup()
+        sched.start()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = registry.DEFAULT_MODEL,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        max_slots: int = 16,
+        max_len: int = 2048,
+        dtype: jnp.dtype | None = None,
+        decode_steps: int = 4,
+        max_queue: int = 256,
+        max_top_logprobs: int = 5,
+        warmup: bool = True,
+        distributed: bool = False,
+    ) -> Engine:
+        """Load a registered model name, HF folder, .gguf file or converted checkpoint.
+
+        `distributed=True` calls jax.distributed.initialize() first (multi-host pods)."""
+        if distributed:
+            jax.distributed.initialize()
+        enable_compilation_cache()
+        mesh = mesh or make_mesh()
+        model = load_model(
+            name_or_path,
+            dtype=dtype or default_dtype(),
+            shardings=lambda abstract: param_shardings(abstract, mesh),
+        )
+        settings = SchedulerSettings(
+            max_slots=max_slots, max_len=max_len, decode_steps=decode_steps, max_queue=max_queue
+        )
+        return cls(model, settings, mesh=mesh, max_top_logprobs=max_top_logprobs, warmup=warmup)
+
+    # ---- requests ---------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; iterate the handle (sync or async) for its ChoiceUpdates."""
+        return self.scheduler.submit(request)
+
+    def stats(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+    def encode(self, prompt: Prompt) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: samplers.SamplingParams | None = None,
+        **request: Any,
+    ) -> list[Completion]:
+        """Complete each prompt (text or token ids); returns n completions per prompt,
+        prompt-major. `request` takes GenerationRequest's other fields (n, max_tokens, stop,
+        ignore_eos, top_logprobs, ...)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or samplers.SamplingParams()
+        handles = [
+            self.submit(GenerationRequest(self.encode(p), params, **request)) for p in prompts
+        ]
+        return [c for h in handles for c in self._collect(h, iter(h))]
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: samplers.SamplingParams | None = None,
+        **request: Any,
+    ) -> list[Completion]:
+        """One chat turn through the model's own template; n completions."""
+        ids = tuple(self.tokenizer.encode_chat(messages))
+        handle = self.submit(GenerationRequest(ids, params or samplers.SamplingParams(), **request))
+        return self._collect(handle, iter(handle))
+
+    async def stream(
+        self, prompt: Prompt, params: samplers.SamplingParams | None = None, **request: Any
+    ) -> AsyncIterator[ChoiceUpdate]:
+        """Token events as they are generated; leaving the loop early cancels the request."""
+        handle = self.submit(
+            GenerationRequest(self.encode(prompt), params or samplers.SamplingParams(), **request)
+        )
+        try:
+            async for update in handle:
+                yield update
+        finally:
+            handle.cancel()
+
+    def _collect(self, handle: RequestHandle, updates) -> list[Completion]:
+        n = handle.request.n
+        text, ids, logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
+        reasons: list[str] = [""] * n
+        for u in updates:
+            text[u.index] += u.text
+            ids[u.index] += u.token_ids
+            logprobs[u.index] += u.logprobs or ()
+            reasons[u.index] = u.finish_reason or reasons[u.index]
+        want_lp = handle.request.top_logprobs is not None
+        return [
+            Completion(
+                index=i,
+                text=text[i],
+                token_ids=tuple(ids[i]),
+                raw_text=self.tokenizer.decode(ids[i], skip_special_tokens=False),
+                finish_reason=reasons[i],
+                logprobs=tuple(logprobs[i]) if want_lp else None,
+                prompt_tokens=handle.prompt_tokens,
+                timing=handle.timing,
+            )
+            for i in range(n)
+        ]
+
+    # ---- lifecycle --------------------------------------------------------------
+    def warmup(self) -> None:
+        """Compile every program serving will use (each prefill bucket, insert, prompt
+        logprobs, each decode bucket, slot start/fork/stop/copy) before the first request."""
+        s, p = self.scheduler, self.programs
+        for T in s.prefill_buckets:
+            tokens = np.zeros((1, T), np.int32)
+            rows, hidden = p.prefill(s.params, tokens)
+            s.cache = p.insert(s.cache, rows, np.int32(0))
+            jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
+        row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
+        zero, one = np.int32(0), np.int32(min(1, s.s.max_slots - 1))
+        s.state = p.start_slot(s.state, zero, zero, zero, zero, np.bool_(True), row)
+        s.state = p.fork_slot(s.state, zero, one, np.int32(1))
+        s.cache = p.copy_slot(s.cache, zero, one)
+        s.state = p.stop_slot(p.stop_slot(s.state, zero), one)
+        for kv_len in s.kv_buckets:
+            s.cache, s.state, out = p.decode(
+                s.params, s.cache, s.state, k=s.s.decode_steps, kv_len=kv_len
+            )
+        jax.block_until_ready((s.cache, s.state, out))
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,105 @@
+"""From a model name or path to parameters on the mesh, through the converted-weights cache.
+
+The first load of a source reads it through checkpoints/ (GGUF dequantized, HF
+safetensors), maps HF names onto the engine's tree and saves that tree as an orbax
+checkpoint in the registry's cache folder; later loads restore straight from there,
+each array placed with its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from checkpoints import registry, store
+from engine.config import ModelConfig
+from engine.tokenizer import Tokenizer
+from engine.weights import params_from_hf
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    generation_config: dict | None
+    dtype: jnp.dtype
+    folder: Path  # the converted checkpoint it was restored from
+
+
+def convert(name_or_path: str, dst: str | Path | None = None, progress: bool = True) -> Path:
+    """Convert a source into a jaxfire checkpoint (float32) at dst (default: the cache)."""
+    resolved = registry.resolve(name_or_path)
+    if store.is_complete(resolved.source):
+        return resolved.source
+    dst = Path(dst) if dst is not None else resolved.cache_dir
+    ckpt = resolved.open()
+    config = ModelConfig.from_hf(ckpt.config)
+    bar = tqdm(
+        total=len(ckpt.tensor_names),
+        desc=f"converting {resolved.name}",
+        unit="tensor",
+        disable=not progress,
+        file=sys.stderr,
+    )
+
+    def tensor(name: str) -> np.ndarray:
+        bar.update()
+        return ckpt.tensor(name)
+
+    params = params_from_hf(tensor, config, jnp.float32)
+    bar.close()
+    return store.save(
+        dst,
+        params,
+        metadata={"name": resolved.name, "source": str(resolved.source)},
+        config=ckpt.config,
+        generation_config=ckpt.generation_config,
+        write_tokenizer=ckpt.save_tokenizer,
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    shardings: Callable[[Any], Any] | None = None,
+) -> LoadedModel:
+    """Restore a model, converting it into the cache on first use.
+
+    `shardings` maps the abstract parameter tree to a tree of Shardings."""
+    resolved = registry.resolve(name_or_path)
+    folder = resolved.source if store.is_complete(resolved.source) else resolved.cache_dir
+    if not store.is_complete(folder):
+        convert(name_or_path, folder)
+    info = store.load_info(folder)
+    config = ModelConfig.from_hf(info.config or {})
+    abstract = store.stored_arrays(folder)
+    placement = shardings(abstract) if shardings else jax.tree.map(lambda _: None, abstract)
+
+    def target(leaf: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+        # Norm weights stay float32; matrices take the compute dtype.
+        want = jnp.float32 if leaf.ndim == 1 and leaf.shape[0] == config.hidden_size else dtype
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(leaf.shape, want, sharding=sharding)
+
+    params = store.restore(folder, jax.tree.map(target, abstract, placement))
+    generation_config = info.generation_config or resolved.generation_config
+    return LoadedModel(
+        name=info.metadata.get("name", resolved.name),
+        config=config,
+        params=params,
+        tokenizer=Tokenizer.from_dir(folder, generation_config),
+        generation_config=generation_config,
+        dtype=dtype,
+        folder=folder,
+    )

@@ -1,0 +1,379 @@
+"""Continuous batching: one sequential loop that admits, prefills, decodes and streams.
+
+The loop runs in one background thread and reads top to bottom: take cancellations,
+admit queued requests into free slots (prefill + insert), run k decode steps, turn the
+new tokens into text, stop strings and finish reasons, and hand the updates to each
+request's handle. The device programs (engine.step) are the only device work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import samplers
+from engine.requests import (
+    ChoiceUpdate,
+    ContextLengthExceeded,
+    ContextOverflow,
+    EngineOverloaded,
+    GenerationRequest,
+    InvalidRequest,
+    Timing,
+    TokenLogprob,
+)
+from engine.step import DecodeState, Programs, StepOutput
+from engine.stop import StopMatcher
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_DONE = object()
+
+
+def buckets(lo: int, hi: int) -> list[int]:
+    """Powers of two from lo up to hi, with hi itself last."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    return out + [hi]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate (sync or async) over ChoiceUpdates."""
+
+    def __init__(self, request: GenerationRequest, prompt_tokens: int, max_tokens: int):
+        self.request = request
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+        self.timing: Timing | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._aq: asyncio.Queue = asyncio.Queue()
+        except RuntimeError:
+            self._loop = None
+            self._q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _push(self, item: Any) -> None:  # called from the engine thread
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone; nobody is listening
+                self.cancelled = True
+        else:
+            self._q.put(item)
+
+    def __iter__(self):
+        while (item := self._q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def __aiter__(self):
+        while (item := await self._aq.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclasses.dataclass
+class _Choice:
+    index: int
+    slot: int
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finished: bool = False
+
+
+@dataclasses.dataclass
+class _Live:
+    handle: RequestHandle
+    choices: list[_Choice]
+    first_token_at: float | None = None
+    prefill_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSettings:
+    max_slots: int
+    max_len: int
+    decode_steps: int = 4  # k: decode steps per host sync
+    max_queue: int = 256
+    min_prefill_bucket: int = 16
+    min_kv_bucket: int = 64
+    max_bias: int = 64  # logit_bias entries per request
+
+
+class Scheduler:
+    def __init__(
+        self,
+        programs: Programs,
+        params: Any,
+        cache: Any,
+        tokenizer: Tokenizer,
+        settings: SchedulerSettings,
+        vocab_size: int,
+        context_window: int,
+    ):
+        self.p, self.params, self.cache = programs, params, cache
+        self.tok, self.s = tokenizer, settings
+        self.vocab_size, self.context_window = vocab_size, context_window
+        self.state = DecodeState.empty(settings.max_slots, vocab_size, settings.max_bias)
+        self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len)
+        self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
+        self.free = list(range(settings.max_slots))
+        self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
+        self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
+        self.queue: collections.deque[RequestHandle] = collections.deque()
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+
+    # ---- caller side (any thread) -------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        handle = RequestHandle(request, len(request.prompt_ids), self._check(request))
+        with self.lock:
+            if len(self.queue) >= self.s.max_queue:
+                raise EngineOverloaded(f"the request queue is full ({self.s.max_queue})")
+            self.queue.append(handle)
+            self.lock.notify()
+        return handle
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queue_length": len(self.queue),
+            "active_slots": self.s.max_slots - len(self.free),
+            "max_slots": self.s.max_slots,
+        }
+
+    def _check(self, r: GenerationRequest) -> int:
+        """Validate against the model; return max_tokens as it will be applied."""
+        P, C = len(r.prompt_ids), self.context_window
+        if P == 0:
+            raise InvalidRequest("prompt", "the prompt is empty")
+        if not all(0 <= t < self.vocab_size for t in r.prompt_ids):
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
+        if not 1 <= r.n <= self.s.max_slots:
+            raise InvalidRequest("n", f"n must be between 1 and {self.s.max_slots}: {r.n}")
+        if r.max_tokens < 0:
+            raise InvalidRequest("max_tokens", f"max_tokens must be at least 0: {r.max_tokens}")
+        r.params.validate(self.vocab_size)
+        too_long = P >= C if r.max_tokens > 0 else P > C
+        if too_long or (r.context_overflow is ContextOverflow.ERROR and P + r.max_tokens > C):
+            raise ContextLengthExceeded(
+                f"The prompt is too long: {P + r.max_tokens} tokens requested ({P} in the "
+                f"prompt, {r.max_tokens} for the completion), model maximum context length: {C}."
+            )
+        return min(r.max_tokens, C - P)
+
+    # ---- the loop (engine thread) -------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="jaxfire-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while self.running and not self.queue and not self.live:
+                    self.lock.wait()
+                if not self.running:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # fail every request in flight, keep serving
+                self._fail_all(e)
+
+    def step(self) -> None:
+        """One iteration: cancellations, admissions, k decode steps, outputs."""
+        self._reap_cancelled()
+        self._admit()
+        if self.live:
+            self._decode()
+
+    def _reap_cancelled(self) -> None:
+        for owner, choice in list(self.live.values()):
+            if owner.handle.cancelled:
+                self._release(owner, choice)
+                if not self._owner_live(owner):
+                    self._finish(owner, time.perf_counter())
+
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                while self.queue and self.queue[0].cancelled:
+                    self.queue.popleft()._push(_DONE)
+                if not self.queue or len(self.free) < self.queue[0].request.n:
+                    return
+                handle = self.queue.popleft()
+            self._start(handle)
+
+    def _start(self, handle: RequestHandle) -> None:
+        r = handle.request
+        owner = _Live(handle, [], prefill_at=time.perf_counter())
+        ids = np.asarray(r.prompt_ids, np.int32)
+        P = len(ids)
+        rows = None
+        if P > 1:
+            T = bucket_for(P - 1, self.prefill_buckets)
+            tokens = np.zeros((1, T), np.int32)
+            tokens[0, : P - 1] = ids[:-1]
+            rows, hidden = self.p.prefill(self.params, tokens)
+            if r.prompt_logprobs:
+                targets = np.zeros((1, T), np.int32)
+                targets[0, : P - 1] = ids[1:]
+                handle.prompt_logprobs = self._prompt_logprobs(
+                    hidden, targets, ids, r.top_logprobs or 0
+                )
+        elif r.prompt_logprobs:
+            handle.prompt_logprobs = (TokenLogprob(int(ids[0]), None, None),)
+        if handle.max_tokens == 0:
+            handle.timing = Timing(owner.prefill_at - handle.submitted, 0.0, 0.0)
+            for i in range(r.n):
+                handle._push(ChoiceUpdate(i, (), "", (), "length"))
+            handle._push(_DONE)
+            return
+        first = self.free.pop(0)
+        if rows is not None:
+            self.cache = self.p.insert(self.cache, rows, np.int32(first))
+        row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, 0)
+        self.state = self.p.start_slot(
+            self.state,
+            np.int32(first),
+            np.int32(ids[-1]),
+            np.int32(P - 1),
+            np.int32(handle.max_tokens),
+            np.bool_(not r.ignore_eos),
+            row,
+        )
+        slots = [first]
+        for i in range(1, r.n):
+            slot = self.free.pop(0)
+            self.cache = self.p.copy_slot(self.cache, np.int32(first), np.int32(slot))
+            self.state = self.p.fork_slot(self.state, np.int32(first), np.int32(slot), np.int32(i))
+            slots.append(slot)
+        for i, slot in enumerate(slots):
+            choice = _Choice(
+                i, slot, IncrementalDetokenizer(self.tok, context=r.prompt_ids), StopMatcher(r.stop)
+            )
+            owner.choices.append(choice)
+            self.live[slot] = (owner, choice)
+            self.slot_pos[slot] = P - 1
+
+    def _prompt_logprobs(self, hidden, targets, ids: np.ndarray, n: int):
+        """Entry i is token i of the prompt given tokens < i; the first has no context."""
+        chosen, top_ids, top_lp = jax.device_get(
+            self.p.prompt_logprobs(self.params, hidden, targets)
+        )
+        entries = [TokenLogprob(int(ids[0]), None, None)]
+        for i in range(1, len(ids)):
+            top = tuple(zip(top_ids[i - 1, :n].tolist(), top_lp[i - 1, :n].tolist(), strict=True))
+            entries.append(TokenLogprob(int(ids[i]), float(chosen[i - 1]), None, top))
+        return tuple(entries)
+
+    def _decode(self) -> None:
+        k = self.s.decode_steps
+        live_pos = max(int(self.slot_pos[s]) for s in self.live)
+        kv_len = bucket_for(min(live_pos + k, self.s.max_len), self.kv_buckets)
+        self.cache, self.state, out = self.p.decode(
+            self.params, self.cache, self.state, k=k, kv_len=kv_len
+        )
+        out: StepOutput = jax.device_get(out)
+        now = time.perf_counter()
+        for slot, (owner, choice) in list(self.live.items()):
+            steps = [j for j in range(k) if out.valid[j, slot]]
+            if not steps:
+                continue
+            if owner.first_token_at is None:
+                owner.first_token_at = now
+            update = self._advance(owner.handle.request, choice, out, slot, steps)
+            owner.handle._push(update)
+            if update.finish_reason is not None:
+                self._release(owner, choice)
+                if not self._owner_live(owner):
+                    self._finish(owner, now)
+
+    def _advance(
+        self, r: GenerationRequest, choice: _Choice, out: StepOutput, slot: int, steps: list[int]
+    ) -> ChoiceUpdate:
+        """Fold this sync's tokens of one choice into text, stop checks and logprobs."""
+        ids, entries, text, reason = [], [], "", None
+        n_top = r.top_logprobs or 0
+        for j in steps:
+            tok = int(out.tokens[j, slot])
+            ids.append(tok)
+            choice.token_ids.append(tok)
+            self.slot_pos[slot] += 1
+            if r.top_logprobs is not None:
+                top = zip(
+                    out.top_ids[j, slot, :n_top].tolist(),
+                    out.top_logprobs[j, slot, :n_top].tolist(),
+                    strict=True,
+                )
+                entries.append(
+                    TokenLogprob(
+                        tok,
+                        float(out.logprob[j, slot]),
+                        float(out.sampling_logprob[j, slot]),
+                        tuple(top),
+                    )
+                )
+            text += choice.stop.feed(choice.detok.add(tok))
+            if choice.stop.stop_at is not None:
+                reason = "stop"
+                break
+            if out.finished[j, slot]:
+                is_eos = tok in self.tok.eos_token_ids and not r.ignore_eos
+                reason = "stop" if is_eos else "length"
+                text += choice.stop.flush()
+                break
+        choice.finished = reason is not None
+        logprobs = tuple(entries) if r.top_logprobs is not None else None
+        return ChoiceUpdate(choice.index, tuple(ids), text, logprobs, reason)
+
+    def _owner_live(self, owner: _Live) -> bool:
+        return any(not c.finished for c in owner.choices)
+
+    def _release(self, owner: _Live, choice: _Choice) -> None:
+        choice.finished = True
+        del self.live[choice.slot]
+        self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
+        self.free.append(choice.slot)
+
+    def _finish(self, owner: _Live, now: float) -> None:
+        h = owner.handle
+        first = owner.first_token_at or now
+        h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
+        h._push(_DONE)
+
+    def _fail_all(self, error: Exception) -> None:
+        for owner, choice in list(self.live.values()):
+            if not choice.finished:
+                self._release(owner, choice)
+                owner.handle._push(error)
+                owner.handle._push(_DONE)

@@ -1,0 +1,75 @@
+"""Device mesh and partition rules for params, KV cache and decode state.
+
+Mesh axes are ("data", "model"): tensor parallel over "model" (attention heads, MLP
+width, vocabulary), data parallel over "data" (decode slots). A dimension that the axis
+does not divide is replicated instead, so any mesh runs any model; XLA inserts the
+collectives. On one device every rule degenerates to "replicated".
+
+Multi-host (TPU pod slices): call `jax.distributed.initialize()` in every host process
+before building the mesh (`Engine.from_pretrained(..., distributed=True)` does it); the
+mesh then spans all hosts' devices and one host's loop drives the program.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: list | None = None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    if data * model > len(devices):
+        raise ValueError(f"mesh data={data} x model={model} needs more than {len(devices)} devices")
+    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), ("data", "model"))
+
+
+def _fit(mesh: Mesh, shape: tuple[int, ...], spec: tuple) -> NamedSharding:
+    """The spec, with every axis that does not divide its dimension dropped."""
+    fitted = [
+        axis if axis is not None and dim % mesh.shape[axis] == 0 else None
+        for dim, axis in zip(shape, spec, strict=True)
+    ]
+    return NamedSharding(mesh, P(*fitted))
+
+
+# Last path component (or the matrix's module name) → spec over its dimensions.
+_PARAM_RULES = {
+    "embed_tokens": ("model", None),  # [V, D]: vocabulary split
+    "lm_head": (None, "model"),  # [D, V]
+    "q_proj": (None, "model"),  # kernels [in, out]: column-parallel
+    "k_proj": (None, "model"),
+    "v_proj": (None, "model"),
+    "gate_proj": (None, "model"),
+    "up_proj": (None, "model"),
+    "o_proj": ("model", None),  # row-parallel
+    "down_proj": ("model", None),
+}
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """A NamedSharding per parameter (arrays or ShapeDtypeStructs), by module name."""
+
+    def rule(path, leaf) -> NamedSharding:
+        names = [getattr(k, "key", str(k)) for k in path]
+        module = next((n for n in reversed(names) if n in _PARAM_RULES), None)
+        spec = _PARAM_RULES.get(module, ())
+        if names[-1] == "bias":
+            spec = spec[1:]  # a column-parallel layer's bias follows its output axis
+        spec = tuple(spec)[: leaf.ndim] + (None,) * (leaf.ndim - len(spec))
+        return _fit(mesh, leaf.shape, spec)
+
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def cache_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """KV buffers [slots, kv_heads, max_len, head_dim]: slots over data, heads over model."""
+    return _fit(mesh, shape, ("data", "model", None, None))
+
+
+def slot_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Per-slot state (leading dim = slots) over "data"; everything else replicated."""
+    return jax.tree.map(lambda x: _fit(mesh, x.shape, ("data",) + (None,) * (x.ndim - 1)), tree)

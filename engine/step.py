@@ -1,0 +1,201 @@
+"""The device programs: prefill, insert, decode steps, and slot start/stop.
+
+Each is jitted once per static shape (prompt bucket, attended-cache bucket), with the
+cache and decode state donated so XLA updates them in place. The decode program runs
+`k` steps of model forward + `samplers.sample` in one `lax.scan`, detecting EOS and
+token limits on the device, so the host syncs once per k tokens.
+
+A slot holds one sequence. Its next input token and that token's position live in the
+state; the prefill covers the prompt except its last token, which the first decode
+step consumes, so the first generated token is drawn by the same sampling program as
+every other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+import samplers
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.model import Transformer, logits_from_hidden
+from samplers.pipeline import sample
+
+Params = Any
+
+
+@flax.struct.dataclass
+class DecodeState:
+    tokens: jax.Array  # i32[S] the next input token of each slot
+    positions: jax.Array  # i32[S] its position in the sequence
+    active: jax.Array  # bool[S]
+    remaining: jax.Array  # i32[S] tokens the slot may still generate
+    stop_on_eos: jax.Array  # bool[S] false under ignore_eos
+    sampling: samplers.SamplingBatch
+
+    @staticmethod
+    def empty(slots: int, vocab_size: int, max_bias: int) -> DecodeState:
+        # Separate buffers: the state is donated, and one buffer may be donated only once.
+        zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731
+        return DecodeState(
+            tokens=zeros(),
+            positions=zeros(),
+            active=jnp.zeros((slots,), bool),
+            remaining=zeros(),
+            stop_on_eos=jnp.ones((slots,), bool),
+            sampling=samplers.SamplingBatch.empty(slots, vocab_size, max_bias),
+        )
+
+
+@flax.struct.dataclass
+class StepOutput:
+    """What k decode steps produced; every field is [k, S, ...]."""
+
+    tokens: jax.Array  # i32
+    logprob: jax.Array  # f32 raw log-probability of the token
+    sampling_logprob: jax.Array  # f32 under the distribution drawn from
+    top_ids: jax.Array  # i32[k, S, N]
+    top_logprobs: jax.Array  # f32[k, S, N]
+    valid: jax.Array  # bool: the slot was live at this step
+    finished: jax.Array  # bool: EOS or the token limit ended the slot at this step
+
+
+class Programs:
+    """The jitted programs for one model and cache geometry."""
+
+    def __init__(self, config: ModelConfig, dtype: jnp.dtype, num_top: int, eos_ids: list[int]):
+        self.config = config
+        self.model = Transformer(config, dtype)
+        self.num_top = num_top
+        self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
+        self.prefill = jax.jit(self._prefill)
+        self.insert = jax.jit(_insert, donate_argnums=0)
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs)
+        self.decode = jax.jit(self._decode, static_argnames=("k", "kv_len"), donate_argnums=(1, 2))
+        self.start_slot = jax.jit(_start_slot, donate_argnums=0)
+        self.fork_slot = jax.jit(_fork_slot, donate_argnums=0)
+        self.stop_slot = jax.jit(_stop_slot, donate_argnums=0)
+        self.copy_slot = jax.jit(_copy_slot, donate_argnums=0)
+
+    def _prefill(self, params: Params, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+        """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
+
+        T is the prompt bucket; tokens past the prompt are padding whose K/V lands at
+        positions no later query can see."""
+        cfg, T = self.config, tokens.shape[1]
+        rows = [
+            (jnp.zeros((1, cfg.num_kv_heads, T, cfg.head_dim), self.model.dtype),) * 2
+            for _ in range(cfg.num_layers)
+        ]
+        positions = jnp.arange(T, dtype=jnp.int32)[None]
+        hidden, rows = self.model.apply({"params": params}, tokens, positions, rows, head=False)
+        return rows, hidden
+
+    def _prompt_logprobs(
+        self, params: Params, hidden: jax.Array, targets: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Raw logprob of each next prompt token, and the top-N alternatives, [T] / [T, N]."""
+        logp = jax.nn.log_softmax(logits_from_hidden(params, hidden, self.config)[0], axis=-1)
+        chosen = jnp.take_along_axis(logp, targets[0][:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(logp, self.num_top)
+        return chosen, top_ids, top_lp
+
+    def _decode(
+        self, params: Params, cache: KVCache, state: DecodeState, *, k: int, kv_len: int
+    ) -> tuple[KVCache, DecodeState, StepOutput]:
+        def step(carry, _):
+            cache, st = carry
+            logits, cache = self.model.apply(
+                {"params": params}, st.tokens[:, None], st.positions[:, None], cache, kv_len=kv_len
+            )
+            batch = dataclasses.replace(st.sampling, active=st.active)
+            tokens, info, batch = sample(logits[:, 0], batch, num_logprobs=self.num_top)
+            live = st.active
+            remaining = st.remaining - live.astype(jnp.int32)
+            eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos
+            finished = live & (eos | (remaining <= 0))
+            out = StepOutput(
+                tokens=tokens,
+                logprob=info.token_logprob,
+                sampling_logprob=info.sampling_logprob,
+                top_ids=info.top_ids,
+                top_logprobs=info.top_logprobs,
+                valid=live,
+                finished=finished,
+            )
+            st = st.replace(
+                tokens=jnp.where(live, tokens, st.tokens),
+                positions=st.positions + live.astype(jnp.int32),
+                active=live & ~finished,
+                remaining=remaining,
+                sampling=batch,
+            )
+            return (cache, st), out
+
+        (cache, state), outputs = jax.lax.scan(step, (cache, state), None, length=k)
+        return cache, state, outputs
+
+
+def _insert(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
+    """Write a prefilled sequence's K/V rows into positions [0, T) of `slot`."""
+    at = (slot, 0, 0, 0)
+    return [
+        (
+            jax.lax.dynamic_update_slice(k, rk.astype(k.dtype), at),
+            jax.lax.dynamic_update_slice(v, rv.astype(v.dtype), at),
+        )
+        for (k, v), (rk, rv) in zip(cache, rows, strict=True)
+    ]
+
+
+def _copy_slot(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copy one slot's whole K/V row into another (the n > 1 fork of a prefilled prompt)."""
+    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
+
+
+def _start_slot(
+    state: DecodeState,
+    slot: jax.Array,
+    token: jax.Array,
+    position: jax.Array,
+    remaining: jax.Array,
+    stop_on_eos: jax.Array,
+    row: samplers.SamplingBatch,
+) -> DecodeState:
+    return state.replace(
+        tokens=state.tokens.at[slot].set(token),
+        positions=state.positions.at[slot].set(position),
+        active=state.active.at[slot].set(True),
+        remaining=state.remaining.at[slot].set(remaining),
+        stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
+        sampling=samplers.write_row(state.sampling, slot, row),
+    )
+
+
+def _fork_slot(state: DecodeState, src: jax.Array, dst: jax.Array, choice: jax.Array):
+    """Start `dst` as choice `choice` of the request in `src`: same prompt state, its own
+    seed stream, penalty counts and mirostat mu."""
+
+    def copy(a: jax.Array) -> jax.Array:
+        return a.at[dst].set(a[src])
+
+    return state.replace(
+        tokens=copy(state.tokens),
+        positions=copy(state.positions),
+        active=copy(state.active),
+        remaining=copy(state.remaining),
+        stop_on_eos=copy(state.stop_on_eos),
+        sampling=samplers.fork_row(state.sampling, src, dst, choice),
+    )
+
+
+def _stop_slot(state: DecodeState, slot: jax.Array) -> DecodeState:
+    return state.replace(
+        active=state.active.at[slot].set(False),
+        sampling=samplers.clear_row(state.sampling, slot),
+    )
