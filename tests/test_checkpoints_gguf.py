@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from checkpoints import open_checkpoint
+from checkpoints import open_checkpoint, registry
 from checkpoints.registry import smollm2_gguf
 
 pytestmark = pytest.mark.slow
@@ -94,3 +94,9 @@ def test_tokenizer_files_carry_chat_template_and_specials(tokenizers):
     assert mine.apply_chat_template(messages, tokenize=False) == theirs.apply_chat_template(
         messages, tokenize=False
     )
+
+
+def test_registry_generation_config_agrees_with_the_file(ours):
+    generation = registry.resolve(registry.DEFAULT_MODEL).generation_config
+    assert generation["bos_token_id"] == ours.config["bos_token_id"]
+    assert generation["eos_token_id"] == ours.config["eos_token_id"]
