@@ -120,7 +120,28 @@ def parse_json(raw: bytes) -> dict:
         raise bad_request(f"Request body is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(body, dict):
         raise bad_request(f"Request body must be a JSON object, got {type(body).__name__}")
+    _check_strings(body)
     return body
+
+
+def _check_strings(body: dict) -> None:
+    """Reject lone surrogates (JSON "\\ud800" escapes): they are not text and cannot be
+    tokenized or encoded back to UTF-8. Iterative, so depth is never a problem."""
+    stack: list[Any] = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(
+                    "Request body contains an invalid \\u escape (a lone surrogate)"
+                ) from None
 
 
 # --------------------------------------------------------------------------------- schemas
@@ -442,7 +463,7 @@ def validation_error(e: ValidationError) -> APIError:
         )
     # A union reports one error per alternative: merge those of the same field.
     same = [err for err in errors if err["loc"][:1] == loc[:1] and err["type"] != "extra_forbidden"]
-    if len(same) > 1 and all(len(err["loc"]) == len(loc) for err in same):
+    if len(same) > 1:
         alts = [err["msg"].removeprefix("Input should be ") for err in same]
         msg = "Input should be " + " or ".join(dict.fromkeys(alts))
         where = field
@@ -524,8 +545,8 @@ def sampling_params(
         params.validate(vocab_size)
     except SamplingParamsError as e:
         raise bad_request(str(e), e.field) from None
-    except TypeError as e:  # a generation_config value of an unexpected type
-        raise bad_request(f"invalid sampling parameters: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a logit_bias key of 5,000 digits
+        raise bad_request(f"invalid sampling parameters: {str(e)[:200]}", "logit_bias") from None
     options: dict[str, Any] = {f: getattr(params, f) for f in CONFIG_DEFAULTS}
     for f in SAMPLING_FIELDS:
         if f in given and f not in options:
