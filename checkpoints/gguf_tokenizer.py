@@ -22,6 +22,11 @@ _TOKENIZER_KEYS = {
     "tokenizer.ggml.token_type": "token_type",
     "tokenizer.ggml.merges": "merges",
     "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+    # transformers 4.x's builders read the special ids from the same dict
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
 }
 _SPECIAL = {
     "bos_token": "tokenizer.ggml.bos_token_id",

@@ -1,6 +1,8 @@
 """Small GGUF files written here, the way llama.cpp's converter writes them: names, Q/K row
 permutation, quantization. Opening them must give back the HF tensors."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -83,6 +85,7 @@ def write_gguf(
     layers: int = 2,
     overrides: dict | None = None,
     extra_tensors: dict | None = None,
+    tokenizer: bool = False,
 ):
     """Write `tensors` (HF names) as llama.cpp would; 2-D tensors quantized to `qtype`."""
     writer = gguf.GGUFWriter(str(path), arch)
@@ -96,6 +99,13 @@ def write_gguf(
     writer.add_rope_freq_base(10000.0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if tokenizer:  # a byte-level BPE vocabulary of a few tokens, as llama.cpp stores one
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(_TOKENS)
+        writer.add_token_types([3, 3, 3] + [1] * (len(_TOKENS) - 3))
+        writer.add_token_merges(["a b", "Ġ ab"])
+        writer.add_chat_template(_TEMPLATE)
     for key, value in (overrides or {}).items():
         writer.add_uint32(key, value)
     for name, w in tensors.items():
@@ -114,6 +124,10 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+_TOKENS = ["<unk>", "<s>", "</s>", "a", "b", "Ġ", "ab", "Ġab"]
+_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
 
 
 # max |dequantized - original| / max |original| each type stays within on Gaussian data
@@ -164,6 +178,21 @@ def test_qwen2_biases_unpermuted_and_tied(tmp_path):
     assert checkpoint.config["attention_bias"] is True
     for name, want in tensors.items():
         np.testing.assert_array_equal(checkpoint.tensor(name), want, err_msg=name)
+
+
+def test_tokenizer_from_metadata(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(), tokenizer=True)
+    open_checkpoint(path).save_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tokenizer("ab ab</s>")["input_ids"] == [6, 7, 2]
+    assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
+    assert tokenizer.chat_template == _TEMPLATE
+    assert (
+        json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["chat_template"]
+        == _TEMPLATE
+    )
 
 
 def test_unsupported_quant_type_is_named(tmp_path):

@@ -1,6 +1,10 @@
 """HF model folders: every tensor read back equals the torch state_dict that wrote it."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -117,3 +121,38 @@ def test_folder_without_tokenizer_says_so(tmp_path):
     _llama().save_pretrained(tmp_path / "model")
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         open_checkpoint(tmp_path / "model").save_tokenizer(tmp_path / "out")
+
+
+_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from checkpoints import open_checkpoint, store
+from tests.test_checkpoints_gguf_files import hf_tensors, write_gguf
+
+folder, work = sys.argv[1], sys.argv[2]
+hf = open_checkpoint(folder)
+tree = {n: hf.tensor(n) for n in hf.tensor_names}
+store.save(work + "/stored", tree, metadata={})
+restored = store.restore(work + "/stored")
+assert all(np.array_equal(np.asarray(restored[n]), tree[n]) for n in tree)
+gguf = open_checkpoint(write_gguf(work + "/m.gguf", hf_tensors(), tokenizer=True))
+assert gguf.tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.float32
+gguf.save_tokenizer(work + "/tokenizer")
+print("no torch needed")
+"""
+
+
+def test_runtime_needs_no_torch(tmp_path):
+    _llama().save_pretrained(tmp_path / "model")
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, str(tmp_path / "model"), str(tmp_path)],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo)),
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no torch needed" in result.stdout
