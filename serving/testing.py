@@ -97,6 +97,7 @@ class FakeHandle:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.engine.handles.discard(self)  # a real engine frees the slots at its next step
 
     def _logprob(self, token: int) -> TokenLogprob:
         k = self.request.top_logprobs or 0
