@@ -1,0 +1,57 @@
+"""Perplexity of a model over a text file, from the engine's logits.
+
+    python scripts/eval_perplexity.py FILE [--model NAME_OR_PATH] [--window 512]
+
+The text is cut into non-overlapping windows; each window's next-token cross-entropy
+(optax) is averaged over every predicted token, and the perplexity is exp(mean loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engine.kv_cache import init_cache
+from engine.loading import LoadedModel, load_model
+from engine.model import Transformer
+
+
+def window_losses(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
+    """Per-token cross-entropy of ids[1:] given the prefix, for one window [T]."""
+    net = Transformer(model.config, model.dtype)
+    cache = init_cache(model.config, 1, len(ids), model.dtype)
+    positions = np.arange(len(ids))[None]
+    logits, _ = jax.jit(net.apply)({"params": model.params}, ids[None], positions, cache)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], jnp.asarray(ids[1:]))
+    return np.asarray(losses)
+
+
+def perplexity(model: LoadedModel, text: str, window: int = 512) -> float:
+    ids = np.asarray(model.tokenizer.encode(text, add_special_tokens=False), np.int32)
+    losses = [
+        window_losses(model, ids[i : i + window])
+        for i in range(0, len(ids) - 1, window)
+        if len(ids[i : i + window]) > 1
+    ]
+    return math.exp(float(np.concatenate(losses).mean()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--window", type=int, default=512)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    print(f"perplexity {perplexity(model, text, args.window):.4f}")
+
+
+if __name__ == "__main__":
+    main()
