@@ -94,12 +94,16 @@ def typical_p(c: Candidates, t: jax.Array) -> Candidates:
     >= centre - tail_max: a cut made among lower-scoring candidates excludes the whole tail.
     """
     on = t < 1.0
+    # Sorting by score is the costly part: skip it when no row asks for typical_p.
+    return jax.lax.cond(jnp.any(on), _typical_p, lambda c, t, on: c, c, t, on)
+
+
+def _typical_p(c: Candidates, t: jax.Array, on: jax.Array) -> Candidates:
     lnz = c.log_mass()
     q = jnp.where(c.keep, jnp.exp(c.z - lnz[:, None]), 0.0)
     tail_q = jnp.where(c.tail_on, jnp.exp(c.tail_lse - lnz), 0.0)
     head_qz = jnp.sum(jnp.where(q > 0, q * c.z, 0.0), axis=-1)
-    mean_z = head_qz + jnp.where(tail_q > 0, tail_q * c.tail_mean, 0.0)
-    centre = mean_z  # ln Z - H, since H = ln Z - E[z]
+    centre = head_qz + jnp.where(tail_q > 0, tail_q * c.tail_mean, 0.0)  # E[z] = ln Z - H
     score = jnp.where(c.keep, jnp.abs(c.z - centre[:, None]), jnp.inf)
     order = jnp.argsort(score, axis=-1, stable=True)
     s_sorted = jnp.take_along_axis(score, order, axis=-1)

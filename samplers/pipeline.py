@@ -61,7 +61,8 @@ def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return bias.apply(x, batch.bias_ids, batch.bias_values)
 
 
-def _truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
+def truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
+    """top_k -> top_p -> min_p -> typical_p -> mirostat, on the candidates."""
     c = filters.top_k(c, batch.top_k)
     c = filters.top_p(c, batch.top_p)
     c = filters.min_p(c, batch.min_p)
@@ -69,10 +70,12 @@ def _truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
     return mirostat.truncate(c, batch.mirostat_on, batch.mirostat_mu)
 
 
-def _masked_stats(z: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """z: f32[S, V], mask: bool[S, V] -> (log sum exp, softmax-weighted mean) over the mask."""
-    m = jnp.max(jnp.where(mask, z, NEG_INF), axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+def _masked_stats(z: jax.Array, mask: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log sum exp, softmax-weighted mean) of z: f32[S, V] over mask: bool[S, V].
+
+    bound: f32[S] >= every masked z, used as the shift (saves a max pass over the vocabulary).
+    """
+    m = jnp.where(jnp.isfinite(bound), bound, 0.0)[:, None]
     e = jnp.where(mask, jnp.exp(z - m), 0.0)
     total = jnp.sum(e, axis=-1)
     weighted = jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1)
@@ -86,53 +89,67 @@ def _scatter(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
     return jnp.zeros((ids.shape[0], vocab), bool).at[rows, ids].set(values)
 
 
+def candidates(
+    x: jax.Array, z_full: jax.Array, temperature: jax.Array, num_candidates: int
+) -> tuple[Candidates, jax.Array, jax.Array]:
+    """The top `num_candidates` of x: f32[S, V] with their tail summary (z_full = x / T).
+
+    Returns (Candidates with nothing filtered yet, candidate ids i32[S, C], is_tail bool[S, V]).
+    """
+    s, v = x.shape
+    c = min(num_candidates, v)
+    # The barrier keeps XLA from merging later slices into top_k, which on CPU would turn it
+    # back into a full sort.
+    head_x, head_ids = jax.lax.optimization_barrier(jax.lax.top_k(x, c))
+    head_z = filters.temperature(head_x, temperature)
+    is_tail = ~_scatter(head_ids, jnp.ones_like(head_ids, bool), v)
+    none = jnp.zeros((s,), bool)
+    if c < v:
+        tail_max = head_z[:, -1]
+        tail_lse, tail_mean = _masked_stats(z_full, is_tail, tail_max)
+        tail_on = ~none
+    else:
+        tail_lse = tail_max = jnp.full((s,), NEG_INF)
+        tail_mean, tail_on = jnp.zeros((s,)), none
+    keep = jnp.ones(head_z.shape, bool)
+    return Candidates(head_z, keep, tail_on, tail_lse, tail_mean, tail_max, none), head_ids, is_tail
+
+
+def full_sort_candidates(x: jax.Array, temperature: jax.Array) -> tuple[Candidates, jax.Array]:
+    """All V tokens as candidates, by a stable sort (descending, ties by lower id): no tail."""
+    s, v = x.shape
+    iota = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (s, v))
+    neg, ids = jax.lax.sort((-x, iota), dimension=1, num_keys=1, is_stable=True)
+    z = filters.temperature(-neg, temperature)
+    none, no_tail = jnp.zeros((s,), bool), jnp.full((s,), NEG_INF)
+    keep = jnp.ones((s, v), bool)
+    return Candidates(z, keep, none, no_tail, jnp.zeros((s,)), no_tail, none), ids
+
+
 def _survivors(
     x: jax.Array, z_full: jax.Array, batch: SamplingBatch, num_candidates: int
 ) -> _Survivors:
     """x: processed logits f32[S, V]; z_full: x / T. Runs the filters, exactly (module doc)."""
-    s, v = x.shape
-    c = min(num_candidates, v)
-    head_x, head_ids = jax.lax.top_k(x, c)
-    head_z = filters.temperature(head_x, batch.temperature)
-    is_tail = ~_scatter(head_ids, jnp.ones_like(head_ids, bool), v)
-    if c < v:
-        tail_lse, tail_mean = _masked_stats(z_full, is_tail)
-        tail_max, tail_on = head_z[:, -1], jnp.ones((s,), bool)
-    else:
-        tail_lse = tail_max = jnp.full((s,), NEG_INF)
-        tail_mean, tail_on = jnp.zeros((s,)), jnp.zeros((s,), bool)
-    no_fail = jnp.zeros((s,), bool)
-    fast = _truncate(
-        Candidates(
-            head_z, jnp.ones_like(is_tail[:, :c]), tail_on, tail_lse, tail_mean, tail_max, no_fail
-        ),
-        batch,
-    )
+    v = x.shape[1]
+    cand, head_ids, is_tail = candidates(x, z_full, batch.temperature, num_candidates)
+    fast = truncate(cand, batch)
+    c = cand.z.shape[1]
 
     def candidates_only():
-        return (
-            fast.keep,
-            is_tail & fast.tail_on[:, None],
-            jnp.where(fast.tail_on, tail_lse, NEG_INF),
-        )
+        tail_lse = jnp.where(fast.tail_on, cand.tail_lse, NEG_INF)
+        return fast.keep, is_tail & fast.tail_on[:, None], tail_lse
 
     def full_sort():
-        iota = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (s, v))
-        neg, ids = jax.lax.sort((-x, iota), dimension=1, num_keys=1, is_stable=True)
-        z = filters.temperature(-neg, batch.temperature)
-        none = jnp.full((s,), NEG_INF)
-        full = _truncate(
-            Candidates(z, jnp.ones((s, v), bool), no_fail, none, jnp.zeros((s,)), none, no_fail),
-            batch,
-        )
-        tail_mask = _scatter(ids[:, c:], full.keep[:, c:], v)
-        return full.keep[:, :c], tail_mask, _masked_stats(z_full, tail_mask)[0]
+        full_cand, ids = full_sort_candidates(x, batch.temperature)
+        keep = truncate(full_cand, batch).keep
+        tail_mask = _scatter(ids[:, c:], keep[:, c:], v)
+        return keep[:, :c], tail_mask, _masked_stats(z_full, tail_mask, cand.tail_max)[0]
 
     sampling = batch.active & (batch.temperature >= GREEDY_TEMPERATURE)
     keep, tail_mask, tail_lse = jax.lax.cond(
         jnp.any(fast.fail & sampling), full_sort, candidates_only
     )
-    return _Survivors(head_z, head_ids, keep, tail_mask, tail_lse)
+    return _Survivors(cand.z, head_ids, keep, tail_mask, tail_lse)
 
 
 def filtered_logits(
