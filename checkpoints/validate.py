@@ -14,15 +14,22 @@ _REQUIRED_KEYS = (
     "vocab_size",
 )
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 
 
 def architecture(config: dict) -> str:
     """The config's supported architecture name, or CheckpointError naming what it is."""
     names = config.get("architectures") or []
+    if not names:  # an old config.json may only say model_type
+        names = [_BY_MODEL_TYPE.get(config.get("model_type"), "")]
     for name in names:
         if name in SUPPORTED_ARCHITECTURES:
             return name
-    found = ", ".join(names) or f"model_type={config.get('model_type')!r}"
+    found = ", ".join(n for n in names if n) or f"model_type={config.get('model_type')!r}"
     raise CheckpointError(
         f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )

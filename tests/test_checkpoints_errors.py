@@ -114,3 +114,13 @@ def test_not_a_gguf(tmp_path):
 def test_unknown_tensor_name(folder):
     with pytest.raises(CheckpointError, match="no tensor named 'nope'"):
         open_checkpoint(folder).tensor("nope")
+
+
+def test_config_without_architectures_falls_back_to_model_type(folder):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    del config["architectures"]
+    path.write_text(json.dumps(config))
+    assert open_checkpoint(folder).config["model_type"] == "llama"
+    _edit_config(folder, model_type="bert")
+    _raises(folder, "unsupported architecture model_type='bert'")
