@@ -88,7 +88,10 @@ def _reader(path: Path) -> GGUFReader:
 def open_gguf(path: Path) -> Checkpoint:
     """Open a GGUF file of a llama / mistral / qwen2 model."""
     reader = _reader(path)
-    meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}
+    try:
+        meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}
+    except (UnicodeDecodeError, IndexError) as e:
+        raise CheckpointError(f"{path}: unreadable GGUF metadata ({e})") from None
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(
