@@ -136,6 +136,11 @@ def test_14_logit_bias_value_range(client):
     assert_200(chat(client, logit_bias={"10": -100}))
 
 
+def test_logit_bias_entry_limit(client):
+    assert_400(chat(client, logit_bias={str(i): 1 for i in range(65)}), "logit_bias")
+    assert_200(chat(client, logit_bias={str(i): 1 for i in range(64)}))
+
+
 def test_15_top_logprobs_limit(client):
     assert_400(chat(client, logprobs=True, top_logprobs=6), "top_logprobs", "between 0 and 5")
     assert_200(chat(client, logprobs=True, top_logprobs=5))
