@@ -36,10 +36,7 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
-    import os
-
-    os.environ["JAXFIRE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+def ours():
     return load_model("smollm2-135m-instruct")
 
 
