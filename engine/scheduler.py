@@ -61,24 +61,23 @@ class RequestHandle:
         self.timing: Timing | None = None
         self.cancelled = False
         self.submitted = time.perf_counter()
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._aq: asyncio.Queue = asyncio.Queue()
-        except RuntimeError:
-            self._loop = None
-            self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # Updates always go through one thread-safe queue, so a handle can be read with
+        # `for` or `async for` whatever thread made it (a sync generate() inside a running
+        # event loop, as in a notebook, included); an async reader also gets woken up.
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def _push(self, item: Any) -> None:  # called from the engine thread
-        if self._loop is not None:
+        self._q.put(item)
+        if self._waker is not None:
+            loop, event = self._waker
             try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, item)
+                loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the caller's loop is gone; nobody is listening
                 self.cancelled = True
-        else:
-            self._q.put(item)
 
     def __iter__(self):
         while (item := self._q.get()) is not _DONE:
@@ -87,7 +86,17 @@ class RequestHandle:
             yield item
 
     async def __aiter__(self):
-        while (item := await self._aq.get()) is not _DONE:
+        event = asyncio.Event()
+        self._waker = (asyncio.get_running_loop(), event)
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                await event.wait()  # set after every put, so nothing is missed
+                event.clear()
+                continue
+            if item is _DONE:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
