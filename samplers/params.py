@@ -165,7 +165,8 @@ class SamplingBatch:
     """Per-slot sampling state as device arrays. S = slots, V = vocab, B = max bias entries.
 
     A disabled control holds its neutral value; `active` marks slots holding a request.
-    Randomness for slot s at step t is fold_in(fold_in(key[s], choice[s]), step[s]).
+    Randomness for slot s is keyed by (key[s]; choice[s], step[s], token id) only, so a seeded
+    request draws the same tokens in any slot and beside any other requests.
     """
 
     temperature: jax.Array  # f32[S]
@@ -293,7 +294,7 @@ def fork_row(
     """Copy slot `src` into `dst` as choice `choice_index` of the same request (n > 1).
 
     Parameters, penalty counts, prompt mask and mirostat mu are copied; the fork draws from
-    its own stream fold_in(request key, choice_index).
+    its own stream, keyed by the request key and `choice_index`.
     """
     copied = jax.tree.map(lambda x: x.at[dst].set(x[src]), batch)
     return dataclasses.replace(copied, choice=copied.choice.at[dst].set(choice_index))

@@ -22,6 +22,7 @@ This is exact: the max over the tail tokens of z + Gumbel is a Gumbel at the tai
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from samplers import bias, filters, mirostat, penalties
@@ -163,33 +164,38 @@ def filtered_logits(
     return jnp.where(kept, z, NEG_INF)
 
 
-def _step_keys(batch: SamplingBatch) -> jax.Array:
-    """key[S]: fold_in(fold_in(request key, choice), step)."""
-    keys = jax.random.wrap_key_data(batch.key, impl="threefry2x32")
-    keys = jax.vmap(jax.random.fold_in)(keys, batch.choice)
-    return jax.vmap(jax.random.fold_in)(keys, batch.step)
+def _uniform(batch: SamplingBatch, ids: jax.Array) -> jax.Array:
+    """f32[S, N] in (0, 1): one threefry hash of (row key; choice, step, token id) per entry.
+
+    The 64-bit counter is (choice << 24 | step, id), so every request, choice, step and token
+    gets its own value whatever the batch holds (n <= 128 choices, steps < 2**24).
+    """
+    s, n = ids.shape
+    key = jnp.broadcast_to(batch.key[:, None, :], (s, n, 2)).reshape(-1, 2)
+    hi = batch.step.astype(jnp.uint32) | (batch.choice.astype(jnp.uint32) << 24)
+    counter = jnp.concatenate([jnp.repeat(hi, n), ids.astype(jnp.uint32).reshape(-1)])
+    bits = jax.extend.random.threefry_2x32((key[:, 0], key[:, 1]), counter)[: s * n]
+    return ((bits.reshape(s, n) >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 
-def _gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
-    """keys: key[S], ids: i32[S, N] -> f32[S, N] Gumbel noise that depends only on (key, id)."""
-    one = lambda k, i: jax.random.gumbel(jax.random.fold_in(k, i))
-    return jax.vmap(jax.vmap(one, (None, 0)))(keys, ids)
-
-
-def _draw(sv: _Survivors, z_full: jax.Array, keys: jax.Array, sampling: jax.Array) -> jax.Array:
+def _draw(
+    sv: _Survivors, z_full: jax.Array, batch: SamplingBatch, sampling: jax.Array
+) -> jax.Array:
     """i32[S]: a token from softmax(z) over the surviving set (module doc)."""
     s, v = z_full.shape
-    score = jnp.where(sv.head_keep, sv.head_z + _gumbel(keys, sv.head_ids), NEG_INF)
+    # Ids V and V + 1 are not tokens: they key the tail's Gumbel and its inverse-CDF uniform.
+    extra = jnp.broadcast_to(jnp.asarray([v, v + 1], jnp.int32), (s, 2))
+    u = _uniform(batch, jnp.concatenate([sv.head_ids, extra], axis=1))
+    gumbel = -jnp.log(-jnp.log(u[:, :-1]))
+    score = jnp.where(sv.head_keep, sv.head_z + gumbel[:, :-1], NEG_INF)
     pos = jnp.argmax(score, axis=-1)
     head_token = jnp.take_along_axis(sv.head_ids, pos[:, None], axis=-1)[:, 0]
-    tail_item = sv.tail_lse + _gumbel(keys, jnp.full((s, 1), v, jnp.int32))[:, 0]
-    tail_wins = sampling & (tail_item > jnp.max(score, axis=-1))
+    tail_wins = sampling & (sv.tail_lse + gumbel[:, -1] > jnp.max(score, axis=-1))
 
     def tail_token():
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, v + 1)))(keys)
         w = jnp.where(sv.tail_mask, jnp.exp(z_full - sv.tail_lse[:, None]), 0.0)
         cum = jnp.cumsum(w, axis=-1)
-        idx = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)
+        idx = jnp.sum(cum <= u[:, -1:] * cum[:, -1:], axis=-1)
         last = v - 1 - jnp.argmax(sv.tail_mask[:, ::-1], axis=-1)  # guard against rounding
         return jnp.minimum(idx, last).astype(jnp.int32)
 
@@ -216,7 +222,7 @@ def sample(
     sampling = batch.active & ~greedy
 
     sv = _survivors(x, z, batch, num_candidates)
-    drawn = _draw(sv, z, _step_keys(batch), sampling)
+    drawn = _draw(sv, z, batch, sampling)
     tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
 
     head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)

@@ -12,11 +12,23 @@ from samplers import SamplingBatch, SamplingParams, make_row
 MAX_BIAS = 4
 
 
-def batch_of(params: list[SamplingParams], vocab: int, prompts=None) -> SamplingBatch:
-    """One active row per SamplingParams (prompt ids per row optional)."""
+def batch_of(
+    params: list[SamplingParams], vocab: int, prompts=None, slots: int | None = None
+) -> SamplingBatch:
+    """One active row per SamplingParams (prompt ids per row optional), then inactive rows
+    up to `slots` (tests share a few shapes so that sample() compiles only a few times)."""
     prompts = prompts or [()] * len(params)
     rows = [make_row(p, vocab, MAX_BIAS, prompt) for p, prompt in zip(params, prompts, strict=True)]
+    pad = (slots or len(rows)) - len(rows)
+    if pad:
+        rows.append(jax.tree.map(np.asarray, SamplingBatch.empty(pad, vocab, MAX_BIAS)))
     return jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs)), *rows)
+
+
+def pad_logits(logits, slots: int) -> jnp.ndarray:
+    """f32[n, V] -> f32[slots, V], repeating the last row."""
+    logits = np.asarray(logits, np.float32)
+    return jnp.asarray(np.concatenate([logits, np.repeat(logits[-1:], slots - len(logits), 0)]))
 
 
 def replicate(params: list[SamplingParams], vocab: int, n: int) -> SamplingBatch:
