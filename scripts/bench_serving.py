@@ -9,9 +9,12 @@ process (with --server-pid) and everything else.
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1
     python scripts/bench_serving.py --base-url http://127.0.0.1:8080/v1 --server-pid 1234
     python scripts/bench_serving.py --engine-baseline smollm2-135m-instruct   # no HTTP
+    python scripts/bench_serving.py --engine-baseline smollm2-135m-instruct --serve
 
 `--engine-baseline` drives jaxfire's Engine directly in this process with the same
-requests, the figure the server's throughput is held to (>= 90% at C=32).
+requests, the figure the server's throughput is held to (>= 90% at C=32); with `--serve`
+the same engine is then served over HTTP from this process and loaded from a child
+process, so both figures come from one run and one compiled engine.
 
 ITL is per token: a request's (last chunk - first chunk) / (tokens - 1), so servers that
 batch several tokens per SSE chunk are measured fairly; the chunk gaps are reported too.
@@ -250,14 +253,18 @@ async def bench_http(args) -> list[dict]:
         return out
 
 
-async def bench_engine(args) -> list[dict]:
-    """The same load on jaxfire's Engine in this process, no HTTP: the baseline."""
+def load_engine(args):
     from engine.api import Engine
+
+    max_slots = max(args.concurrency)
+    return Engine.from_pretrained(args.engine_baseline, max_slots=max_slots, max_len=args.max_len)
+
+
+async def bench_engine(engine, args) -> list[dict]:
+    """The same load on jaxfire's Engine in this process, no HTTP: the baseline."""
     from engine.requests import GenerationRequest
     from samplers import SamplingParams
 
-    max_slots = max(args.concurrency)
-    engine = Engine.from_pretrained(args.engine_baseline, max_slots=max_slots, max_len=args.max_len)
     params = SamplingParams(temperature=0.7, top_p=0.9)
 
     async def send(prompt: str) -> Result:
@@ -279,20 +286,42 @@ async def bench_engine(args) -> list[dict]:
                 tokens += len(u.token_ids)
         return Result(first is not None, (first or t0) - t0, (last or t0) - t0, tokens, gaps)
 
-    try:
-        if args.warmup:
-            await send(make_prompt(-1, args.words, args.seed))
-        out = []
-        for c in args.concurrency:
-            row = await run_level(
-                c, max(args.min_requests, args.requests_per_client * c), send, args
-            )
-            row["target"] = f"engine:{args.engine_baseline}"
-            out.append(row)
-            print(json.dumps(row), flush=True)
-        return out
-    finally:
-        engine.close()
+    if args.warmup:
+        await send(make_prompt(-1, args.words, args.seed))
+    out = []
+    for c in args.concurrency:
+        row = await run_level(c, max(args.min_requests, args.requests_per_client * c), send, args)
+        row["target"] = f"engine:{args.engine_baseline}"
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def serve_and_bench(engine, args) -> list[dict]:
+    """Serve the same engine over HTTP from this process; load it from a child process."""
+    import subprocess
+    import tempfile
+
+    from serving.app import create_app
+    from serving.testing import background_server
+
+    with background_server(create_app(engine)) as url, tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--base-url",
+            f"{url}/v1",
+            "--server-pid",
+            str(os.getpid()),
+        ]
+        cmd += ["--concurrency", *map(str, args.concurrency), "--json", out]
+        cmd += ["--max-tokens", str(args.max_tokens), "--words", str(args.words)]
+        cmd += ["--requests-per-client", str(args.requests_per_client)]
+        cmd += ["--min-requests", str(args.min_requests), "--offset", str(args.offset + 7)]
+        subprocess.run(cmd, check=False)
+        with open(out) as f:
+            return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--engine-baseline", metavar="MODEL", help="drive jaxfire's Engine directly")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="with --engine-baseline: then serve that engine over HTTP and load it too",
+    )
     p.add_argument("--model", help="model name (default: the first of GET /models)")
     p.add_argument("--api-key")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -321,7 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --base-url and/or --engine-baseline")
     rows = []
     if args.engine_baseline:
-        rows += asyncio.run(bench_engine(args))
+        engine = load_engine(args)
+        try:
+            rows += asyncio.run(bench_engine(engine, args))
+            if args.serve:
+                rows += serve_and_bench(engine, args)
+        finally:
+            engine.close()
     if args.base_url:
         rows += asyncio.run(bench_http(args))
     _table(rows)
