@@ -76,10 +76,9 @@ def test_filters_and_repetition_match_hf():
     batch = batch.__class__(**{**batch.__dict__, "counts": jnp.asarray(counts)})
 
     want = hf_final_logits(logits, params, [p + g for p, g in zip(prompts, generated, strict=True)])
-    for num_candidates in (VOCAB, 64):
-        got = np.asarray(_filtered(jnp.asarray(logits), batch, num_candidates=num_candidates))
-        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
-        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-5)
+    got = np.asarray(_filtered(jnp.asarray(logits), batch, num_candidates=64))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-5)
     assert np.isfinite(want).sum(1).min() == 1 and np.isfinite(want).sum(1).max() > 100
 
 
@@ -94,7 +93,7 @@ def test_frequency_presence_match_openai_formula():
     counts = rng.integers(0, 4, size=(ROWS, VOCAB)) * (rng.random((ROWS, VOCAB)) < 0.05)
     batch = batch_of(params, VOCAB, [rng.integers(0, VOCAB, 30).tolist()] * ROWS)
     batch = batch.__class__(**{**batch.__dict__, "counts": jnp.asarray(counts, jnp.int32)})
-    got = np.asarray(_filtered(jnp.asarray(logits), batch, num_candidates=VOCAB))
+    got = np.asarray(_filtered(jnp.asarray(logits), batch, num_candidates=64))
     # OpenAI: mu[j] -> mu[j] - c[j] * alpha_frequency - float(c[j] > 0) * alpha_presence
     want = logits - counts * freq[:, None] - (counts > 0) * pres[:, None]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -135,7 +134,7 @@ def test_full_sort_fallback_when_the_nucleus_exceeds_the_candidates():
     rng = np.random.default_rng(3)
     logits = rng.normal(scale=0.05, size=(2, v)).astype(np.float32)
     params = [SamplingParams(top_p=0.99), SamplingParams(top_p=0.9, min_p=0.9, temperature=1.5)]
-    got = np.asarray(filtered_logits(jnp.asarray(logits), batch_of(params, v), 256))
+    got = np.asarray(_filtered(jnp.asarray(logits), batch_of(params, v), num_candidates=256))
     for row, p, lg in zip(got, params, logits, strict=True):
         want = reference_probs(lg, p.temperature, top_p=p.top_p, min_p=p.min_p) > 0
         assert np.isfinite(row).sum() > 256

@@ -8,8 +8,28 @@ import numpy as np
 import pytest
 
 from samplers import SamplingBatch, SamplingParams, make_row
+from samplers.pipeline import filtered_logits, sample
 
-MAX_BIAS = 4
+# The tests share one shape so that sample() and filtered_logits() compile once per run.
+SLOTS, VOCAB, CANDIDATES, LOGPROBS, MAX_BIAS = 32, 500, 64, 5, 4
+SAMPLE = jax.jit(sample, static_argnames=("num_logprobs", "num_candidates"))
+FILTERED = jax.jit(filtered_logits, static_argnames="num_candidates")
+
+
+def run_sample(logits, batch):
+    return SAMPLE(logits, batch, num_logprobs=LOGPROBS, num_candidates=CANDIDATES)
+
+
+def run_filtered(logits, batch):
+    return FILTERED(logits, batch, num_candidates=CANDIDATES)
+
+
+def pad_logits(logits, slots: int = SLOTS, vocab: int = VOCAB) -> jnp.ndarray:
+    """f32[n, v] -> f32[slots, vocab]: -inf for the extra tokens, copies of the last row."""
+    logits = np.asarray(logits, np.float32)
+    out = np.full((slots, vocab), -np.inf, np.float32)
+    out[:, : logits.shape[1]] = logits[np.minimum(np.arange(slots), len(logits) - 1)]
+    return jnp.asarray(out)
 
 
 def batch_of(
@@ -23,12 +43,6 @@ def batch_of(
     if pad:
         rows.append(jax.tree.map(np.asarray, SamplingBatch.empty(pad, vocab, MAX_BIAS)))
     return jax.tree.map(lambda *xs: jnp.asarray(np.concatenate(xs)), *rows)
-
-
-def pad_logits(logits, slots: int) -> jnp.ndarray:
-    """f32[n, V] -> f32[slots, V], repeating the last row."""
-    logits = np.asarray(logits, np.float32)
-    return jnp.asarray(np.concatenate([logits, np.repeat(logits[-1:], slots - len(logits), 0)]))
 
 
 def replicate(params: list[SamplingParams], vocab: int, n: int) -> SamplingBatch:

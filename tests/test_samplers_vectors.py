@@ -1,6 +1,6 @@
 """Worked vectors of SAMPLING.md 2.2 and 3.2, and the pinned order / logprob semantics.
 
-Every sample() call here uses one shape (64 slots, vocab 4, 4 alternatives): one compile.
+The 4-token mock logits are padded with -inf to the shared test vocabulary.
 """
 
 import dataclasses
@@ -11,34 +11,38 @@ import numpy as np
 import pytest
 
 from samplers import SamplingParams
-from samplers.pipeline import filtered_logits, sample
-from tests.test_samplers_support import batch_of, pad_logits
+from tests.test_samplers_support import (
+    SLOTS,
+    VOCAB,
+    batch_of,
+    pad_logits,
+    run_filtered,
+    run_sample,
+)
 
 L = [2.0, 1.0, 0.0, -1.0]
-SLOTS = 64
-_sample = jax.jit(sample, static_argnames=("num_logprobs", "num_candidates"))
-_filtered = jax.jit(filtered_logits, static_argnames="num_candidates")
 
 
 def step(params, logits=None, prompts=None, counts=None, batch=None):
     """One sample() over the rows for `params` (padded to SLOTS); logits default to L."""
     if batch is None:
-        batch = batch_of(params, 4, prompts, slots=SLOTS)
+        batch = batch_of(params, VOCAB, prompts, slots=SLOTS)
     if counts is not None:
-        batch = dataclasses.replace(batch, counts=batch.counts.at[: len(counts)].set(counts))
-    logits = pad_logits(np.tile(L, (len(params), 1)) if logits is None else logits, SLOTS)
-    tokens, info, new = _sample(logits, batch, num_logprobs=4)
+        batch = dataclasses.replace(batch, counts=batch.counts.at[: len(counts), :4].set(counts))
+    logits = pad_logits(np.tile(L, (len(params), 1)) if logits is None else logits)
+    tokens, info, new = run_sample(logits, batch)
     n = len(params)
     return tokens[:n], jax.tree.map(lambda x: x[:n], info), new
 
 
-def final_logits(params, logits=None, prompts=None, counts=None, num_candidates=256):
-    logits = np.tile(L, (len(params), 1)) if logits is None else logits
-    batch = batch_of(params, logits.shape[1], prompts, slots=SLOTS)
+def final_logits(params, logits=None, prompts=None, counts=None):
+    """The final logits of each row, cut back to the logits' own width."""
+    logits = np.tile(L, (len(params), 1)) if logits is None else np.asarray(logits)
+    batch = batch_of(params, VOCAB, prompts, slots=SLOTS)
     if counts is not None:
-        batch = dataclasses.replace(batch, counts=batch.counts.at[: len(counts)].set(counts))
-    out = _filtered(pad_logits(logits, SLOTS), batch, num_candidates=num_candidates)
-    return np.asarray(out[: len(params)])
+        batch = dataclasses.replace(batch, counts=batch.counts.at[: len(counts), :4].set(counts))
+    out = run_filtered(pad_logits(logits), batch)
+    return np.asarray(out[: len(params), : logits.shape[1]])
 
 
 SETS = [
@@ -65,13 +69,13 @@ def test_worked_example_sets():
 
 
 def test_worked_example_sets_with_a_tail():
-    """The same vectors on the candidate path: 4 candidates out of 300 tokens (296 at -30)."""
-    logits = np.full((len(SETS), 300), -30.0, np.float32)
+    """The same vectors with 496 more tokens at -30, most of them outside the candidates."""
+    logits = np.full((len(SETS), VOCAB), -30.0, np.float32)
     logits[:, :4] = L
     params = [SamplingParams(**kw) for kw, _ in SETS]
-    got = support(final_logits(params, logits, num_candidates=4))
+    got = support(final_logits(params, logits))
     assert got[:-2] == [want for _, want in SETS[:-2]]
-    assert got[-2] == set(range(300)) and got[-1] == {0}
+    assert got[-2] == set(range(VOCAB)) and got[-1] == {0}
 
 
 def test_penalty_and_bias_vectors():
@@ -135,14 +139,16 @@ def test_greedy_logprobs():
     assert tokens.tolist() == [0, 0, 0]
     assert info.sampling_logprob.tolist() == [0.0] * 3
     np.testing.assert_allclose(info.token_logprob, info.top_logprobs[:, 0])
-    np.testing.assert_allclose(info.top_logprobs[0], jax.nn.log_softmax(jnp.asarray(L)), rtol=1e-6)
+    top = info.top_logprobs[0, :4]
+    np.testing.assert_allclose(top, jax.nn.log_softmax(jnp.asarray(L)), rtol=1e-6)
+    assert info.top_logprobs[0, 4] == -np.inf  # the padding tokens have probability 0
 
 
 def test_top_logprobs_are_raw_and_ties_go_to_lower_ids():
     logits = [[1.0, 5.0, 1.0, 5.0]]
     tokens, info, _ = step([SamplingParams(temperature=0.5, logit_bias={0: 100})], logits)
     assert tokens.tolist() == [0]  # the bias forces token 0 ...
-    assert info.top_ids.tolist() == [[1, 3, 0, 2]]  # ... but the alternatives are raw
+    assert info.top_ids[0, :4].tolist() == [1, 3, 0, 2]  # ... but the alternatives are raw
     raw = jax.nn.log_softmax(jnp.asarray(logits[0]))
     np.testing.assert_allclose(info.token_logprob, raw[:1], rtol=1e-6)
     np.testing.assert_allclose(info.sampling_logprob, [0.0], atol=1e-6)
@@ -161,7 +167,7 @@ def test_temperature_changes_sampling_logprob_not_logprob():
 def test_mirostat_worked_vector():
     """SAMPLING.md 3.2 / test 69: mu0 = 2, mu1 = 2.1, mu2 = 2.1548 (token 0) or 2.0105 (token 1)."""
     params = [SamplingParams(mirostat_target=1.0, mirostat_lr=0.1, seed=s) for s in range(SLOTS)]
-    batch = batch_of(params, 4, slots=SLOTS)
+    batch = batch_of(params, VOCAB, slots=SLOTS)
     np.testing.assert_allclose(batch.mirostat_mu, 2.0)
     tokens, info, batch = step(params, batch=batch)
     assert set(tokens.tolist()) == {0}
@@ -180,7 +186,7 @@ def test_mirostat_with_top_k_1_is_greedy():
     """Test 71: the filters run before mirostat, so top_k=1 gives the greedy tokens."""
     rng = np.random.default_rng(1)
     params = [SamplingParams(mirostat_target=3.0, top_k=1, seed=s) for s in range(8)]
-    batch = batch_of(params, 4, slots=SLOTS)
+    batch = batch_of(params, VOCAB, slots=SLOTS)
     for _ in range(4):
         logits = rng.normal(size=(8, 4)).astype(np.float32)
         tokens, _, batch = step(params, logits, batch=batch)
@@ -188,7 +194,7 @@ def test_mirostat_with_top_k_1_is_greedy():
 
 
 def test_state_update_only_in_active_rows():
-    batch = batch_of([SamplingParams(seed=1, mirostat_target=2.0)] * 2, 4, slots=SLOTS)
+    batch = batch_of([SamplingParams(seed=1, mirostat_target=2.0)] * 2, VOCAB, slots=SLOTS)
     batch = dataclasses.replace(batch, active=batch.active.at[1].set(False))
     tokens, _, new = step([None, None], batch=batch)
     assert new.counts[0, tokens[0]] == 1 and new.counts[1].sum() == 0
