@@ -25,7 +25,7 @@ from engine.loading import LoadedModel, load_model
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest
 from engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
-from engine.step import Programs
+from engine.step import DecodeState, Programs
 from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -62,11 +62,20 @@ class Engine:
         self.max_top_logprobs = max_top_logprobs
         self.mesh = mesh or make_mesh()
         dtype = model.dtype
-        self.programs = Programs(
-            model.config, dtype, max(1, max_top_logprobs), sorted(self.tokenizer.eos_token_ids)
-        )
         cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
-        cache = jax.device_put(cache, cache_sharding(self.mesh, cache[0][0].shape))
+        cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
+        cache = jax.device_put(cache, cache_shardings)
+        empty_state = jax.eval_shape(
+            lambda: DecodeState.empty(settings.max_slots, self.vocab_size, settings.max_bias)
+        )
+        self.programs = Programs(
+            model.config,
+            dtype,
+            max(1, max_top_logprobs),
+            sorted(self.tokenizer.eos_token_ids),
+            cache_shardings=cache_shardings,
+            state_shardings=slot_shardings(empty_state, self.mesh),
+        )
         self.scheduler = Scheduler(
             self.programs,
             model.params,

@@ -68,19 +68,40 @@ class StepOutput:
 class Programs:
     """The jitted programs for one model and cache geometry."""
 
-    def __init__(self, config: ModelConfig, dtype: jnp.dtype, num_top: int, eos_ids: list[int]):
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: jnp.dtype,
+        num_top: int,
+        eos_ids: list[int],
+        cache_shardings: Any = None,
+        state_shardings: Any = None,
+    ):
+        """`cache_shardings` / `state_shardings` (trees of Shardings, or None) pin the
+        layout of the cache and decode state every program returns. Left to XLA, an output
+        may come back laid out differently from the input, and the next program called on
+        it compiles again for the new layout (on a mesh, in the middle of serving)."""
         self.config = config
         self.model = Transformer(config, dtype)
         self.num_top = num_top
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
+        cache_out = {} if cache_shardings is None else {"out_shardings": cache_shardings}
+        state_out = {} if state_shardings is None else {"out_shardings": state_shardings}
+        decode_out = (
+            {"out_shardings": (cache_shardings, state_shardings, None)}  # None: XLA's choice
+            if cache_shardings is not None and state_shardings is not None
+            else {}
+        )
         self.prefill = jax.jit(self._prefill)
-        self.insert = jax.jit(_insert, donate_argnums=0)
+        self.insert = jax.jit(_insert, donate_argnums=0, **cache_out)
         self.prompt_logprobs = jax.jit(self._prompt_logprobs)
-        self.decode = jax.jit(self._decode, static_argnames=("k", "kv_len"), donate_argnums=(1, 2))
-        self.start_slot = jax.jit(_start_slot, donate_argnums=0)
-        self.fork_slot = jax.jit(_fork_slot, donate_argnums=0)
-        self.stop_slot = jax.jit(_stop_slot, donate_argnums=0)
-        self.copy_slot = jax.jit(_copy_slot, donate_argnums=0)
+        self.decode = jax.jit(
+            self._decode, static_argnames=("k", "kv_len"), donate_argnums=(1, 2), **decode_out
+        )
+        self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
+        self.fork_slot = jax.jit(_fork_slot, donate_argnums=0, **state_out)
+        self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
+        self.copy_slot = jax.jit(_copy_slot, donate_argnums=0, **cache_out)
 
     def _prefill(self, params: Params, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
         """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
