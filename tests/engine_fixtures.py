@@ -147,3 +147,90 @@ def wait_idle(engine, timeout: float = 30.0) -> dict:
         ):
             return stats
         time.sleep(0.02)
+
+
+# ---- the 8-device mesh run (a subprocess: XLA reads the device count at start-up) ----
+MESHES = [(8, 1), (4, 2), (2, 4)]  # (data, model)
+
+
+def mesh_prompts() -> list[list[int]]:
+    return prompts(SLOTS, seed=30, lo=3, hi=17)  # one prompt bucket: fewer compiles
+
+
+MESH_TOKENS = 10
+
+
+def start_mesh_run():
+    """Start the mesh worker now (it compiles while the other tests run); returns the Popen."""
+    import subprocess
+    import sys
+
+    from engine.loading import convert
+
+    convert(str(tiny_model_dir()), progress=False)  # once, before two processes want it
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    code = "from tests.engine_fixtures import mesh_main; mesh_main()"
+    repo = Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def mesh_main() -> None:
+    """In the 8-device subprocess: greedy tokens of every mesh, as JSON lines on stdout."""
+    import json
+    import time
+
+    import jax
+
+    from engine.sharding import make_mesh
+    from samplers import SamplingParams
+
+    assert jax.device_count() == 8, jax.devices()
+    compiles: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, d, **kw: (
+            compiles.append(kw.get("fun_name", ""))
+            if name.endswith("backend_compile_duration")
+            else None
+        )
+    )
+    greedy = SamplingParams(temperature=0.0)
+
+    def spec(x) -> list:
+        """An array's PartitionSpec, padded with None to its rank."""
+        return list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+
+    for data, model in MESHES:
+        t = time.perf_counter()
+        engine = make_engine(
+            mesh=make_mesh(data=data, model=model),
+            max_slots=SLOTS,
+            max_len=MAX_LEN,
+            decode_steps=K,
+            warmup=False,
+        )
+        first = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
+        compiles.clear()
+        again = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
+        params = engine.scheduler.params
+        q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        result = {
+            "mesh": [data, model],
+            "tokens": [list(c.token_ids) for c in first],
+            "again": [list(c.token_ids) for c in again],
+            "recompiles": list(compiles),
+            "cache_spec": spec(engine.scheduler.cache[0][0]),
+            "state_spec": spec(engine.scheduler.state.sampling.counts),
+            "q_spec": spec(q),
+            "embed_spec": spec(params["embed_tokens"]),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+        engine.close()
+        print(json.dumps(result), flush=True)
