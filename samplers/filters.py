@@ -28,7 +28,7 @@ class Candidates:
     tail_on: jax.Array  # bool[S]; every non-candidate token still survives
     tail_lse: jax.Array  # f32[S]; log sum exp(z) over the non-candidates (-inf if none)
     tail_mean: jax.Array  # f32[S]; mean of z over the non-candidates under softmax
-    tail_max: jax.Array  # f32[S]; bound on a non-candidate's z: z[:, C-1], or -inf if none
+    tail_max: jax.Array  # f32[S]; largest z among the non-candidates (-inf if none)
     fail: jax.Array  # bool[S]; the result may reach past the candidates
 
     def log_mass(self) -> jax.Array:

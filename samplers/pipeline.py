@@ -6,7 +6,7 @@ state update.
 
 Exactness without a full sort. The filters run on the C = `num_candidates` highest processed
 logits (lax.top_k, ties by lower id, the same order a stable full sort gives) plus a summary of
-the other V - C tokens (the tail: their log-mass, mean and an upper bound on their logits).
+the other V - C tokens (the tail: their log-mass, mean and largest logit).
 Each filter either proves its cut lies inside the candidates, or is a no-op so far and keeps
 the whole tail, or flags the row (filters.py explains each proof). If any sampling row is
 flagged, lax.cond recomputes every row on a stable full sort (C = V): the same filter code with
@@ -106,7 +106,7 @@ def candidates(
     is_tail = ~_scatter(head_ids, jnp.ones_like(head_ids, bool), v)
     none = jnp.zeros((s,), bool)
     if c < v:
-        tail_max = head_z[:, -1]
+        tail_max = jnp.max(jnp.where(is_tail, z_full, NEG_INF), axis=-1)
         tail_lse, tail_mean = _masked_stats(z_full, is_tail, tail_max)
         tail_on = ~none
     else:
