@@ -60,7 +60,9 @@ def top_k(c: Candidates, k: jax.Array) -> Candidates:
     kth = jnp.clip(k, 1, c.z.shape[1]) - 1
     thr = jnp.take_along_axis(c.z, kth[:, None], axis=-1)[:, 0]
     keep = c.keep & (~on[:, None] | (c.z >= thr[:, None]))
-    return c.update(keep, on, spill=on & (c.tail_max >= thr))
+    # With a tail, the k-th largest lies among the candidates only if k <= C; ties with it may
+    # continue into the tail.
+    return c.update(keep, on, spill=on & ((k > c.z.shape[1]) | (c.tail_max >= thr)))
 
 
 def top_p(c: Candidates, p: jax.Array) -> Candidates:
