@@ -8,8 +8,10 @@ are spread out (no near-ties between the top tokens that float rounding could fl
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,8 +41,12 @@ TINY = dict(
 def _root() -> Path:
     """One temp folder per process; JAXFIRE_CACHE_DIR points inside it, so the engine's
     converted weights and compiled programs never touch ~/.cache."""
-    root = Path(os.environ.get("JAXFIRE_TEST_ROOT") or tempfile.mkdtemp(prefix="jaxfire-eng-"))
-    os.environ["JAXFIRE_TEST_ROOT"] = str(root)  # subprocesses reuse the same folder
+    if os.environ.get("JAXFIRE_TEST_ROOT"):
+        root = Path(os.environ["JAXFIRE_TEST_ROOT"])
+    else:
+        root = Path(tempfile.mkdtemp(prefix="jaxfire-eng-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        os.environ["JAXFIRE_TEST_ROOT"] = str(root)  # subprocesses reuse the same folder
     os.environ.setdefault("JAXFIRE_CACHE_DIR", str(root / "cache"))
     return root
 
