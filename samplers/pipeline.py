@@ -48,7 +48,7 @@ class _Survivors:
     head_z: jax.Array  # f32[S, C]; scaled logits of the candidates, descending
     head_ids: jax.Array  # i32[S, C]
     head_keep: jax.Array  # bool[S, C]
-    tail_mask: jax.Array  # bool[S, V]; surviving non-candidate tokens
+    tail_mask: jax.Array  # bool[S, V]; surviving non-candidates (may also mark candidates)
     tail_lse: jax.Array  # f32[S]; their log-mass (-inf if none)
 
 
@@ -71,17 +71,9 @@ def truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
     return mirostat.truncate(c, batch.mirostat_on, batch.mirostat_mu)
 
 
-def _masked_stats(z: jax.Array, mask: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(log sum exp, softmax-weighted mean) of z: f32[S, V] over mask: bool[S, V].
-
-    bound: f32[S] >= every masked z, used as the shift (saves a max pass over the vocabulary).
-    """
-    m = jnp.where(jnp.isfinite(bound), bound, 0.0)[:, None]
-    e = jnp.where(mask, jnp.exp(z - m), 0.0)
-    total = jnp.sum(e, axis=-1)
-    weighted = jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1)
-    mean = jnp.where(total > 0, weighted / jnp.where(total > 0, total, 1.0), 0.0)
-    return m[:, 0] + jnp.log(total), mean
+def _masked_lse(z: jax.Array, mask: jax.Array) -> jax.Array:
+    """f32[S]: log sum exp of z: f32[S, V] over mask: bool[S, V]."""
+    return jax.nn.logsumexp(jnp.where(mask, z, NEG_INF), axis=-1)
 
 
 def _scatter(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
@@ -92,28 +84,43 @@ def _scatter(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
 
 def candidates(
     x: jax.Array, z_full: jax.Array, temperature: jax.Array, num_candidates: int
-) -> tuple[Candidates, jax.Array, jax.Array]:
+) -> tuple[Candidates, jax.Array]:
     """The top `num_candidates` of x: f32[S, V] with their tail summary (z_full = x / T).
 
-    Returns (Candidates with nothing filtered yet, candidate ids i32[S, C], is_tail bool[S, V]).
+    Returns (Candidates with nothing filtered yet, candidate ids i32[S, C]). One top_k of C + 1
+    gives the candidates and the tail's largest value; the tail's mass and mean are the whole
+    row's minus the candidates' (an error at the rounding level of the row's total mass).
     """
     s, v = x.shape
     c = min(num_candidates, v)
     # The barrier keeps XLA from merging later slices into top_k, which on CPU would turn it
     # back into a full sort.
-    head_x, head_ids = jax.lax.optimization_barrier(jax.lax.top_k(x, c))
-    head_z = filters.temperature(head_x, temperature)
-    is_tail = ~_scatter(head_ids, jnp.ones_like(head_ids, bool), v)
+    vals, ids = jax.lax.optimization_barrier(jax.lax.top_k(x, min(c + 1, v)))
+    head_z = filters.temperature(vals[:, :c], temperature)
     none = jnp.zeros((s,), bool)
     if c < v:
-        tail_max = jnp.max(jnp.where(is_tail, z_full, NEG_INF), axis=-1)
-        tail_lse, tail_mean = _masked_stats(z_full, is_tail, tail_max)
+        tail_max = filters.temperature(vals[:, c:], temperature)[:, 0]
+        m = jnp.where(jnp.isfinite(head_z[:, :1]), head_z[:, :1], 0.0)
+        mass, weighted = _mass(z_full, m)
+        head_mass, head_weighted = _mass(head_z, m)
+        tail = jnp.maximum(mass - head_mass, 0.0)
+        tail_lse = m[:, 0] + jnp.log(tail)
+        tail_mean = jnp.where(
+            tail > 0, (weighted - head_weighted) / jnp.where(tail > 0, tail, 1), 0
+        )
         tail_on = ~none
     else:
         tail_lse = tail_max = jnp.full((s,), NEG_INF)
         tail_mean, tail_on = jnp.zeros((s,)), none
     keep = jnp.ones(head_z.shape, bool)
-    return Candidates(head_z, keep, tail_on, tail_lse, tail_mean, tail_max, none), head_ids, is_tail
+    cand = Candidates(head_z, keep, tail_on, tail_lse, tail_mean, tail_max, none)
+    return cand, ids[:, :c]
+
+
+def _mass(z: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """z: f32[S, N], shift m: f32[S, 1] -> (sum exp(z - m), sum exp(z - m) * z), each f32[S]."""
+    e = jnp.exp(z - m)
+    return jnp.sum(e, axis=-1), jnp.sum(jnp.where(e > 0, e * z, 0.0), axis=-1)
 
 
 def full_sort_candidates(x: jax.Array, temperature: jax.Array) -> tuple[Candidates, jax.Array]:
@@ -132,25 +139,36 @@ def _survivors(
 ) -> _Survivors:
     """x: processed logits f32[S, V]; z_full: x / T. Runs the filters, exactly (module doc)."""
     v = x.shape[1]
-    cand, head_ids, is_tail = candidates(x, z_full, batch.temperature, num_candidates)
+    cand, head_ids = candidates(x, z_full, batch.temperature, num_candidates)
     fast = truncate(cand, batch)
-    c = cand.z.shape[1]
+    s, c = cand.z.shape
 
     def candidates_only():
+        # tail_mask also covers the candidates here; users mask those out (_tail_only).
         tail_lse = jnp.where(fast.tail_on, cand.tail_lse, NEG_INF)
-        return fast.keep, is_tail & fast.tail_on[:, None], tail_lse
+        return fast.keep, jnp.broadcast_to(fast.tail_on[:, None], (s, v)), tail_lse
 
     def full_sort():
         full_cand, ids = full_sort_candidates(x, batch.temperature)
         keep = truncate(full_cand, batch).keep
         tail_mask = _scatter(ids[:, c:], keep[:, c:], v)
-        return keep[:, :c], tail_mask, _masked_stats(z_full, tail_mask, cand.tail_max)[0]
+        # A row keeping its whole tail reuses the candidate path's tail mass, so its draw does
+        # not depend on which branch the batch took.
+        whole = jnp.all(keep[:, c:], axis=-1) & cand.tail_on
+        tail_lse = jnp.where(whole, cand.tail_lse, _masked_lse(z_full, tail_mask))
+        return keep[:, :c], tail_mask, tail_lse
 
     sampling = batch.active & (batch.temperature >= GREEDY_TEMPERATURE)
     keep, tail_mask, tail_lse = jax.lax.cond(
         jnp.any(fast.fail & sampling), full_sort, candidates_only
     )
     return _Survivors(cand.z, head_ids, keep, tail_mask, tail_lse)
+
+
+def _tail_only(sv: _Survivors) -> jax.Array:
+    """bool[S, V]: the surviving non-candidate tokens."""
+    is_head = _scatter(sv.head_ids, jnp.ones_like(sv.head_keep), sv.tail_mask.shape[1])
+    return sv.tail_mask & ~is_head
 
 
 def filtered_logits(
@@ -160,7 +178,7 @@ def filtered_logits(
     x = processed_logits(logits, batch)
     z = filters.temperature(x, batch.temperature)
     sv = _survivors(x, z, batch, num_candidates)
-    kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | sv.tail_mask
+    kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | _tail_only(sv)
     return jnp.where(kept, z, NEG_INF)
 
 
@@ -193,10 +211,11 @@ def _draw(
     tail_wins = sampling & (sv.tail_lse + gumbel[:, -1] > jnp.max(score, axis=-1))
 
     def tail_token():
-        w = jnp.where(sv.tail_mask, jnp.exp(z_full - sv.tail_lse[:, None]), 0.0)
+        mask = _tail_only(sv)
+        w = jnp.where(mask, jnp.exp(z_full - sv.tail_lse[:, None]), 0.0)
         cum = jnp.cumsum(w, axis=-1)
         idx = jnp.sum(cum <= u[:, -1:] * cum[:, -1:], axis=-1)
-        last = v - 1 - jnp.argmax(sv.tail_mask[:, ::-1], axis=-1)  # guard against rounding
+        last = v - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # guard against rounding
         return jnp.minimum(idx, last).astype(jnp.int32)
 
     tail = jax.lax.cond(jnp.any(tail_wins), tail_token, lambda: jnp.zeros((s,), jnp.int32))

@@ -1,23 +1,25 @@
 """The drawn distribution: 21,000 draws per configuration against an independent numpy
 reference, and mirostat's observed surprise converging to its target.
 
-One loop of sample() steps serves every check: rows 0-27 hold four configurations (7 rows
+One scan of sample() steps serves every check: rows 0-27 hold four configurations (7 rows
 each, one draw per row and step), rows 28-31 run mirostat on a Zipf distribution.
 """
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from samplers import SamplingParams, fork_row
+from samplers.pipeline import sample
 from tests.test_samplers_support import (
+    CANDIDATES,
     VOCAB,
     batch_of,
     pad_logits,
     reference_probs,
-    run_sample,
 )
 
 STEPS = 3000
@@ -45,14 +47,18 @@ def draws():
     params += [SamplingParams(mirostat_target=t, seed=9 + i) for i, t in enumerate(TAUS)]
     logits += [jnp.asarray(ZIPF)] * 4
     batch = fork_row(batch_of(params, VOCAB), 28, 29, 1)
-    logits = jnp.stack(logits)
-    tokens, surprise, mu = [], [], []
-    for _ in range(STEPS):
-        t, info, batch = run_sample(logits, batch)
-        tokens.append(t)
-        surprise.append(-info.sampling_logprob / math.log(2))
-        mu.append(batch.mirostat_mu)
-    return np.asarray(jnp.stack(tokens)), np.asarray(jnp.stack(surprise)), np.asarray(jnp.stack(mu))
+    return jax.tree.map(np.asarray, _run(jnp.stack(logits), batch))
+
+
+@jax.jit
+def _run(logits, batch):
+    """STEPS sample() steps in one program: tokens, surprise in bits and mu, each [STEPS, S]."""
+
+    def step(batch, _):
+        tokens, info, batch = sample(logits, batch, num_candidates=CANDIDATES)
+        return batch, (tokens, -info.sampling_logprob / math.log(2), batch.mirostat_mu)
+
+    return jax.lax.scan(step, batch, length=STEPS)[1]
 
 
 def chi2_limit(df: int, z: float = 4.5) -> float:

@@ -111,7 +111,7 @@ def test_candidate_path_agrees_with_full_sort_whenever_it_claims_to():
     @jax.jit
     def both(x, batch):
         z = x / jnp.where(batch.temperature < 1e-5, 1.0, batch.temperature)[:, None]
-        cand, ids, _ = candidates(x, z, batch.temperature, 32)
+        cand, ids = candidates(x, z, batch.temperature, 32)
         fast = truncate(cand, batch)
         full_cand, full_ids = full_sort_candidates(x, batch.temperature)
         full = truncate(full_cand, batch)
