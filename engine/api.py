@@ -60,6 +60,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_context = min(settings.max_len, model.config.max_position_embeddings)
         self.max_top_logprobs = max_top_logprobs
+        self.max_logit_bias = settings.max_bias  # logit_bias entries one request may set
         self.mesh = mesh or make_mesh()
         dtype = model.dtype
         cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
@@ -202,7 +203,7 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------
     def warmup(self) -> None:
         """Compile every program serving will use (each prefill bucket, insert, prompt
-        logprobs, each decode bucket, slot start/fork/stop/copy) before the first request."""
+        logprobs, each decode bucket, slot start/stop) before the first request."""
         s, p = self.scheduler, self.programs
         for T in s.prefill_buckets:
             tokens = np.zeros((1, T), np.int32)
@@ -210,11 +211,9 @@ class Engine:
             s.cache = p.insert(s.cache, rows, np.int32(0))
             jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
         row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
-        zero, one = np.int32(0), np.int32(min(1, s.s.max_slots - 1))
+        zero = np.int32(0)
         s.state = p.start_slot(s.state, zero, zero, zero, zero, np.bool_(True), row)
-        s.state = p.fork_slot(s.state, zero, one, np.int32(1))
-        s.cache = p.copy_slot(s.cache, zero, one)
-        s.state = p.stop_slot(p.stop_slot(s.state, zero), one)
+        s.state = p.stop_slot(s.state, zero)
         for kv_len in s.kv_buckets:
             s.cache, s.state, out = p.decode(
                 s.params, s.cache, s.state, k=s.s.decode_steps, kv_len=kv_len

@@ -26,9 +26,12 @@ class EngineOverloaded(EngineError):
 
 
 class ContextLengthExceeded(EngineError):
-    """The prompt (or prompt + max_tokens under "error") does not fit the context window."""
+    """The prompt (or prompt + max_tokens under "error") does not fit the context window;
+    `field` is "prompt" or "max_tokens", whichever is at fault."""
 
-    field = "max_tokens"
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidRequest(EngineError):

@@ -35,6 +35,7 @@ from engine.stop import StopMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _DONE = object()
+MAX_N = 128  # choices per request (Fireworks' and OpenAI's limit)
 
 
 def buckets(lo: int, hi: int) -> list[int]:
@@ -118,6 +119,8 @@ class _Live:
     choices: list[_Choice]
     first_token_at: float | None = None
     prefill_at: float = 0.0
+    pending: list[int] = dataclasses.field(default_factory=list)  # choices not yet started
+    rows: Any = None  # the prompt's prefilled K/V while choices are pending
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,7 @@ class Scheduler:
         self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
         self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
         self.queue: collections.deque[RequestHandle] = collections.deque()
+        self.waiting: collections.deque[_Live] = collections.deque()  # choices still pending
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -180,16 +184,21 @@ class Scheduler:
             raise InvalidRequest("prompt", "the prompt is empty")
         if not all(0 <= t < self.vocab_size for t in r.prompt_ids):
             raise InvalidRequest("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
-        if not 1 <= r.n <= self.s.max_slots:
-            raise InvalidRequest("n", f"n must be between 1 and {self.s.max_slots}: {r.n}")
+        if not 1 <= r.n <= MAX_N:
+            raise InvalidRequest("n", f"n must be between 1 and {MAX_N}: {r.n}")
+        if len(r.params.logit_bias or {}) > self.s.max_bias:
+            raise InvalidRequest(
+                "logit_bias", f"logit_bias may hold at most {self.s.max_bias} entries"
+            )
         if r.max_tokens < 0:
             raise InvalidRequest("max_tokens", f"max_tokens must be at least 0: {r.max_tokens}")
         r.params.validate(self.vocab_size)
         too_long = P >= C if r.max_tokens > 0 else P > C
         if too_long or (r.context_overflow is ContextOverflow.ERROR and P + r.max_tokens > C):
             raise ContextLengthExceeded(
+                "prompt" if too_long else "max_tokens",
                 f"The prompt is too long: {P + r.max_tokens} tokens requested ({P} in the "
-                f"prompt, {r.max_tokens} for the completion), model maximum context length: {C}."
+                f"prompt, {r.max_tokens} for the completion), model maximum context length: {C}.",
             )
         return min(r.max_tokens, C - P)
 
@@ -226,33 +235,57 @@ class Scheduler:
             self._decode()
 
     def _reap_cancelled(self) -> None:
-        for owner, choice in list(self.live.values()):
-            if owner.handle.cancelled:
-                self._release(owner, choice)
-                if not self._owner_live(owner):
-                    self._finish(owner, time.perf_counter())
+        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
+        for owner in owners.values():
+            if not owner.handle.cancelled:
+                continue
+            owner.pending.clear()
+            owner.rows = None
+            if owner in self.waiting:
+                self.waiting.remove(owner)
+            for choice in owner.choices:
+                if not choice.finished:
+                    self._release(owner, choice)
+            self._finish(owner, time.perf_counter())
 
     def _admit(self) -> None:
-        while True:
+        """FIFO: choices of already-prefilled requests take free slots first, then new
+        requests are prefilled while a slot is free. A request with more choices than
+        free slots starts what fits; the rest start from its kept prefill as slots free."""
+        while self.waiting and self.free:
+            self._place(self.waiting[0])
+            if not self.waiting[0].pending:
+                self.waiting.popleft()
+        while self.free and not self.waiting:
             with self.lock:
                 while self.queue and self.queue[0].cancelled:
                     self.queue.popleft()._push(_DONE)
-                if not self.queue or len(self.free) < self.queue[0].request.n:
+                if not self.queue:
                     return
                 handle = self.queue.popleft()
-            self._start(handle)
+            try:
+                owner = self._prefill(handle)
+            except Exception as e:  # this request alone fails; the others carry on
+                handle._push(e)
+                handle._push(_DONE)
+                continue
+            if owner is not None:
+                self._place(owner)
+                if owner.pending:
+                    self.waiting.append(owner)
 
-    def _start(self, handle: RequestHandle) -> None:
+    def _prefill(self, handle: RequestHandle) -> _Live | None:
+        """Run the prompt (all but its last token) once for every choice; None if the
+        request needs no decoding (max_tokens = 0)."""
         r = handle.request
-        owner = _Live(handle, [], prefill_at=time.perf_counter())
+        owner = _Live(handle, [], prefill_at=time.perf_counter(), pending=list(range(r.n)))
         ids = np.asarray(r.prompt_ids, np.int32)
         P = len(ids)
-        rows = None
         if P > 1:
             T = bucket_for(P - 1, self.prefill_buckets)
             tokens = np.zeros((1, T), np.int32)
             tokens[0, : P - 1] = ids[:-1]
-            rows, hidden = self.p.prefill(self.params, tokens)
+            owner.rows, hidden = self.p.prefill(self.params, tokens)
             if r.prompt_logprobs:
                 targets = np.zeros((1, T), np.int32)
                 targets[0, : P - 1] = ids[1:]
@@ -266,33 +299,39 @@ class Scheduler:
             for i in range(r.n):
                 handle._push(ChoiceUpdate(i, (), "", (), "length"))
             handle._push(_DONE)
-            return
-        first = self.free.pop(0)
-        if rows is not None:
-            self.cache = self.p.insert(self.cache, rows, np.int32(first))
-        row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, 0)
-        self.state = self.p.start_slot(
-            self.state,
-            np.int32(first),
-            np.int32(ids[-1]),
-            np.int32(P - 1),
-            np.int32(handle.max_tokens),
-            np.bool_(not r.ignore_eos),
-            row,
-        )
-        slots = [first]
-        for i in range(1, r.n):
-            slot = self.free.pop(0)
-            self.cache = self.p.copy_slot(self.cache, np.int32(first), np.int32(slot))
-            self.state = self.p.fork_slot(self.state, np.int32(first), np.int32(slot), np.int32(i))
-            slots.append(slot)
-        for i, slot in enumerate(slots):
+            return None
+        return owner
+
+    def _place(self, owner: _Live) -> None:
+        """Start pending choices of `owner` in free slots: its prompt K/V goes into the
+        slot, and the choice gets its own sampling row (seed stream, counts, mirostat)."""
+        r = owner.handle.request
+        ids = np.asarray(r.prompt_ids, np.int32)
+        while owner.pending and self.free:
+            index, slot = owner.pending.pop(0), self.free.pop(0)
+            if owner.rows is not None:
+                self.cache = self.p.insert(self.cache, owner.rows, np.int32(slot))
+            row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
+            self.state = self.p.start_slot(
+                self.state,
+                np.int32(slot),
+                np.int32(ids[-1]),
+                np.int32(len(ids) - 1),
+                np.int32(owner.handle.max_tokens),
+                np.bool_(not r.ignore_eos),
+                row,
+            )
             choice = _Choice(
-                i, slot, IncrementalDetokenizer(self.tok, context=r.prompt_ids), StopMatcher(r.stop)
+                index,
+                slot,
+                IncrementalDetokenizer(self.tok, context=r.prompt_ids),
+                StopMatcher(r.stop),
             )
             owner.choices.append(choice)
             self.live[slot] = (owner, choice)
-            self.slot_pos[slot] = P - 1
+            self.slot_pos[slot] = len(ids) - 1
+        if not owner.pending:
+            owner.rows = None  # every choice has its copy of the prompt K/V now
 
     def _prompt_logprobs(self, hidden, targets, ids: np.ndarray, n: int):
         """Entry i is token i of the prompt given tokens < i; the first has no context."""
@@ -366,7 +405,7 @@ class Scheduler:
         return ChoiceUpdate(choice.index, tuple(ids), text, logprobs, reason)
 
     def _owner_live(self, owner: _Live) -> bool:
-        return any(not c.finished for c in owner.choices)
+        return bool(owner.pending) or any(not c.finished for c in owner.choices)
 
     def _release(self, owner: _Live, choice: _Choice) -> None:
         choice.finished = True
@@ -381,8 +420,14 @@ class Scheduler:
         h._push(_DONE)
 
     def _fail_all(self, error: Exception) -> None:
-        for owner, choice in list(self.live.values()):
-            if not choice.finished:
-                self._release(owner, choice)
-                owner.handle._push(error)
-                owner.handle._push(_DONE)
+        """A device program failed: end every request in flight with the error."""
+        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
+        self.waiting.clear()
+        for owner in owners.values():
+            owner.pending.clear()
+            owner.rows = None
+            for choice in owner.choices:
+                if not choice.finished:
+                    self._release(owner, choice)
+            owner.handle._push(error)
+            owner.handle._push(_DONE)

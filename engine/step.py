@@ -99,9 +99,7 @@ class Programs:
             self._decode, static_argnames=("k", "kv_len"), donate_argnums=(1, 2), **decode_out
         )
         self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
-        self.fork_slot = jax.jit(_fork_slot, donate_argnums=0, **state_out)
         self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
-        self.copy_slot = jax.jit(_copy_slot, donate_argnums=0, **cache_out)
 
     def _prefill(self, params: Params, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
         """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
@@ -174,11 +172,6 @@ def _insert(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
     ]
 
 
-def _copy_slot(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Copy one slot's whole K/V row into another (the n > 1 fork of a prefilled prompt)."""
-    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
-
-
 def _start_slot(
     state: DecodeState,
     slot: jax.Array,
@@ -195,23 +188,6 @@ def _start_slot(
         remaining=state.remaining.at[slot].set(remaining),
         stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
         sampling=samplers.write_row(state.sampling, slot, row),
-    )
-
-
-def _fork_slot(state: DecodeState, src: jax.Array, dst: jax.Array, choice: jax.Array):
-    """Start `dst` as choice `choice` of the request in `src`: same prompt state, its own
-    seed stream, penalty counts and mirostat mu."""
-
-    def copy(a: jax.Array) -> jax.Array:
-        return a.at[dst].set(a[src])
-
-    return state.replace(
-        tokens=copy(state.tokens),
-        positions=copy(state.positions),
-        active=copy(state.active),
-        remaining=copy(state.remaining),
-        stop_on_eos=copy(state.stop_on_eos),
-        sampling=samplers.fork_row(state.sampling, src, dst, choice),
     )
 
 

@@ -557,20 +557,11 @@ def sampling_params(
     return params, options
 
 
-def max_logit_bias(engine: Any) -> int:
-    """Entries of logit_bias one request may hold (the engine's bias table width)."""
-    limit = getattr(engine, "max_logit_bias", None)
-    if limit is None:  # until the Engine exposes it: the scheduler's setting
-        settings = getattr(getattr(engine, "scheduler", None), "s", None)
-        limit = getattr(settings, "max_bias", 64)
-    return int(limit)
-
-
 def _common(req: _CommonRequest, engine: Any) -> dict:
     req.check_unsupported()
     req.check_generation(engine.max_top_logprobs)
     params, options = sampling_params(req, engine.generation_config, engine.vocab_size)
-    limit = max_logit_bias(engine)
+    limit = engine.max_logit_bias  # the engine's bias table width
     if params.logit_bias and len(params.logit_bias) > limit:
         raise bad_request(
             f"logit_bias may hold at most {limit} entries: {len(params.logit_bias)}", "logit_bias"

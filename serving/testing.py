@@ -207,6 +207,7 @@ class FakeEngine:
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_top_logprobs = 5
+        self.max_logit_bias = 64
         self.token_delay_s = token_delay_s
         self.generation_config = (
             {"temperature": 0.2, "top_p": 0.9, "eos_token_id": EOS}
@@ -222,15 +223,17 @@ class FakeEngine:
             raise EngineOverloaded("the request queue is full; retry later")
         if prompt >= window:
             raise ContextLengthExceeded(
-                f"The prompt is too long: {prompt} tokens, model maximum context length: {window}."
+                "prompt",
+                f"The prompt is too long: {prompt} tokens, model maximum context length: {window}.",
             )
         max_tokens = request.max_tokens
         if prompt + max_tokens > window:
             if request.context_overflow is ContextOverflow.ERROR:
                 raise ContextLengthExceeded(
+                    "max_tokens",
                     f"The prompt is too long: {prompt + max_tokens} tokens requested "
                     f"({prompt} in the prompt, {max_tokens} for the completion), model "
-                    f"maximum context length: {window}."
+                    f"maximum context length: {window}.",
                 )
             max_tokens = window - prompt
         self.submitted.append(request)
