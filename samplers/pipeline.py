@@ -62,6 +62,13 @@ def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return bias.apply(x, batch.bias_ids, batch.bias_values)
 
 
+def _processed_and_scaled(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+    """(x, x / T), each f32[S, V], computed once: without the barrier XLA fuses the penalty
+    arithmetic into every consumer and redoes it per pass over the vocabulary."""
+    x = processed_logits(logits, batch)
+    return jax.lax.optimization_barrier((x, filters.temperature(x, batch.temperature)))
+
+
 def truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
     """top_k -> top_p -> min_p -> typical_p -> mirostat, on the candidates."""
     c = filters.top_k(c, batch.top_k)
@@ -175,8 +182,7 @@ def filtered_logits(
     logits: jax.Array, batch: SamplingBatch, num_candidates: int = 256
 ) -> jax.Array:
     """f32[S, V]: the logits a sampling row draws from (-inf outside its surviving set)."""
-    x = processed_logits(logits, batch)
-    z = filters.temperature(x, batch.temperature)
+    x, z = _processed_and_scaled(logits, batch)
     sv = _survivors(x, z, batch, num_candidates)
     kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | _tail_only(sv)
     return jnp.where(kept, z, NEG_INF)
@@ -235,8 +241,7 @@ def sample(
     step and mirostat mu advanced in the active rows (inactive rows are left untouched).
     """
     raw = logits.astype(jnp.float32)
-    x = processed_logits(raw, batch)
-    z = filters.temperature(x, batch.temperature)
+    x, z = _processed_and_scaled(raw, batch)
     greedy = batch.temperature < GREEDY_TEMPERATURE
     sampling = batch.active & ~greedy
 

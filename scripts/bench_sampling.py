@@ -61,8 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--vocabs", default="49152,128256")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--full-repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--full-repeats", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=256)
     ap.add_argument("--logprobs", type=int, default=5)
     ap.add_argument(
