@@ -9,13 +9,17 @@ from samplers.params import (
     make_row,
     write_row,
 )
+from samplers.pipeline import LogprobInfo, filtered_logits, sample
 
 __all__ = [
+    "LogprobInfo",
     "SamplingBatch",
     "SamplingParams",
     "SamplingParamsError",
     "clear_row",
+    "filtered_logits",
     "fork_row",
     "make_row",
+    "sample",
     "write_row",
 ]
