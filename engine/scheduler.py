@@ -132,6 +132,9 @@ class SchedulerSettings:
     min_prefill_bucket: int = 16
     min_kv_bucket: int = 64
     max_bias: int = 64  # logit_bias entries per request
+    # Prompt tokens prefilled per loop iteration (at least one request): bounds how long
+    # a burst of new requests stalls the sequences already decoding.
+    prefill_budget: int = 512
 
 
 class Scheduler:
@@ -256,13 +259,15 @@ class Scheduler:
             self._place(self.waiting[0])
             if not self.waiting[0].pending:
                 self.waiting.popleft()
-        while self.free and not self.waiting:
+        spent = 0
+        while self.free and not self.waiting and spent < self.s.prefill_budget:
             with self.lock:
                 while self.queue and self.queue[0].cancelled:
                     self.queue.popleft()._push(_DONE)
                 if not self.queue:
                     return
                 handle = self.queue.popleft()
+            spent += len(handle.request.prompt_ids)
             try:
                 owner = self._prefill(handle)
             except Exception as e:  # this request alone fails; the others carry on
