@@ -221,7 +221,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while self.running and not self.queue and not self.live:
+                while self.running and not (self.queue or self.live or self.waiting):
                     self.lock.wait()
                 if not self.running:
                     return
