@@ -77,11 +77,23 @@ class Attention(nn.Module):
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
+        decode_on_cpu = T == 1 and jax.default_backend() == "cpu"
+        if decode_on_cpu:
+            # Decode: a broadcast multiply-reduce. XLA CPU ran the batched [G, D] x [D, S]
+            # dots of a single token well below memory speed (a third slower at batch 32);
+            # TPU/GPU keep the dots, which their matrix units run.
+            qd = q[:, 0].astype(F32)  # [B, K, G, D]
+            scores = jnp.sum(qd[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
+            scores = scores[:, :, :, None, :]  # [B, K, G, 1, S]
+        else:
+            scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
         scores = scores * (cfg.head_dim**-0.5)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+        if decode_on_cpu:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+        else:
+            out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
         out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
         return dense(cfg.hidden_size, "o_proj", False)(out), (k_cache, v_cache)
 
