@@ -245,12 +245,20 @@ def sample(
     greedy = batch.temperature < GREEDY_TEMPERATURE
     sampling = batch.active & ~greedy
 
-    sv = _survivors(x, z, batch, num_candidates)
-    drawn = _draw(sv, z, batch, sampling)
-    tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
+    def draw() -> tuple[jax.Array, jax.Array]:
+        sv = _survivors(x, z, batch, num_candidates)
+        drawn = _draw(sv, z, batch, sampling)
+        tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
+        head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)
+        norm = jnp.logaddexp(head_lse, sv.tail_lse)
+        return tokens, jnp.take_along_axis(z, tokens[:, None], -1)[:, 0] - norm
 
-    head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)
-    log_q = jnp.take_along_axis(z, tokens[:, None], -1)[:, 0] - jnp.logaddexp(head_lse, sv.tail_lse)
+    def argmax_only() -> tuple[jax.Array, jax.Array]:
+        # No row samples: skip the candidate search (argmax ties go to the lower id,
+        # as in the candidates' order).
+        return jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros(x.shape[0], jnp.float32)
+
+    tokens, log_q = jax.lax.cond(jnp.any(sampling), draw, argmax_only)
     raw_lse = jax.nn.logsumexp(raw, axis=-1)
     top_logits, top_ids = jax.lax.top_k(raw, num_logprobs)
     info = LogprobInfo(
