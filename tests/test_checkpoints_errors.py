@@ -3,24 +3,14 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from checkpoints import CheckpointError, open_checkpoint
+from tests.checkpoint_fixtures import tiny_llama
 
 
 @pytest.fixture
 def folder(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    tiny_llama().save_pretrained(tmp_path / "m")
     return tmp_path / "m"
 
 

@@ -13,9 +13,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from checkpoints import CheckpointError, open_checkpoint, store
+from tests.checkpoint_fixtures import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,16 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tiny_llama().to(torch.bfloat16).save_pretrained(folder)
     return folder
 
 
