@@ -56,6 +56,7 @@ def test_bench_against_fake_server(tmp_path):
     assert [r["concurrency"] for r in rows] == [1, 4]
     for r in rows:
         assert r["failed"] == 0
-        assert r["output_tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
+        assert r["output_tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+        assert r["itl_p50_ms"] >= 0  # rounded to 0.1 ms: the instant fake can read 0.0
         # 16 tokens per request (ignore_eos), counted from the usage chunk
         assert r["output_tokens"] == 16 * r["requests"]
