@@ -10,6 +10,8 @@ one scheduler loop, which batches them into the same compiled decode step.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -52,7 +54,12 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         max_top_logprobs: int = 5,
         warmup: bool = True,
+        background_compile: bool = True,
     ):
+        """`warmup` compiles every program before the engine serves; with
+        `background_compile` only the full-width decode programs are compiled first and
+        the narrower ones (which make a lightly loaded engine faster) on a background
+        thread, each used once it is ready."""
         self.name = model.name
         self.config: ModelConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -62,6 +69,7 @@ class Engine:
         self.max_top_logprobs = max_top_logprobs
         self.max_logit_bias = settings.max_bias  # logit_bias entries one request may set
         self.mesh = mesh or make_mesh()
+        settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
         cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
         cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
@@ -88,8 +96,10 @@ class Engine:
         )
         sched = self.scheduler
         sched.state = jax.device_put(sched.state, slot_shardings(sched.state, self.mesh))
+        self._closing = threading.Event()
+        self._compiler: threading.Thread | None = None
         if warmup:
-            self.warmup()
+            self.warmup(background=background_compile)
         sched.start()
 
     @classmethod
@@ -105,6 +115,7 @@ class Engine:
         max_queue: int = 256,
         max_top_logprobs: int = 5,
         warmup: bool = True,
+        background_compile: bool = True,
         distributed: bool = False,
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
@@ -122,7 +133,14 @@ class Engine:
         settings = SchedulerSettings(
             max_slots=max_slots, max_len=max_len, decode_steps=decode_steps, max_queue=max_queue
         )
-        return cls(model, settings, mesh=mesh, max_top_logprobs=max_top_logprobs, warmup=warmup)
+        return cls(
+            model,
+            settings,
+            mesh=mesh,
+            max_top_logprobs=max_top_logprobs,
+            warmup=warmup,
+            background_compile=background_compile,
+        )
 
     # ---- requests ---------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -201,9 +219,12 @@ class Engine:
         ]
 
     # ---- lifecycle --------------------------------------------------------------
-    def warmup(self) -> None:
+    def warmup(self, background: bool = False) -> None:
         """Compile every program serving will use (each prefill bucket, insert, prompt
-        logprobs, each decode bucket, slot start/stop) before the first request."""
+        logprobs, slot start/stop, each decode geometry) before the first request.
+
+        With `background`, the decode programs narrower than all slots compile on a
+        thread instead; until one is ready the scheduler uses the full-width program."""
         s, p = self.scheduler, self.programs
         for T in s.prefill_buckets:
             tokens = np.zeros((1, T), np.int32)
@@ -214,13 +235,32 @@ class Engine:
         zero = np.int32(0)
         s.state = p.start_slot(s.state, zero, zero, zero, zero, np.bool_(True), row)
         s.state = p.stop_slot(s.state, zero)
+        jax.block_until_ready(s.state)
+        shapes = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (s.params, s.cache, s.state),
+        )
+        k, widest = s.s.decode_steps, s.slot_buckets[-1]
+        narrow = [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
         for kv_len in s.kv_buckets:
-            s.cache, s.state, out = p.decode(
-                s.params, s.cache, s.state, k=s.s.decode_steps, kv_len=kv_len
-            )
-        jax.block_until_ready((s.cache, s.state, out))
+            p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
+
+        def compile_narrow() -> None:
+            for kv_len, rows in narrow:
+                if self._closing.is_set():
+                    return
+                p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
+
+        if background:
+            self._compiler = threading.Thread(target=compile_narrow, name="jaxfire-compile")
+            self._compiler.start()
+        else:
+            compile_narrow()
 
     def close(self) -> None:
+        self._closing.set()
+        if self._compiler is not None:
+            self._compiler.join()  # at most one compilation; XLA can't be interrupted
         self.scheduler.stop()
 
     def __enter__(self) -> Engine:

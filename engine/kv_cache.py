@@ -22,9 +22,10 @@ def init_cache(config: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) 
 
 
 def write_positions(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter new[b, t] (Float[B, T, kv_heads, head_dim]) into buf[b, :, positions[b, t]].
+    """Scatter new[b, t] (Float[B, T, kv_heads, head_dim]) into buf[b, :, positions[b, t]]:
+    the batch's B rows are the buffer's first B rows.
 
     Positions past max_len (bucket padding) are dropped by the scatter.
     """
-    rows = jnp.arange(buf.shape[0])[:, None]
+    rows = jnp.arange(new.shape[0])[:, None]
     return buf.at[rows, :, positions].set(new.astype(buf.dtype), mode="drop")

@@ -73,7 +73,7 @@ class Attention(nn.Module):
 
         k_cache = write_positions(cache_kv[0], k, positions)
         v_cache = write_positions(cache_kv[1], v, positions)
-        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
@@ -131,6 +131,8 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """forward(tokens [B, T], positions [B, T], cache) -> (logits f32[B, T, V], cache).
 
+    Batch row b is cache row b: a batch of B rows uses the cache's first B slots, so
+    decoding only the low slots that are live costs nothing for the idle ones above.
     `kv_len` (static) bounds how much of the cache is attended to: the engine passes
     a bucket above the longest live position so short sequences don't pay for max_len.
     `head=False` returns the final normed hidden states [B, T, D] instead of logits, so

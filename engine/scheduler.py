@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import heapq
 import queue
 import threading
 import time
@@ -131,6 +132,7 @@ class SchedulerSettings:
     max_queue: int = 256
     min_prefill_bucket: int = 16
     min_kv_bucket: int = 64
+    min_slot_bucket: int = 1  # the mesh's data-axis size, so every bucket divides over it
     max_bias: int = 64  # logit_bias entries per request
     # Prompt tokens prefilled per loop iteration (at least one request): bounds how long
     # a burst of new requests stalls the sequences already decoding.
@@ -154,7 +156,11 @@ class Scheduler:
         self.state = DecodeState.empty(settings.max_slots, vocab_size, settings.max_bias)
         self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len)
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
+        self.slot_buckets = buckets(min(settings.min_slot_bucket, settings.max_slots), settings.max_slots)
+        # A heap: new sequences take the lowest free slot, which keeps the live ones packed
+        # low and the decoded slot bucket small.
         self.free = list(range(settings.max_slots))
+        self.decode_width = 0  # slots the last decode computed
         self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
         self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
         self.queue: collections.deque[RequestHandle] = collections.deque()
@@ -178,6 +184,7 @@ class Scheduler:
             "queue_length": len(self.queue),
             "active_slots": self.s.max_slots - len(self.free),
             "max_slots": self.s.max_slots,
+            "decode_width": self.decode_width,
         }
 
     def _check(self, r: GenerationRequest) -> int:
@@ -313,7 +320,7 @@ class Scheduler:
         r = owner.handle.request
         ids = np.asarray(r.prompt_ids, np.int32)
         while owner.pending and self.free:
-            index, slot = owner.pending.pop(0), self.free.pop(0)
+            index, slot = owner.pending.pop(0), heapq.heappop(self.free)
             if owner.rows is not None:
                 self.cache = self.p.insert(self.cache, owner.rows, np.int32(slot))
             row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
@@ -353,9 +360,15 @@ class Scheduler:
         k = self.s.decode_steps
         live_pos = max(int(self.slot_pos[s]) for s in self.live)
         kv_len = bucket_for(min(live_pos + k, self.s.max_len), self.kv_buckets)
-        self.cache, self.state, out = self.p.decode(
-            self.params, self.cache, self.state, k=k, kv_len=kv_len
+        highest = max(self.live) + 1
+        rows = next(
+            r
+            for r in self.slot_buckets
+            if r >= highest and (self.p.decode_ready(k, kv_len, r) or r == self.s.max_slots)
         )
+        decode = self.p.decoder(self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows)
+        self.decode_width = rows
+        self.cache, self.state, out = decode(self.params, self.cache, self.state)
         out: StepOutput = jax.device_get(out)
         now = time.perf_counter()
         for slot, (owner, choice) in list(self.live.items()):
@@ -416,7 +429,7 @@ class Scheduler:
         choice.finished = True
         del self.live[choice.slot]
         self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
-        self.free.append(choice.slot)
+        heapq.heappush(self.free, choice.slot)
 
     def _finish(self, owner: _Live, now: float) -> None:
         h = owner.handle

@@ -9,6 +9,11 @@ A slot holds one sequence. Its next input token and that token's position live i
 state; the prefill covers the prompt except its last token, which the first decode
 step consumes, so the first generated token is drawn by the same sampling program as
 every other.
+
+Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
+scheduler keeping live sequences in the low slots), so idle slots cost nothing. Each
+(k, kv_len, rows) program is compiled ahead of time and kept in a table; the scheduler
+uses the smallest one compiled, so smaller buckets can compile in the background.
 """
 
 from __future__ import annotations
@@ -96,10 +101,29 @@ class Programs:
         self.insert = jax.jit(_insert, donate_argnums=0, **cache_out)
         self.prompt_logprobs = jax.jit(self._prompt_logprobs)
         self.decode = jax.jit(
-            self._decode, static_argnames=("k", "kv_len"), donate_argnums=(1, 2), **decode_out
+            self._decode,
+            static_argnames=("k", "kv_len", "rows"),
+            donate_argnums=(1, 2),
+            **decode_out,
         )
+        self._decoders: dict[tuple[int, int, int], Any] = {}
         self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
         self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
+
+    def decode_ready(self, k: int, kv_len: int, rows: int) -> bool:
+        return (k, kv_len, rows) in self._decoders
+
+    def decoder(
+        self, params: Params, cache: KVCache, state: DecodeState, *, k: int, kv_len: int, rows: int
+    ) -> Any:
+        """The compiled decode program for this geometry, compiling it on first use.
+
+        The arguments may be arrays or their jax.ShapeDtypeStructs (for compiling ahead)."""
+        key = (k, kv_len, rows)
+        if key not in self._decoders:
+            lowered = self.decode.lower(params, cache, state, k=k, kv_len=kv_len, rows=rows)
+            self._decoders[key] = lowered.compile()
+        return self._decoders[key]
 
     def _prefill(self, params: Params, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
         """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
@@ -125,8 +149,17 @@ class Programs:
         return chosen, top_ids, top_lp
 
     def _decode(
-        self, params: Params, cache: KVCache, state: DecodeState, *, k: int, kv_len: int
+        self,
+        params: Params,
+        cache: KVCache,
+        state: DecodeState,
+        *,
+        k: int,
+        kv_len: int,
+        rows: int,
     ) -> tuple[KVCache, DecodeState, StepOutput]:
+        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]."""
+
         def step(carry, _):
             cache, st = carry
             logits, cache = self.model.apply(
@@ -156,7 +189,13 @@ class Programs:
             )
             return (cache, st), out
 
-        (cache, state), outputs = jax.lax.scan(step, (cache, state), None, length=k)
+        head = jax.tree.map(lambda x: x[:rows], state)
+        (cache, head), outputs = jax.lax.scan(step, (cache, head), None, length=k)
+        state = jax.tree.map(
+            lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0),
+            state,
+            head,
+        )
         return cache, state, outputs
 
 

@@ -136,6 +136,11 @@ class Metrics:
             ("jaxfire_active_slots", "Decode slots holding a sequence.", active),
             ("jaxfire_max_slots", "Decode slots in the batch.", slots),
             (
+                "jaxfire_decode_width",
+                "Slots the last decode step computed (a bucket above the highest live slot).",
+                engine_stats.get("decode_width", 0),
+            ),
+            (
                 "jaxfire_slot_occupancy_ratio",
                 "Active slots / max slots.",
                 active / slots if slots else 0.0,

@@ -120,13 +120,16 @@ def make_engine(**kw):
 
 
 # Engine A, shared by every engine test in the process: 8 slots (divisible by the mesh
-# tests' data axes), context 64, k = 8 decode steps per sync.
+# tests' data axes), context 64, k = 8 decode steps per sync; every decode width compiled
+# before it serves, so the tests can count compilations.
 SLOTS, MAX_LEN, K = 8, 64, 8
 
 
 @functools.cache
 def shared_engine():
-    return make_engine(max_slots=SLOTS, max_len=MAX_LEN, decode_steps=K, max_queue=48)
+    return make_engine(
+        max_slots=SLOTS, max_len=MAX_LEN, decode_steps=K, max_queue=48, background_compile=False
+    )
 
 
 def collect(handle) -> dict:

@@ -125,6 +125,22 @@ def _mixed_requests(vocab: int) -> list[tuple[list[int], SamplingParams, dict]]:
     return out
 
 
+def test_idle_slots_are_not_decoded(engine):
+    """Sequences take the lowest free slots and decode runs only up to a bucket above the
+    highest live one: a lone request decodes a one-slot batch, three at once a four-slot
+    one, whichever slots earlier requests used."""
+    assert F.wait_idle(engine)["active_slots"] == 0
+    [prompt] = F.prompts(1, seed=41, lo=9, hi=9)
+    engine.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
+    assert engine.stats()["decode_width"] == 1
+    engine.generate(F.prompts(3, seed=42), GREEDY, max_tokens=4, ignore_eos=True)
+    assert engine.stats()["decode_width"] == 4
+    engine.generate(F.prompts(F.SLOTS, seed=43), GREEDY, max_tokens=4, ignore_eos=True)
+    assert engine.stats()["decode_width"] == F.SLOTS
+    engine.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
+    assert engine.stats()["decode_width"] == 1
+
+
 def test_no_compilation_after_warmup(engine):
     events: list[str] = []
     watching = True
