@@ -156,7 +156,9 @@ class Scheduler:
         self.state = DecodeState.empty(settings.max_slots, vocab_size, settings.max_bias)
         self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len)
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
-        self.slot_buckets = buckets(min(settings.min_slot_bucket, settings.max_slots), settings.max_slots)
+        self.slot_buckets = buckets(
+            min(settings.min_slot_bucket, settings.max_slots), settings.max_slots
+        )
         # A heap: new sequences take the lowest free slot, which keeps the live ones packed
         # low and the decoded slot bucket small.
         self.free = list(range(settings.max_slots))
