@@ -113,6 +113,7 @@ class Engine:
         dtype: jnp.dtype | None = None,
         decode_steps: int = 4,
         max_queue: int = 256,
+        prefill_budget: int = 512,
         max_top_logprobs: int = 5,
         warmup: bool = True,
         background_compile: bool = True,
@@ -120,7 +121,9 @@ class Engine:
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
-        `distributed=True` calls jax.distributed.initialize() first (multi-host pods)."""
+        `prefill_budget` bounds the prompt tokens prefilled between two decode calls (a
+        burst of new requests stalls running ones at most that long); `distributed=True`
+        calls jax.distributed.initialize() first (multi-host pods)."""
         if distributed:
             jax.distributed.initialize()
         enable_compilation_cache()
@@ -131,7 +134,11 @@ class Engine:
             shardings=lambda abstract: param_shardings(abstract, mesh),
         )
         settings = SchedulerSettings(
-            max_slots=max_slots, max_len=max_len, decode_steps=decode_steps, max_queue=max_queue
+            max_slots=max_slots,
+            max_len=max_len,
+            decode_steps=decode_steps,
+            max_queue=max_queue,
+            prefill_budget=prefill_budget,
         )
         return cls(
             model,

@@ -258,7 +258,12 @@ def load_engine(args):
     from engine.api import Engine
 
     max_slots = max(args.concurrency)
-    return Engine.from_pretrained(args.engine_baseline, max_slots=max_slots, max_len=args.max_len)
+    return Engine.from_pretrained(  # every decode width compiled first: steady-state figures
+        args.engine_baseline,
+        max_slots=max_slots,
+        max_len=args.max_len,
+        background_compile=False,
+    )
 
 
 async def bench_engine(engine, args) -> list[dict]:
