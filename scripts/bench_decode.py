@@ -22,10 +22,12 @@ import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
 PROMPT = 128
+DEVICE = "cpu"  # HF's device: set to "cuda" in main() when torch sees a GPU
 
 
 # ---- the machine ---------------------------------------------------------------------
@@ -113,13 +115,14 @@ def engine_round(engine, batch: int, new: int, seed: int) -> dict:
     }
 
 
-def bench_engine(batch: int, new: int, repeats: int, max_len: int, k: int) -> dict:
+def bench_engine(model: str, batch: int, new: int, repeats: int, max_len: int, k: int) -> dict:
     from engine.api import Engine
 
     t = time.perf_counter()
     # The whole batch is prefilled before decoding starts, as HF's static batch is: the
     # decode rate is then measured over a window where every slot is decoding.
     engine = Engine.from_pretrained(
+        model,
         max_slots=batch,
         max_len=max_len,
         decode_steps=k,
@@ -153,15 +156,19 @@ def _leaves(tree):
 
 
 # ---- HF transformers -----------------------------------------------------------------
-def hf_model(dtype_name: str):
+def hf_model(name: str, dtype_name: str):
+    """The same weights in transformers, on the GPU when there is one."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from checkpoints import registry
 
-    gguf = registry.smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return model.to(getattr(torch, dtype_name)).eval()
+    if (Path(name) / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(name)
+    else:
+        gguf = registry.resolve(name).source
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model.to(DEVICE, getattr(torch, dtype_name)).eval()
 
 
 def hf_generate(model, batch: int, new: int, seed: int) -> tuple[float, float]:
@@ -176,10 +183,12 @@ def hf_generate(model, batch: int, new: int, seed: int) -> tuple[float, float]:
 
     class Stamp(LogitsProcessor):
         def __call__(self, input_ids, scores):
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()  # the step's kernels are queued, not yet run
             stamps.append(time.perf_counter())
             return scores
 
-    ids = torch.tensor(prompts(batch, model.config.vocab_size, seed))
+    ids = torch.tensor(prompts(batch, model.config.vocab_size, seed), device=DEVICE)
     kw = dict(
         attention_mask=torch.ones_like(ids),
         do_sample=False,
@@ -191,6 +200,8 @@ def hf_generate(model, batch: int, new: int, seed: int) -> tuple[float, float]:
     with torch.inference_mode():
         t = time.perf_counter()
         out = model.generate(ids, **kw)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         end = time.perf_counter()
     assert out.shape == (batch, PROMPT + new) and len(stamps) == new
     return stamps[0] - t, batch * (new - 1) / (end - stamps[0])
@@ -217,6 +228,11 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--k", type=int, default=4, help="decode_steps for the batch sweep")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="registered name, checkpoint or HF folder (scripts/random_model.py makes one)",
+    )
     args = parser.parse_args()
     batches = args.batches or ([1, 8] if args.quick else [1, 8, 32, 64])
     new = args.new or (32 if args.quick else 128)
@@ -226,20 +242,25 @@ def main() -> None:
     import jax
     import torch
 
-    print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}, ", end="")
-    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    global DEVICE
+    DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    on_cpu = jax.default_backend() == "cpu"
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, ", end="")
+    print(f"torch {torch.__version__} on {DEVICE}, ", end="")
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; model {args.model}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    bandwidth = read_bandwidth()
-    print(
-        f"memory read bandwidth (threaded sum): {bandwidth:.1f} GB/s; "
-        f"numpy copy between touched buffers: {copy_bandwidth():.1f} GB/s"
-    )
+    if on_cpu:
+        bandwidth = read_bandwidth()
+        print(
+            f"memory read bandwidth (threaded sum): {bandwidth:.1f} GB/s; "
+            f"numpy copy between touched buffers: {copy_bandwidth():.1f} GB/s"
+        )
     print(f"prompts {PROMPT} tokens, {new} new tokens, medians of {repeats} (fewer at B>=32)\n")
 
     jf: dict[int, dict] = {}
     for b in batches:
         reps = repeats if b <= 8 else max(1, repeats - 1)
-        jf[b] = bench_engine(b, new, reps, args.max_len, args.k)
+        jf[b] = bench_engine(args.model, b, new, reps, args.max_len, args.k)
         print(
             f"jaxfire B={b:3d} k={args.k}: {jf[b]['decode_tps']:8.1f} tok/s decode, "
             f"median TTFT in the burst {jf[b]['ttft_s'] * 1e3:6.0f} ms  "
@@ -251,7 +272,7 @@ def main() -> None:
     hf: dict[str, dict[int, dict]] = {}
     if not args.no_hf:
         for dtype in ("float32", "bfloat16"):
-            model = hf_model(dtype)
+            model = hf_model(args.model, dtype)
             hf[dtype] = {}
             for b in batches:
                 reps = repeats if b <= 8 else max(1, repeats - 1)
@@ -270,7 +291,7 @@ def main() -> None:
         if k == args.k and 8 in jf:
             sweep[k] = jf[8]
         else:
-            sweep[k] = bench_engine(8, new, repeats, args.max_len, k)
+            sweep[k] = bench_engine(args.model, 8, new, repeats, args.max_len, k)
         print(
             f"  k={k}: {sweep[k]['decode_tps']:8.1f} tok/s "
             f"(other load {sweep[k]['other_load']:.2f} cores)",
@@ -295,6 +316,11 @@ def main() -> None:
             h = hf[dtype][1]["ttft_s"]
             line += f", HF {dtype} {h * 1e3:.0f} ms (ratio {h / b1['ttft_s']:.2f}x faster)"
         print(line)
+        if hf:
+            best_hf = max(hf[d][1]["decode_tps"] for d in hf)
+            print(f"batch-1 vs HF's best batch-1: {b1['decode_tps'] / best_hf:.2f}x")
+    if 1 in jf and on_cpu:  # the memory-bandwidth bound of a CPU's batch-1 decode
+        b1 = jf[1]
         cfg = b1["config"]
         kv_len = 256 if PROMPT + new <= 256 else args.max_len
         kv = cfg.num_layers * 2 * cfg.num_kv_heads * kv_len * cfg.head_dim * 4
@@ -307,9 +333,6 @@ def main() -> None:
             f"the limit is {limit:.1f} tok/s; measured {b1['decode_tps']:.1f} tok/s = "
             f"{100 * b1['decode_tps'] / limit:.0f}% of it"
         )
-        if hf:
-            best_hf = max(hf[d][1]["decode_tps"] for d in hf)
-            print(f"batch-1 vs HF's best batch-1: {b1['decode_tps'] / best_hf:.2f}x")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
