@@ -1,4 +1,5 @@
-"""One converted-weights and compilation cache for the whole test session.
+"""One converted-weights and compilation cache for the whole test session, and float32
+matrix products at full precision on every backend.
 
 Set before any test imports the engine, so every test that loads the default model
 converts it once and reuses compiled programs, without touching the user's ~/.cache.
@@ -9,4 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 
+import jax
+
 os.environ.setdefault("JAXFIRE_CACHE_DIR", tempfile.mkdtemp(prefix="jaxfire-test-cache-"))
+# Parity tests hold float32 logits to PyTorch's within 1e-4. On GPU and TPU, XLA's default
+# float32 matmul runs in TF32 / bf16 passes (4e-4 off on an H100); CPU is exact either way.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -113,9 +113,13 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]
 
 
 def make_engine(**kw):
+    """float32 on every backend (GPU/TPU default to bfloat16): tests compare with HF's
+    float32 tokens."""
+    import jax.numpy as jnp
+
     from engine.api import Engine
 
-    kw = {"max_slots": 4, "max_len": 64, "decode_steps": 4, **kw}
+    kw = {"max_slots": 4, "max_len": 64, "decode_steps": 4, "dtype": jnp.float32, **kw}
     return Engine.from_pretrained(str(tiny_model_dir()), **kw)
 
 
