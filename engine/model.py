@@ -53,6 +53,19 @@ def attention_mask(positions: jax.Array, kv_len: int, window: int | None) -> jax
     return mask
 
 
+def _cpu_decode_attention(q, keys, values, mask, dtype) -> jax.Array:
+    """One token per row as broadcast multiply-reduces, in [B, K, G, S] throughout.
+
+    q [B, K, G, D], keys / values [B, K, S, D], mask [B, S] -> [B, K, G, D]. XLA CPU ran the
+    batched [G, D] x [D, S] dots of a single token well below memory speed (a third slower
+    at batch 32); TPU/GPU keep the dots, which their matrix units run."""
+    q = q.astype(F32) * (q.shape[-1] ** -0.5)
+    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
@@ -77,22 +90,13 @@ class Attention(nn.Module):
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        decode_on_cpu = T == 1 and jax.default_backend() == "cpu"
-        if decode_on_cpu:
-            # Decode: a broadcast multiply-reduce. XLA CPU ran the batched [G, D] x [D, S]
-            # dots of a single token well below memory speed (a third slower at batch 32);
-            # TPU/GPU keep the dots, which their matrix units run.
-            qd = q[:, 0].astype(F32)  # [B, K, G, D]
-            scores = jnp.sum(qd[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
-            scores = scores[:, :, :, None, :]  # [B, K, G, 1, S]
+        if T == 1 and jax.default_backend() == "cpu":
+            out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
             scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
-        scores = scores * (cfg.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        if decode_on_cpu:
-            out = jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
-        else:
+            scores = scores * (cfg.head_dim**-0.5)
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
             out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
         out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
         return dense(cfg.hidden_size, "o_proj", False)(out), (k_cache, v_cache)
