@@ -18,7 +18,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top-logprobs", type=int, default=5, help="largest top_logprobs (<=20)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, warmup: bool = True):
+    """The engine; `warmup=False` compiles only what the first requests use (a one-shot
+    `generate`), instead of every program a server needs."""
     from engine.api import Engine
 
     print(
@@ -34,6 +36,7 @@ def _load(args: argparse.Namespace):
         max_len=args.max_len,
         decode_steps=args.decode_steps,
         max_top_logprobs=args.max_top_logprobs,
+        warmup=warmup,
     )
     print(f"ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return engine
@@ -44,19 +47,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     engine = _load(args)
     print(f"jaxfire serving {engine.name} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(
-        engine,
-        args.host,
-        args.port,
-        api_key=args.api_key or os.environ.get("JAXFIRE_API_KEY") or None,
-        max_body_bytes=args.max_body_bytes,
-    )
+    try:
+        serve(
+            engine,
+            args.host,
+            args.port,
+            api_key=args.api_key or os.environ.get("JAXFIRE_API_KEY") or None,
+            max_body_bytes=args.max_body_bytes,
+        )
+    finally:
+        engine.close()  # stops the background compilation too, so Ctrl-C exits promptly
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from samplers import SamplingParams
 
-    engine = _load(args)
+    engine = _load(args, warmup=False)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     request = dict(max_tokens=args.max_tokens)
     if args.chat:
