@@ -27,15 +27,11 @@ def write_positions(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax
 
     Positions past max_len (bucket padding) are dropped by the scatter.
     """
-    new = new.astype(buf.dtype)
-    if new.shape[0] == 1:
-        # A one-row write would become a dynamic-update-slice, which XLA then fuses into
-        # the attention's read of the cache; the fused copy reads the old buffer and
-        # forces a copy of every layer's K and V each step. A second row aimed past the
-        # buffer (dropped) keeps it a scatter, updated in place.
-        new = jnp.concatenate([new, new])
-        positions = jnp.concatenate([positions, positions])
-        rows = jnp.asarray([[0], [buf.shape[0]]])
-    else:
-        rows = jnp.arange(new.shape[0])[:, None]
+    # One extra row aimed past the buffer (dropped) keeps the write a scatter, updated in
+    # place: XLA turned a one-row write into a dynamic-update-slice and fused a copy of it
+    # into the attention's read of the cache, which then forced a copy of every layer's K
+    # and V each step.
+    rows = jnp.append(jnp.arange(new.shape[0]), buf.shape[0])[:, None]
+    new = jnp.concatenate([new, new[:1]]).astype(buf.dtype)
+    positions = jnp.concatenate([positions, positions[:1]])
     return buf.at[rows, :, positions].set(new, mode="drop")
