@@ -21,6 +21,7 @@ import numpy as np
 
 import samplers
 from checkpoints import registry
+from engine import cpu_matmul
 from engine.config import ModelConfig
 from engine.kv_cache import init_cache
 from engine.loading import LoadedModel, load_model
@@ -82,6 +83,7 @@ class Engine:
             dtype,
             max(1, max_top_logprobs),
             sorted(self.tokenizer.eos_token_ids),
+            packed=model.packed,
             cache_shardings=cache_shardings,
             state_shardings=slot_shardings(empty_state, self.mesh),
         )
@@ -118,20 +120,33 @@ class Engine:
         warmup: bool = True,
         background_compile: bool = True,
         distributed: bool = False,
+        cpu_kernel: bool | None = None,
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls (a
         burst of new requests stalls running ones at most that long); `distributed=True`
-        calls jax.distributed.initialize() first (multi-host pods)."""
+        calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs the
+        matrices through engine.cpu_matmul (bfloat16 checkpoints stay bfloat16 in memory);
+        None uses it wherever it applies: float32 on one CPU device that can build it."""
         if distributed:
             jax.distributed.initialize()
         enable_compilation_cache()
         mesh = mesh or make_mesh()
+        dtype = dtype or default_dtype()
+        applies = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32
+        if cpu_kernel and not (applies and cpu_matmul.available()):
+            raise ValueError(
+                "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA and a C++ "
+                "compiler (see the log for what was missing)"
+            )
+        if cpu_kernel is None:
+            cpu_kernel = applies and cpu_matmul.available()
         model = load_model(
             name_or_path,
-            dtype=dtype or default_dtype(),
+            dtype=dtype,
             shardings=lambda abstract: param_shardings(abstract, mesh),
+            packed=cpu_kernel,
         )
         settings = SchedulerSettings(
             max_slots=max_slots,

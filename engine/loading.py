@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import registry, store
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
-from engine.weights import params_from_hf
+from engine.weights import pack_for_cpu_kernel, params_from_hf
 
 
 @dataclasses.dataclass
@@ -34,6 +34,7 @@ class LoadedModel:
     generation_config: dict | None
     dtype: jnp.dtype
     folder: Path  # the converted checkpoint it was restored from
+    packed: bool = False  # matrices packed for engine.cpu_matmul
 
 
 def convert(name_or_path: str, dst: str | Path | None = None, progress: bool = True) -> Path:
@@ -73,10 +74,12 @@ def load_model(
     *,
     dtype: jnp.dtype = jnp.float32,
     shardings: Callable[[Any], Any] | None = None,
+    packed: bool = False,
 ) -> LoadedModel:
     """Restore a model, converting it into the cache on first use.
 
-    `shardings` maps the abstract parameter tree to a tree of Shardings."""
+    `shardings` maps the abstract parameter tree to a tree of Shardings; `packed` lays the
+    matrices out for engine.cpu_matmul (one CPU device, float32 activations)."""
     resolved = registry.resolve(name_or_path)
     folder = resolved.source if store.is_complete(resolved.source) else resolved.cache_dir
     if not store.is_complete(folder):
@@ -93,6 +96,8 @@ def load_model(
         return jax.ShapeDtypeStruct(leaf.shape, want, sharding=sharding)
 
     params = store.restore(folder, jax.tree.map(target, abstract, placement))
+    if packed:
+        params = jax.device_put(pack_for_cpu_kernel(params, config))
     generation_config = info.generation_config or resolved.generation_config
     return LoadedModel(
         name=info.metadata.get("name", resolved.name),
@@ -102,4 +107,5 @@ def load_model(
         generation_config=generation_config,
         dtype=dtype,
         folder=folder,
+        packed=packed,
     )

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engine import cpu_matmul
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache, write_positions
 
@@ -31,6 +32,30 @@ class RMSNorm(nn.Module):
         x32 = x.astype(F32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (weight * y.astype(self.dtype)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """x @ kernel (+ bias). `packed`: the kernel is stored as cpu_matmul panels
+    [ceil(features/16), in, 16] (bfloat16 or float32) and runs through that kernel."""
+
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+    packed: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.lecun_normal()
+        if self.packed:
+            shape = cpu_matmul.packed_shape(x.shape[-1], self.features)
+            kernel = self.param("kernel", init, shape, F32)
+            y = cpu_matmul.matmul(x, kernel, self.features).astype(self.dtype)
+        else:
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
+            y = jnp.dot(x.astype(self.dtype), kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -69,14 +94,13 @@ def _cpu_decode_attention(q, keys, values, mask, dtype) -> jax.Array:
 class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    packed: bool
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
         cfg = self.config
         B, T, _ = x.shape
-        dense = lambda n, name, bias: nn.Dense(
-            n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name
-        )
+        dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q = dense(cfg.num_heads * cfg.head_dim, "q_proj", cfg.attention_bias)(x)
         k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", cfg.attention_bias)(x)
         v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", cfg.attention_bias)(x)
@@ -105,12 +129,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    packed: bool
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(
-            n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name
-        )
+        dense = lambda n, name: Linear(n, False, self.dtype, self.packed, name=name)
         inter = self.config.intermediate_size
         h = nn.silu(dense(inter, "gate_proj")(x)) * dense(inter, "up_proj")(x)
         return dense(self.config.hidden_size, "down_proj")(h)
@@ -119,17 +142,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    packed: bool
 
     @nn.compact
     def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        h, cache_kv = Attention(self.config, self.dtype, name="self_attn")(
+        h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
             h, positions, mask, inv_freq, cache_kv, kv_len
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.config, self.dtype, name="mlp")(h), cache_kv
+        return x + MLP(self.config, self.dtype, self.packed, name="mlp")(h), cache_kv
 
 
 class Transformer(nn.Module):
@@ -145,6 +169,7 @@ class Transformer(nn.Module):
 
     config: ModelConfig
     dtype: jnp.dtype = F32
+    packed: bool = False  # matrices stored as cpu_matmul panels (see pack_params)
 
     @nn.compact
     def __call__(
@@ -168,12 +193,15 @@ class Transformer(nn.Module):
         mask = attention_mask(positions, kv_len, cfg.sliding_window)
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
-            x, kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+            x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
                 x, positions, mask, inv_freq, cache[i], kv_len
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        if not cfg.tie_word_embeddings:
+        if self.packed:  # tied or not, the head has its own packed copy
+            shape = cpu_matmul.packed_shape(cfg.hidden_size, cfg.vocab_size)
+            self.param("lm_head", nn.initializers.normal(0.02), shape, F32)
+        elif not cfg.tie_word_embeddings:
             self.param(
                 "lm_head",
                 nn.initializers.normal(0.02),
@@ -182,11 +210,15 @@ class Transformer(nn.Module):
             )
         if not head:
             return x, new_cache
-        return logits_from_hidden(self.variables["params"], x, cfg), new_cache
+        return logits_from_hidden(self.variables["params"], x, cfg, self.packed), new_cache
 
 
-def logits_from_hidden(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+def logits_from_hidden(
+    params: dict, hidden: jax.Array, config: ModelConfig, packed: bool = False
+) -> jax.Array:
     """f32[B, T, V] from the final normed hidden states [B, T, D]."""
+    if packed:
+        return cpu_matmul.matmul(hidden, params["lm_head"], config.vocab_size)
     if config.tie_word_embeddings:
         # Contract against the embedding's hidden axis directly; `x @ embed.T` made XLA
         # materialise a transposed copy of the embedding every step.

@@ -81,13 +81,14 @@ class Programs:
         eos_ids: list[int],
         cache_shardings: Any = None,
         state_shardings: Any = None,
+        packed: bool = False,
     ):
         """`cache_shardings` / `state_shardings` (trees of Shardings, or None) pin the
         layout of the cache and decode state every program returns. Left to XLA, an output
         may come back laid out differently from the input, and the next program called on
         it compiles again for the new layout (on a mesh, in the middle of serving)."""
         self.config = config
-        self.model = Transformer(config, dtype)
+        self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
         cache_out = {} if cache_shardings is None else {"out_shardings": cache_shardings}
@@ -143,7 +144,8 @@ class Programs:
         self, params: Params, hidden: jax.Array, targets: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Raw logprob of each next prompt token, and the top-N alternatives, [T] / [T, N]."""
-        logp = jax.nn.log_softmax(logits_from_hidden(params, hidden, self.config)[0], axis=-1)
+        logits = logits_from_hidden(params, hidden, self.config, self.model.packed)
+        logp = jax.nn.log_softmax(logits[0], axis=-1)
         chosen = jnp.take_along_axis(logp, targets[0][:, None], axis=-1)[:, 0]
         top_lp, top_ids = jax.lax.top_k(logp, self.num_top)
         return chosen, top_ids, top_lp

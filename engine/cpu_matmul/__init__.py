@@ -1,0 +1,115 @@
+"""A float32-accumulating matmul for XLA CPU over pre-packed (bfloat16) weights.
+
+`kernel.cc` is built on first use with the system's C++ compiler into the jaxfire cache
+folder and registered as an XLA FFI target. Weights are packed once at load time into
+16-column panels ([ceil(N/16), K, 16]) so the kernel streams each panel contiguously; a
+float32 matrix whose values are all bfloat16 values (every bf16 checkpoint) is packed as
+bfloat16: half the bytes to read per token, and the same numbers.
+
+`available()` says whether this machine can use it (x86-64 with AVX2 and FMA, a C++
+compiler, JAX on CPU); the model falls back to XLA's dot where it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from checkpoints.registry import cache_root
+
+PANEL = 16  # output columns per panel; kernel.cc's kPanel
+TARGET = "jaxfire_cpu_matmul"
+_SOURCE = Path(__file__).with_name("kernel.cc")
+log = logging.getLogger(__name__)
+
+
+class KernelUnavailable(RuntimeError):
+    """This machine cannot build or run the kernel."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _build(source: Path, out: Path) -> None:
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        raise KernelUnavailable("no C++ compiler (g++ or c++) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        partial = Path(tmp) / out.name
+        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd += [f"-I{jax.ffi.include_dir()}", str(source), "-o", str(partial)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building {source.name} failed:\n{done.stderr[-2000:]}")
+        partial.replace(out)  # atomic: a concurrent build never loads a half-written file
+
+
+@functools.cache
+def _register() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise KernelUnavailable(f"needs x86-64, this is {platform.machine()}")
+    if not {"avx2", "fma"} <= _cpu_flags():
+        raise KernelUnavailable("needs a CPU with AVX2 and FMA")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + jax.ffi.include_dir().encode()).hexdigest()[:16]
+    lib_path = cache_root() / "kernels" / f"cpu_matmul-{key}.so"
+    if not lib_path.exists():
+        log.info("building the CPU matmul kernel into %s", lib_path)
+        _build(_SOURCE, lib_path)
+    lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxfireMatmul), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """True when JAX runs on CPU and the kernel builds and loads here."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        _register()
+    except KernelUnavailable as e:
+        log.warning("CPU matmul kernel unavailable, using XLA's dot: %s", e)
+        return False
+    return True
+
+
+def pack(kernel: np.ndarray) -> np.ndarray:
+    """[K, N] → [ceil(N/16), K, 16] panels (zero-padded columns), bfloat16 when lossless."""
+    k, n = kernel.shape
+    panels = -(-n // PANEL)
+    padded = np.zeros((k, panels * PANEL), np.float32)
+    padded[:, :n] = kernel
+    out = np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+    as_bf16 = out.astype(ml_dtypes.bfloat16)
+    return as_bf16 if np.array_equal(as_bf16.astype(np.float32), out) else out
+
+
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    return (-(-n // PANEL), k, PANEL)
+
+
+def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """f32[..., K] @ packed [ceil(n/16), K, 16] → f32[..., n]."""
+    _register()
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), packed)
