@@ -45,12 +45,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.lecun_normal()
-        if self.packed:
-            shape = cpu_matmul.packed_shape(x.shape[-1], self.features)
-            kernel = self.param("kernel", init, shape, F32)
+        if self.packed:  # packed at load time (its format sets its shape); never initialised
+            kernel = self.get_variable("params", "kernel")
             y = cpu_matmul.matmul(x, kernel, self.features).astype(self.dtype)
         else:
+            init = nn.initializers.lecun_normal()
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
             y = jnp.dot(x.astype(self.dtype), kernel)
         if self.use_bias:
@@ -198,10 +197,7 @@ class Transformer(nn.Module):
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
-        if self.packed:  # tied or not, the head has its own packed copy
-            shape = cpu_matmul.packed_shape(cfg.hidden_size, cfg.vocab_size)
-            self.param("lm_head", nn.initializers.normal(0.02), shape, F32)
-        elif not cfg.tie_word_embeddings:
+        if not self.packed and not cfg.tie_word_embeddings:  # packed: its own "lm_head"
             self.param(
                 "lm_head",
                 nn.initializers.normal(0.02),

@@ -31,6 +31,7 @@ import numpy as np
 from checkpoints.registry import cache_root
 
 PANEL = 16  # output columns per panel; kernel.cc's kPanel
+Q8_BLOCK = 32  # rows per q8 block; kernel.cc's Q8Format::kBlock
 TARGET = "jaxfire_cpu_matmul"
 _SOURCE = Path(__file__).with_name("kernel.cc")
 log = logging.getLogger(__name__)
@@ -94,18 +95,57 @@ def available() -> bool:
 
 
 def pack(kernel: np.ndarray) -> np.ndarray:
-    """[K, N] → [ceil(N/16), K, 16] panels (zero-padded columns), bfloat16 when lossless."""
+    """[K, N] float32 → panels of 16 columns (zero-padded), in the fewest bytes that hold the
+    same values: q8 blocks when every block of 32 rows is `scale * code + offset` (GGUF's
+    Q4_0, Q4_1, Q8_0 after dequantization), else bfloat16 when lossless, else float32."""
     k, n = kernel.shape
     panels = -(-n // PANEL)
     padded = np.zeros((k, panels * PANEL), np.float32)
     padded[:, :n] = kernel
+    blocks = exact_blocks(padded) if k % Q8_BLOCK == 0 else None
+    if blocks is not None:
+        scale, offset, codes = blocks
+        # [K/32, 2, panels, 16] scales and [K/32, 32, panels, 16] codes → per panel and block
+        # 128 bytes of scales then 512 of codes: [panels, K/32, 640].
+        side = np.stack([scale, offset], 1).reshape(k // Q8_BLOCK, 2, panels, PANEL)
+        side = side.transpose(2, 0, 1, 3).reshape(panels, k // Q8_BLOCK, -1).view(np.uint8)
+        codes = codes.reshape(k // Q8_BLOCK, Q8_BLOCK, panels, PANEL).transpose(2, 0, 1, 3)
+        codes = codes.reshape(panels, k // Q8_BLOCK, -1).view(np.uint8)
+        return np.ascontiguousarray(np.concatenate([side, codes], axis=-1))
     out = np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
     as_bf16 = out.astype(ml_dtypes.bfloat16)
     return as_bf16 if np.array_equal(as_bf16.astype(np.float32), out) else out
 
 
-def packed_shape(k: int, n: int) -> tuple[int, int, int]:
-    return (-(-n // PANEL), k, PANEL)
+def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(scale, offset f32[K/32, N], codes i8[K, N]) with fma(scale, code, offset) == w for
+    every weight, or None. Each block of 32 rows of a column tries the scales GGUF's
+    quantizers use (its values' range over 15, or their largest magnitude over 127, 8 or 7;
+    rounded to float16 as GGUF stores them, or not) and keeps the first that reproduces
+    every value exactly."""
+    k, n = w.shape
+    v = w.reshape(k // Q8_BLOCK, Q8_BLOCK, n).astype(np.float64)
+    lo, hi = v.min(axis=1), v.max(axis=1)
+    amax = np.abs(v).max(axis=1)
+    zero = np.zeros_like(lo)
+    candidates = [(lo, (hi - lo) / 15)] + [(zero, amax / q) for q in (127, 8, 7)]
+    scale, offset = np.zeros_like(lo), np.zeros_like(lo)
+    codes = np.zeros(v.shape, np.int8)
+    todo = np.ones(lo.shape, bool)
+    for base, step in candidates:
+        for d in (step.astype(np.float16), step.astype(np.float32)):
+            d = np.where(d == 0, 1.0, d.astype(np.float32)).astype(np.float64)
+            m = base.astype(np.float32).astype(np.float64)
+            q = np.rint((v - m[:, None]) / d[:, None])
+            fits = (q >= -128) & (q <= 127)
+            exact = ((d[:, None] * q + m[:, None]).astype(np.float32) == w.reshape(v.shape))
+            ok = todo & np.all(fits & exact, axis=1)
+            scale[ok], offset[ok] = d[ok], m[ok]
+            codes.transpose(0, 2, 1)[ok] = q.transpose(0, 2, 1)[ok].astype(np.int8)
+            todo &= ~ok
+            if not todo.any():
+                return scale.astype(np.float32), offset.astype(np.float32), codes.reshape(k, n)
+    return None
 
 
 def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:

@@ -1,11 +1,13 @@
-// y[M, N] = x[M, K] @ W for XLA CPU, W pre-packed as [ceil(N / 16), K, 16] float32 or
-// bfloat16 (accumulated in float32 either way).
+// y[M, N] = x[M, K] @ W for XLA CPU, float32 accumulation, W pre-packed in 16-column panels
+// in one of three formats (see __init__.py for the layouts):
+//   float32 [panels, K, 16], bfloat16 [panels, K, 16], or q8: uint8 [panels, K/32, 640],
+//   blocks of 32 rows holding a scale and an offset per column and int8 codes, each
+//   weight = fma(scale, code, offset): GGUF's Q4_0/Q4_1/Q8_0 weights, exactly.
 //
-// Why: XLA's CPU dots read a small-batch [K, N] weight at a fraction of memory speed
-// (batch 4 took 3x as long as batch 1), and its bfloat16 dots run 10-30x slower than
-// float32. Decode is a stream over the weights, so this kernel streams each 16-column
-// panel once per 48 rows, keeps the partial sums of up to 6 rows in registers, and lets
-// bfloat16 checkpoints stay bfloat16 in memory (half the bytes, the same values).
+// Why: XLA's CPU dots read a small-batch [K, N] weight at a fraction of memory speed (batch
+// 4 took 3x as long as batch 1) and its bfloat16 dots run 10-30x slower than float32.
+// Decode is a stream over the weights, so this kernel streams each panel once per 48 rows,
+// keeps the sums of up to 6 rows in registers, and reads the weights in fewer bytes.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,120 +22,154 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 16;     // output columns per packed panel (two AVX registers)
+constexpr int64_t kPanel = 16;     // output columns per panel (two AVX registers)
 constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accumulators)
-constexpr int64_t kRowChunk = 48;  // rows per work unit: x chunk stays in L2
+constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 4;
 
-inline void load_panel(const float* w, __m256* lo, __m256* hi) {
-  *lo = _mm256_loadu_ps(w);
-  *hi = _mm256_loadu_ps(w + 8);
-}
-
-inline __m256 bf16x8_to_f32(__m128i h) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline void load_panel(const uint16_t* w, __m256* lo, __m256* hi) {
-  *lo = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  *hi = bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8)));
-}
-
-// R rows of x against one panel: y[r, 0:cols] = sum_k x[r, k] * panel[k, 0:cols].
-// Named accumulators, not an array: GCC kept an accumulator array in memory inside the k
-// loop (a store per FMA, a third of the speed).
-template <int R, typename W>
-void panel_rows(const float* x, int64_t k_dim, const W* panel, float* y, int64_t ldy,
-                int64_t cols) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-         a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-#define JAXFIRE_ROW(r)                                           \
-  if constexpr (R > r) {                                         \
-    const __m256 xr = _mm256_broadcast_ss(x + r * k_dim + k);    \
-    a##r##0 = _mm256_fmadd_ps(xr, lo, a##r##0);                  \
-    a##r##1 = _mm256_fmadd_ps(xr, hi, a##r##1);                  \
+// A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
+struct F32Format {
+  static constexpr int64_t kBlock = 4;
+  static constexpr int64_t kBlockBytes = kBlock * kPanel * 4;
+  const float* p;
+  F32Format(const uint8_t* panel, int64_t b)
+      : p(reinterpret_cast<const float*>(panel + b * kBlockBytes)) {}
+  void load(int64_t j, __m256* lo, __m256* hi) const {
+    *lo = _mm256_loadu_ps(p + j * kPanel);
+    *hi = _mm256_loadu_ps(p + j * kPanel + 8);
   }
-  for (int64_t k = 0; k < k_dim; ++k) {
-    __m256 lo, hi;
-    load_panel(panel + k * kPanel, &lo, &hi);
-    JAXFIRE_ROW(0) JAXFIRE_ROW(1) JAXFIRE_ROW(2) JAXFIRE_ROW(3) JAXFIRE_ROW(4) JAXFIRE_ROW(5)
+};
+
+inline __m256 bf16x8_to_f32(const uint16_t* h) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+struct BF16Format {
+  static constexpr int64_t kBlock = 4;
+  static constexpr int64_t kBlockBytes = kBlock * kPanel * 2;
+  const uint16_t* p;
+  BF16Format(const uint8_t* panel, int64_t b)
+      : p(reinterpret_cast<const uint16_t*>(panel + b * kBlockBytes)) {}
+  void load(int64_t j, __m256* lo, __m256* hi) const {
+    *lo = bf16x8_to_f32(p + j * kPanel);
+    *hi = bf16x8_to_f32(p + j * kPanel + 8);
   }
-#undef JAXFIRE_ROW
-  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21},
-                            {a30, a31}, {a40, a41}, {a50, a51}};
+};
+
+struct Q8Format {
+  static constexpr int64_t kBlock = 32;
+  static constexpr int64_t kBlockBytes = 2 * kPanel * 4 + kBlock * kPanel;  // 640
+  __m256 d0, d1, m0, m1;
+  const int8_t* q;
+  Q8Format(const uint8_t* panel, int64_t b) {
+    const float* s = reinterpret_cast<const float*>(panel + b * kBlockBytes);
+    d0 = _mm256_loadu_ps(s), d1 = _mm256_loadu_ps(s + 8);
+    m0 = _mm256_loadu_ps(s + 16), m1 = _mm256_loadu_ps(s + 24);
+    q = reinterpret_cast<const int8_t*>(s + 32);
+  }
+  void load(int64_t j, __m256* lo, __m256* hi) const {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
+    const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    *lo = _mm256_fmadd_ps(d0, c0, m0);  // one rounding: the stored float32 value exactly
+    *hi = _mm256_fmadd_ps(d1, c1, m1);
+  }
+};
+
+inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   alignas(32) float out[kPanel];
-  for (int r = 0; r < R; ++r) {
-    _mm256_store_ps(out, acc[r][0]);
-    _mm256_store_ps(out + 8, acc[r][1]);
-    std::memcpy(y + r * ldy, out, cols * sizeof(float));
-  }
+  _mm256_store_ps(out, lo);
+  _mm256_store_ps(out + 8, hi);
+  std::memcpy(y, out, cols * sizeof(float));
 }
 
 // One row is a stream over the panel: four independent pairs of sums hide the FMA
 // latency that a single chain would wait on.
-template <typename W>
-void panel_row(const float* x, int64_t k_dim, const W* panel, float* y, int64_t cols) {
+template <typename F>
+void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, int64_t cols) {
   __m256 s[4][2];
   for (auto& pair : s) pair[0] = pair[1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 4 <= k_dim; k += 4) {
-    for (int j = 0; j < 4; ++j) {
+  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
+    const F block(panel, kb / F::kBlock);
+    const int64_t rows = std::min(F::kBlock, k_dim - kb);
+    for (int64_t j = 0; j < rows; ++j) {
       __m256 lo, hi;
-      load_panel(panel + (k + j) * kPanel, &lo, &hi);
-      const __m256 xk = _mm256_broadcast_ss(x + k + j);
-      s[j][0] = _mm256_fmadd_ps(xk, lo, s[j][0]);
-      s[j][1] = _mm256_fmadd_ps(xk, hi, s[j][1]);
+      block.load(j, &lo, &hi);
+      const __m256 xk = _mm256_broadcast_ss(x + kb + j);
+      s[j & 3][0] = _mm256_fmadd_ps(xk, lo, s[j & 3][0]);
+      s[j & 3][1] = _mm256_fmadd_ps(xk, hi, s[j & 3][1]);
     }
   }
-  for (; k < k_dim; ++k) {
-    __m256 lo, hi;
-    load_panel(panel + k * kPanel, &lo, &hi);
-    const __m256 xk = _mm256_broadcast_ss(x + k);
-    s[0][0] = _mm256_fmadd_ps(xk, lo, s[0][0]);
-    s[0][1] = _mm256_fmadd_ps(xk, hi, s[0][1]);
-  }
-  alignas(32) float out[kPanel];
-  _mm256_store_ps(out, _mm256_add_ps(_mm256_add_ps(s[0][0], s[1][0]),
-                                     _mm256_add_ps(s[2][0], s[3][0])));
-  _mm256_store_ps(out + 8, _mm256_add_ps(_mm256_add_ps(s[0][1], s[1][1]),
-                                         _mm256_add_ps(s[2][1], s[3][1])));
-  std::memcpy(y, out, cols * sizeof(float));
+  store_cols(y, _mm256_add_ps(_mm256_add_ps(s[0][0], s[1][0]), _mm256_add_ps(s[2][0], s[3][0])),
+             _mm256_add_ps(_mm256_add_ps(s[0][1], s[1][1]), _mm256_add_ps(s[2][1], s[3][1])),
+             cols);
 }
 
-template <typename W>
-void panel_block(int64_t rows, const float* x, int64_t k_dim, const W* panel, float* y,
+// R rows against one panel: y[r, 0:cols] = sum_k x[r, k] * W[k, 0:cols]. Named
+// accumulators, not an array: GCC kept an accumulator array in memory inside the k loop
+// (a store per FMA, a third of the speed).
+template <int R, typename F>
+void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, int64_t ldy,
+                int64_t cols) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+         a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+#define JAXFIRE_ROW(r)                                             \
+  if constexpr (R > r) {                                           \
+    const __m256 xr = _mm256_broadcast_ss(x + r * k_dim + kb + j); \
+    a##r##0 = _mm256_fmadd_ps(xr, lo, a##r##0);                    \
+    a##r##1 = _mm256_fmadd_ps(xr, hi, a##r##1);                    \
+  }
+  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
+    const F block(panel, kb / F::kBlock);
+    const int64_t rows = std::min(F::kBlock, k_dim - kb);
+    for (int64_t j = 0; j < rows; ++j) {
+      __m256 lo, hi;
+      block.load(j, &lo, &hi);
+      JAXFIRE_ROW(0) JAXFIRE_ROW(1) JAXFIRE_ROW(2) JAXFIRE_ROW(3) JAXFIRE_ROW(4) JAXFIRE_ROW(5)
+    }
+  }
+#undef JAXFIRE_ROW
+  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21},
+                            {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int r = 0; r < R; ++r) store_cols(y + r * ldy, acc[r][0], acc[r][1], cols);
+}
+
+template <typename F>
+void panel_block(int64_t rows, const float* x, int64_t k_dim, const uint8_t* panel, float* y,
                  int64_t ldy, int64_t cols) {
   switch (rows) {
-    case 1: return panel_row(x, k_dim, panel, y, cols);
-    case 2: return panel_rows<2>(x, k_dim, panel, y, ldy, cols);
-    case 3: return panel_rows<3>(x, k_dim, panel, y, ldy, cols);
-    case 4: return panel_rows<4>(x, k_dim, panel, y, ldy, cols);
-    case 5: return panel_rows<5>(x, k_dim, panel, y, ldy, cols);
-    default: return panel_rows<6>(x, k_dim, panel, y, ldy, cols);
+    case 1: return panel_row<F>(x, k_dim, panel, y, cols);
+    case 2: return panel_rows<2, F>(x, k_dim, panel, y, ldy, cols);
+    case 3: return panel_rows<3, F>(x, k_dim, panel, y, ldy, cols);
+    case 4: return panel_rows<4, F>(x, k_dim, panel, y, ldy, cols);
+    case 5: return panel_rows<5, F>(x, k_dim, panel, y, ldy, cols);
+    default: return panel_rows<6, F>(x, k_dim, panel, y, ldy, cols);
   }
 }
+
+enum class Format { kF32, kBF16, kQ8 };
 
 struct Work {
   const float* x;
-  const void* w;
-  bool bf16;
+  const uint8_t* w;
+  Format format;
   float* y;
-  int64_t m, k, n, panels, panel_groups, units;
+  int64_t m, k, n, panels, panel_bytes, panel_groups, units;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  template <typename W>
+  template <typename F>
   void unit(int64_t u) const {
     const int64_t row0 = (u / panel_groups) * kRowChunk;
     const int64_t row_end = std::min(m, row0 + kRowChunk);
     const int64_t p0 = (u % panel_groups) * kPanelsPerUnit;
     const int64_t p_end = std::min(panels, p0 + kPanelsPerUnit);
     for (int64_t p = p0; p < p_end; ++p) {
-      const W* panel = static_cast<const W*>(w) + p * k * kPanel;
       const int64_t cols = std::min(kPanel, n - p * kPanel);
       for (int64_t r = row0; r < row_end; r += kRowBlock) {
-        panel_block(std::min(kRowBlock, row_end - r), x + r * k, k, panel,
-                    y + r * n + p * kPanel, n, cols);
+        panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k, k, w + p * panel_bytes,
+                       y + r * n + p * kPanel, n, cols);
       }
     }
   }
@@ -141,7 +177,11 @@ struct Work {
   // Claims units until none are left; any number of threads may run this at once.
   void drain() {
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      bf16 ? unit<uint16_t>(u) : unit<float>(u);
+      switch (format) {
+        case Format::kF32: unit<F32Format>(u); break;
+        case Format::kBF16: unit<BF16Format>(u); break;
+        case Format::kQ8: unit<Q8Format>(u); break;
+      }
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -150,31 +190,33 @@ struct Work {
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                   ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
-  const auto yd = y->dimensions();
-  if (wd.size() != 3 || wd[2] != kPanel) {
-    return ffi::Error::InvalidArgument("packed weight must be [panels, K, 16]");
+  if (wd.size() != 3) return ffi::Error::InvalidArgument("packed weight must be rank 3");
+  auto work = std::make_shared<Work>();
+  switch (w.element_type()) {
+    case ffi::DataType::F32: work->format = Format::kF32; work->k = wd[1]; break;
+    case ffi::DataType::BF16: work->format = Format::kBF16; work->k = wd[1]; break;
+    case ffi::DataType::U8: work->format = Format::kQ8; work->k = wd[1] * Q8Format::kBlock; break;
+    default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q8)");
   }
-  const bool bf16 = w.element_type() == ffi::DataType::BF16;
-  if (!bf16 && w.element_type() != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument("packed weight must be float32 or bfloat16");
+  const bool q8 = work->format == Format::kQ8;
+  if (wd[2] != (q8 ? Q8Format::kBlockBytes : kPanel)) {
+    return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
   }
-  const int64_t k = wd[1];
-  const int64_t n = yd.back();
+  const int64_t k = work->k;
+  const int64_t n = y->dimensions().back();
   if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != wd[0]) {
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
-  auto work = std::make_shared<Work>();
   work->x = x.typed_data();
-  work->w = w.untyped_data();
-  work->bf16 = bf16;
+  work->w = static_cast<const uint8_t*>(w.untyped_data());
   work->y = y->typed_data();
-  work->m = static_cast<int64_t>(x.element_count()) / k;
-  work->k = k;
+  work->m = static_cast<int64_t>(x.element_count()) / std::max<int64_t>(k, 1);
   work->n = n;
   work->panels = wd[0];
+  work->panel_bytes = static_cast<int64_t>(w.size_bytes()) / std::max<int64_t>(wd[0], 1);
   work->panel_groups = (wd[0] + kPanelsPerUnit - 1) / kPanelsPerUnit;
   work->units = work->panel_groups * ((work->m + kRowChunk - 1) / kRowChunk);
-  if (work->m == 0) return ffi::Error::Success();
+  if (work->units == 0) return ffi::Error::Success();
 
   // Helpers join while units remain; the caller works too, so it never waits on a
   // helper that has not started (the pool may be busy, or be this very thread's pool).
