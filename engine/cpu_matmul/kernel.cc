@@ -84,26 +84,35 @@ inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   std::memcpy(y, out, cols * sizeof(float));
 }
 
+template <typename F>
+inline void fma_row(const F& block, int64_t j, const float* x, __m256& lo_sum, __m256& hi_sum) {
+  __m256 lo, hi;
+  block.load(j, &lo, &hi);
+  const __m256 xj = _mm256_broadcast_ss(x + j);
+  lo_sum = _mm256_fmadd_ps(xj, lo, lo_sum);
+  hi_sum = _mm256_fmadd_ps(xj, hi, hi_sum);
+}
+
 // One row is a stream over the panel: four independent pairs of sums hide the FMA
-// latency that a single chain would wait on.
+// latency that a single chain would wait on (named, for the reason below).
 template <typename F>
 void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, int64_t cols) {
-  __m256 s[4][2];
-  for (auto& pair : s) pair[0] = pair[1] = _mm256_setzero_ps();
+  __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00,
+         s30 = s00, s31 = s00;
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = std::min(F::kBlock, k_dim - kb);
-    for (int64_t j = 0; j < rows; ++j) {
-      __m256 lo, hi;
-      block.load(j, &lo, &hi);
-      const __m256 xk = _mm256_broadcast_ss(x + kb + j);
-      s[j & 3][0] = _mm256_fmadd_ps(xk, lo, s[j & 3][0]);
-      s[j & 3][1] = _mm256_fmadd_ps(xk, hi, s[j & 3][1]);
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4) {
+      fma_row(block, j, x + kb, s00, s01);
+      fma_row(block, j + 1, x + kb, s10, s11);
+      fma_row(block, j + 2, x + kb, s20, s21);
+      fma_row(block, j + 3, x + kb, s30, s31);
     }
+    for (; j < rows; ++j) fma_row(block, j, x + kb, s00, s01);
   }
-  store_cols(y, _mm256_add_ps(_mm256_add_ps(s[0][0], s[1][0]), _mm256_add_ps(s[2][0], s[3][0])),
-             _mm256_add_ps(_mm256_add_ps(s[0][1], s[1][1]), _mm256_add_ps(s[2][1], s[3][1])),
-             cols);
+  store_cols(y, _mm256_add_ps(_mm256_add_ps(s00, s10), _mm256_add_ps(s20, s30)),
+             _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31)), cols);
 }
 
 // R rows against one panel: y[r, 0:cols] = sum_k x[r, k] * W[k, 0:cols]. Named
