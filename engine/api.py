@@ -21,7 +21,7 @@ import numpy as np
 
 import samplers
 from checkpoints import registry
-from engine import cpu_matmul
+from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.kv_cache import init_cache
 from engine.loading import LoadedModel, load_model
@@ -127,7 +127,7 @@ class Engine:
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls (a
         burst of new requests stalls running ones at most that long); `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs the
-        matrices through engine.cpu_matmul (bfloat16 checkpoints stay bfloat16 in memory);
+        matrices through engine.cpu_kernels (bfloat16 checkpoints stay bfloat16 in memory);
         None uses it wherever it applies: float32 on one CPU device that can build it."""
         if distributed:
             jax.distributed.initialize()
@@ -135,13 +135,13 @@ class Engine:
         mesh = mesh or make_mesh()
         dtype = dtype or default_dtype()
         applies = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32
-        if cpu_kernel and not (applies and cpu_matmul.available()):
+        if cpu_kernel and not (applies and cpu_kernels.available()):
             raise ValueError(
                 "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA and a C++ "
                 "compiler (see the log for what was missing)"
             )
         if cpu_kernel is None:
-            cpu_kernel = applies and cpu_matmul.available()
+            cpu_kernel = applies and cpu_kernels.available()
         model = load_model(
             name_or_path,
             dtype=dtype,

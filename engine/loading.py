@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import registry, store
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
-from engine.weights import pack_for_cpu_kernel, params_from_hf
+from engine.weights import pack_for_cpu_kernels, params_from_hf
 
 
 @dataclasses.dataclass
@@ -34,7 +34,7 @@ class LoadedModel:
     generation_config: dict | None
     dtype: jnp.dtype
     folder: Path  # the converted checkpoint it was restored from
-    packed: bool = False  # matrices packed for engine.cpu_matmul
+    packed: bool = False  # matrices packed for engine.cpu_kernels
 
 
 def convert(name_or_path: str, dst: str | Path | None = None, progress: bool = True) -> Path:
@@ -79,7 +79,7 @@ def load_model(
     """Restore a model, converting it into the cache on first use.
 
     `shardings` maps the abstract parameter tree to a tree of Shardings; `packed` lays the
-    matrices out for engine.cpu_matmul (one CPU device, float32 activations)."""
+    matrices out for engine.cpu_kernels (one CPU device, float32 activations)."""
     resolved = registry.resolve(name_or_path)
     folder = resolved.source if store.is_complete(resolved.source) else resolved.cache_dir
     if not store.is_complete(folder):
@@ -97,7 +97,7 @@ def load_model(
 
     params = store.restore(folder, jax.tree.map(target, abstract, placement))
     if packed:
-        params = jax.device_put(pack_for_cpu_kernel(params, config))
+        params = jax.device_put(pack_for_cpu_kernels(params, config))
     generation_config = info.generation_config or resolved.generation_config
     return LoadedModel(
         name=info.metadata.get("name", resolved.name),

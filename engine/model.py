@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from engine import cpu_matmul
+from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache, write_positions
 
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """x @ kernel (+ bias). `packed`: the kernel is stored as cpu_matmul panels
+    """x @ kernel (+ bias). `packed`: the kernel is stored as cpu_kernels panels
     [ceil(features/16), in, 16] (bfloat16 or float32) and runs through that kernel."""
 
     features: int
@@ -47,7 +47,7 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.packed:  # packed at load time (its format sets its shape); never initialised
             kernel = self.get_variable("params", "kernel")
-            y = cpu_matmul.matmul(x, kernel, self.features).astype(self.dtype)
+            y = cpu_kernels.matmul(x, kernel, self.features).astype(self.dtype)
         else:
             init = nn.initializers.lecun_normal()
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
@@ -109,13 +109,18 @@ class Attention(nn.Module):
 
         k_cache = write_positions(cache_kv[0], k, positions)
         v_cache = write_positions(cache_kv[1], v, positions)
-        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        if T == 1 and jax.default_backend() == "cpu":
+        if T == 1 and self.packed:
+            out = cpu_kernels.decode_attention(
+                q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window
+            )[:, None]
+        elif T == 1 and jax.default_backend() == "cpu":
+            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
             out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
+            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
             scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
             scores = scores * (cfg.head_dim**-0.5)
             scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
@@ -168,7 +173,9 @@ class Transformer(nn.Module):
 
     config: ModelConfig
     dtype: jnp.dtype = F32
-    packed: bool = False  # matrices stored as cpu_matmul panels (see pack_params)
+    # Matrices packed for engine.cpu_kernels (weights.pack_for_cpu_kernels), which also
+    # run decode attention in place on the cache.
+    packed: bool = False
 
     @nn.compact
     def __call__(
@@ -214,7 +221,7 @@ def logits_from_hidden(
 ) -> jax.Array:
     """f32[B, T, V] from the final normed hidden states [B, T, D]."""
     if packed:
-        return cpu_matmul.matmul(hidden, params["lm_head"], config.vocab_size)
+        return cpu_kernels.matmul(hidden, params["lm_head"], config.vocab_size)
     if config.tie_word_embeddings:
         # Contract against the embedding's hidden axis directly; `x @ embed.T` made XLA
         # materialise a transposed copy of the embedding every step.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from engine import cpu_matmul
+from engine import cpu_kernels
 from engine.config import ConfigError, ModelConfig
 
 Params = dict
@@ -71,15 +71,15 @@ def params_from_hf(
     return params
 
 
-def pack_for_cpu_kernel(params: Params, config: ModelConfig) -> Params:
-    """Every linear kernel and the LM head as cpu_matmul panels (engine.model's `packed`).
+def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
+    """Every linear kernel and the LM head as cpu_kernels panels (engine.model's `packed`).
 
     A tied head gets its own packed copy of the embedding; the embedding itself stays for
     the token lookup."""
 
     def walk(tree: dict) -> dict:
         return {
-            name: cpu_matmul.pack(np.asarray(sub))
+            name: cpu_kernels.pack(np.asarray(sub))
             if name == "kernel"
             else walk(sub)
             if isinstance(sub, dict)
@@ -89,5 +89,5 @@ def pack_for_cpu_kernel(params: Params, config: ModelConfig) -> Params:
 
     packed = walk(params)
     head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    packed["lm_head"] = cpu_matmul.pack(np.asarray(head))
+    packed["lm_head"] = cpu_kernels.pack(np.asarray(head))
     return packed

@@ -1,13 +1,14 @@
-"""A float32-accumulating matmul for XLA CPU over pre-packed (bfloat16) weights.
+"""Decode kernels for XLA CPU: a float32-accumulating matmul over packed weights, and
+attention of one query token against the cache in place.
 
-`kernel.cc` is built on first use with the system's C++ compiler into the jaxfire cache
-folder and registered as an XLA FFI target. Weights are packed once at load time into
-16-column panels ([ceil(N/16), K, 16]) so the kernel streams each panel contiguously; a
-float32 matrix whose values are all bfloat16 values (every bf16 checkpoint) is packed as
-bfloat16: half the bytes to read per token, and the same numbers.
+The C++ sources (`matmul.cc`, `attention.cc`) are built on first use with the system's C++
+compiler into the jaxfire cache folder and registered as XLA FFI targets. Weights are
+packed once at load time into 16-column panels the matmul streams contiguously, in the
+fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
+blocks as int8 codes with a scale and offset, bfloat16 checkpoints as bfloat16.
 
-`available()` says whether this machine can use it (x86-64 with AVX2 and FMA, a C++
-compiler, JAX on CPU); the model falls back to XLA's dot where it cannot.
+`available()` says whether this machine can use them (x86-64 with AVX2 and FMA, a C++
+compiler, JAX on CPU); the model keeps XLA's ops where it cannot.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from checkpoints.registry import cache_root
 
 PANEL = 16  # output columns per panel; kernel.cc's kPanel
 Q8_BLOCK = 32  # rows per q8 block; kernel.cc's Q8Format::kBlock
-TARGET = "jaxfire_cpu_matmul"
-_SOURCE = Path(__file__).with_name("kernel.cc")
+MATMUL = "jaxfire_cpu_matmul"
+ATTENTION = "jaxfire_cpu_decode_attention"
+_SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc")]
+_HEADERS = [Path(__file__).with_name("parallel.h")]
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +53,7 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build(source: Path, out: Path) -> None:
+def _build(sources: list[Path], out: Path) -> None:
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         raise KernelUnavailable("no C++ compiler (g++ or c++) on PATH")
@@ -58,10 +61,10 @@ def _build(source: Path, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
         cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
-        cmd += [f"-I{jax.ffi.include_dir()}", str(source), "-o", str(partial)]
+        cmd += [f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", str(partial)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise KernelUnavailable(f"building {source.name} failed:\n{done.stderr[-2000:]}")
+            raise KernelUnavailable(f"building the CPU kernels failed:\n{done.stderr[-2000:]}")
         partial.replace(out)  # atomic: a concurrent build never loads a half-written file
 
 
@@ -71,14 +74,16 @@ def _register() -> None:
         raise KernelUnavailable(f"needs x86-64, this is {platform.machine()}")
     if not {"avx2", "fma"} <= _cpu_flags():
         raise KernelUnavailable("needs a CPU with AVX2 and FMA")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.ffi.include_dir().encode()).hexdigest()[:16]
-    lib_path = cache_root() / "kernels" / f"cpu_matmul-{key}.so"
+    digest = hashlib.sha256(jax.ffi.include_dir().encode())
+    for path in _SOURCES + _HEADERS:
+        digest.update(path.read_bytes())
+    lib_path = cache_root() / "kernels" / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if not lib_path.exists():
-        log.info("building the CPU matmul kernel into %s", lib_path)
-        _build(_SOURCE, lib_path)
+        log.info("building the CPU kernels into %s", lib_path)
+        _build(_SOURCES, lib_path)
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxfireMatmul), platform="cpu")
+    for name, symbol in ((MATMUL, lib.JaxfireMatmul), (ATTENTION, lib.JaxfireDecodeAttention)):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
 @functools.cache
@@ -138,7 +143,7 @@ def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
             m = base.astype(np.float32).astype(np.float64)
             q = np.rint((v - m[:, None]) / d[:, None])
             fits = (q >= -128) & (q <= 127)
-            exact = ((d[:, None] * q + m[:, None]).astype(np.float32) == w.reshape(v.shape))
+            exact = (d[:, None] * q + m[:, None]).astype(np.float32) == w.reshape(v.shape)
             ok = todo & np.all(fits & exact, axis=1)
             scale[ok], offset[ok] = d[ok], m[ok]
             codes.transpose(0, 2, 1)[ok] = q.transpose(0, 2, 1)[ok].astype(np.int8)
@@ -152,4 +157,17 @@ def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """f32[..., K] @ packed [ceil(n/16), K, 16] → f32[..., n]."""
     _register()
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), packed)
+    return jax.ffi.ffi_call(MATMUL, out)(x.astype(jnp.float32), packed)
+
+
+def decode_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, window: int | None
+) -> jax.Array:
+    """One query token per row: q f32[B, K, G, D] against the float32 caches
+    [slots, K, S, D] (row b = cache row b), seeing positions max(0, p + 1 - window) .. p
+    of its own row, p = positions[b]. Returns f32[B, K, G, D]."""
+    _register()
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(ATTENTION, out)
+    q, positions = q.astype(jnp.float32), positions.astype(jnp.int32)
+    return call(q, keys, values, positions, window=np.int64(window or 0))

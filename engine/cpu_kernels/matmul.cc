@@ -11,11 +11,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -159,15 +158,13 @@ void panel_block(int64_t rows, const float* x, int64_t k_dim, const uint8_t* pan
 
 enum class Format { kF32, kBF16, kQ8 };
 
-struct Work {
+struct Matmul {
   const float* x;
   const uint8_t* w;
-  Format format;
   float* y;
-  int64_t m, k, n, panels, panel_bytes, panel_groups, units;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t m, k, n, panels, panel_bytes, panel_groups;
 
+  // One unit: up to kRowChunk rows against up to kPanelsPerUnit panels.
   template <typename F>
   void unit(int64_t u) const {
     const int64_t row0 = (u / panel_groups) * kRowChunk;
@@ -183,62 +180,53 @@ struct Work {
     }
   }
 
-  // Claims units until none are left; any number of threads may run this at once.
-  void drain() {
-    for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      switch (format) {
-        case Format::kF32: unit<F32Format>(u); break;
-        case Format::kBF16: unit<BF16Format>(u); break;
-        case Format::kQ8: unit<Q8Format>(u); break;
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
+  template <typename F>
+  void run(ffi::ThreadPool& pool) const {
+    const int64_t units = panel_groups * ((m + kRowChunk - 1) / kRowChunk);
+    jaxfire::parallel_for(pool, units, [self = *this](int64_t u) { self.unit<F>(u); });
   }
 };
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                  ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 3) return ffi::Error::InvalidArgument("packed weight must be rank 3");
-  auto work = std::make_shared<Work>();
+  Format format;
+  int64_t k;
   switch (w.element_type()) {
-    case ffi::DataType::F32: work->format = Format::kF32; work->k = wd[1]; break;
-    case ffi::DataType::BF16: work->format = Format::kBF16; work->k = wd[1]; break;
-    case ffi::DataType::U8: work->format = Format::kQ8; work->k = wd[1] * Q8Format::kBlock; break;
+    case ffi::DataType::F32: format = Format::kF32, k = wd[1]; break;
+    case ffi::DataType::BF16: format = Format::kBF16, k = wd[1]; break;
+    case ffi::DataType::U8: format = Format::kQ8, k = wd[1] * Q8Format::kBlock; break;
     default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q8)");
   }
-  const bool q8 = work->format == Format::kQ8;
-  if (wd[2] != (q8 ? Q8Format::kBlockBytes : kPanel)) {
+  if (wd[2] != (format == Format::kQ8 ? Q8Format::kBlockBytes : kPanel)) {
     return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
   }
-  const int64_t k = work->k;
   const int64_t n = y->dimensions().back();
   if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != wd[0]) {
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
-  work->x = x.typed_data();
-  work->w = static_cast<const uint8_t*>(w.untyped_data());
-  work->y = y->typed_data();
-  work->m = static_cast<int64_t>(x.element_count()) / std::max<int64_t>(k, 1);
-  work->n = n;
-  work->panels = wd[0];
-  work->panel_bytes = static_cast<int64_t>(w.size_bytes()) / std::max<int64_t>(wd[0], 1);
-  work->panel_groups = (wd[0] + kPanelsPerUnit - 1) / kPanelsPerUnit;
-  work->units = work->panel_groups * ((work->m + kRowChunk - 1) / kRowChunk);
-  if (work->units == 0) return ffi::Error::Success();
-
-  // Helpers join while units remain; the caller works too, so it never waits on a
-  // helper that has not started (the pool may be busy, or be this very thread's pool).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->units - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->drain(); });
-  work->drain();
-  while (work->done.load(std::memory_order_acquire) < work->units) _mm_pause();
+  if (x.element_count() == 0 || k == 0) return ffi::Error::Success();
+  const Matmul mm{x.typed_data(),
+                  static_cast<const uint8_t*>(w.untyped_data()),
+                  y->typed_data(),
+                  static_cast<int64_t>(x.element_count()) / k,
+                  k,
+                  n,
+                  wd[0],
+                  static_cast<int64_t>(w.size_bytes()) / wd[0],
+                  (wd[0] + kPanelsPerUnit - 1) / kPanelsPerUnit};
+  switch (format) {
+    case Format::kF32: mm.run<F32Format>(pool); break;
+    case Format::kBF16: mm.run<BF16Format>(pool); break;
+    case Format::kQ8: mm.run<Q8Format>(pool); break;
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireMatmul, Matmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
