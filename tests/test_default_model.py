@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from checkpoints.registry import resolve
+from engine import cpu_kernels
 from engine.kv_cache import init_cache
 from engine.loading import load_model
 from engine.model import Transformer
+from engine.weights import pack_for_cpu_kernels
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -49,10 +51,20 @@ def hf():
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def apply(ours):
-    net = Transformer(ours.config, ours.dtype)
-    return jax.jit(lambda t, pos, c: net.apply({"params": ours.params}, t, pos, c))
+@pytest.fixture(scope="module", params=["xla", "cpu_kernels"])
+def apply(ours, request):
+    """The forward through XLA's ops, and through engine.cpu_kernels with the weights packed
+    as the engine packs them on a CPU (this GGUF's Q4_1 / Q8_0 blocks as int8 codes)."""
+    params, packed = ours.params, request.param == "cpu_kernels"
+    if packed:
+        if not cpu_kernels.available():
+            pytest.skip("the CPU kernels need x86-64 with AVX2/FMA and a C++ compiler")
+        params = jax.device_put(pack_for_cpu_kernels(params, ours.config))
+        assert all(
+            params[f"layers_{i}"]["mlp"]["up_proj"]["kernel"].dtype == np.uint8 for i in (0, 29)
+        )
+    net = Transformer(ours.config, ours.dtype, packed)
+    return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c))
 
 
 def greedy(model, apply, ids: list[int], steps: int) -> list[int]:

@@ -1,0 +1,126 @@
+"""engine.cpu_kernels against exact math: the matmul in each packed format, the packing's
+exactness, and decode attention against a float64 softmax written from its definition."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from engine import cpu_kernels
+
+if not cpu_kernels.available():
+    pytest.skip(
+        "the CPU kernels need x86-64 with AVX2/FMA and a C++ compiler", allow_module_level=True
+    )
+
+RNG = np.random.default_rng(0)
+
+
+def q4_1_weights(k: int, n: int) -> np.ndarray:
+    """What GGUF's Q4_1 dequantizes to: per block of 32 rows, f16 scale * (0..15) + f16 min."""
+    d = RNG.uniform(0.001, 0.05, (k // 32, n)).astype(np.float16).astype(np.float32)
+    m = RNG.uniform(-0.4, 0.0, (k // 32, n)).astype(np.float16).astype(np.float32)
+    q = RNG.integers(0, 16, (k // 32, 32, n))
+    q[:, 0], q[:, 1] = 0, 15  # as the quantizer makes them: the block's min and max
+    return (d[:, None] * q + m[:, None]).astype(np.float32).reshape(k, n)
+
+
+def q8_0_weights(k: int, n: int) -> np.ndarray:
+    """GGUF's Q8_0: per block of 32 rows, f16 scale * (-127..127), the extreme present."""
+    d = RNG.uniform(0.001, 0.05, (k // 32, n)).astype(np.float16).astype(np.float32)
+    q = RNG.integers(-127, 128, (k // 32, 32, n))
+    q[:, 3] = -127
+    return (d[:, None] * q).astype(np.float32).reshape(k, n)
+
+
+WEIGHTS = {
+    "float32": lambda k, n: RNG.standard_normal((k, n)).astype(np.float32),
+    "bfloat16": lambda k, n: (
+        RNG.standard_normal((k, n)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    ),
+    "q4_1": q4_1_weights,
+    "q8_0": q8_0_weights,
+}
+PACKED_AS = {
+    "float32": np.float32,
+    "bfloat16": ml_dtypes.bfloat16,
+    "q4_1": np.uint8,
+    "q8_0": np.uint8,
+}
+
+
+def matmul(x: np.ndarray, packed: np.ndarray, n: int) -> np.ndarray:
+    return np.asarray(jax.jit(cpu_kernels.matmul, static_argnums=2)(jnp.asarray(x), packed, n))
+
+
+@pytest.mark.parametrize("kind", list(WEIGHTS))
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 16), (3, 96, 37), (7, 32, 100), (130, 64, 49)])
+def test_matmul_equals_exact_math_in_every_format(kind, m, k, n):
+    w = WEIGHTS[kind](k, n)
+    packed = cpu_kernels.pack(w)
+    assert packed.dtype == PACKED_AS[kind]
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    got = matmul(x, packed, n)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    # float32 accumulation: error within k roundings of the sum of magnitudes.
+    bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w))
+    assert got.shape == (m, n)
+    assert np.all(np.abs(got - exact) <= bound + 1e-30)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bfloat16"])
+def test_compact_formats_give_the_float32_result_bit_for_bit(kind):
+    """A compact format holds the same values, so the same sums come out: any difference
+    from the float32 panels would be a decoding error, not rounding."""
+    k, n = 96, 40
+    w = WEIGHTS[kind](k, n)
+    as_f32 = np.ascontiguousarray(np.pad(w, ((0, 0), (0, 8))).reshape(k, 3, 16).transpose(1, 0, 2))
+    for m in (1, 4, 6, 13):
+        x = RNG.standard_normal((m, k)).astype(np.float32)
+        np.testing.assert_array_equal(matmul(x, cpu_kernels.pack(w), n), matmul(x, as_f32, n))
+
+
+def test_exact_blocks_finds_quantized_blocks_and_refuses_others():
+    w = q4_1_weights(64, 20)
+    scale, offset, codes = cpu_kernels.exact_blocks(w)
+    rebuilt = scale.repeat(32, 0).astype(np.float64) * codes + offset.repeat(32, 0)
+    np.testing.assert_array_equal(rebuilt.astype(np.float32), w)
+    assert codes.min() >= 0 and codes.max() <= 15
+    assert cpu_kernels.exact_blocks(RNG.standard_normal((64, 20)).astype(np.float32)) is None
+    # One weight off its block's grid sends the whole matrix to a float format.
+    w[5, 3] += 1e-4
+    assert cpu_kernels.pack(w).dtype == np.float32
+
+
+def attention_reference(q, keys, values, positions, window):
+    """Float64 softmax over the positions each row sees."""
+    b, kv, g, d = q.shape
+    out = np.zeros(q.shape)
+    for r in range(b):
+        first = 0 if window is None else max(0, positions[r] + 1 - window)
+        seen = slice(first, positions[r] + 1)
+        for h in range(kv):
+            k, v = keys[r, h, seen].astype(np.float64), values[r, h, seen].astype(np.float64)
+            scores = q[r, h].astype(np.float64) @ k.T / np.sqrt(d)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            out[r, h] = (p / p.sum(-1, keepdims=True)) @ v
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [4, 64, 68])
+@pytest.mark.parametrize("window", [None, 8])
+def test_decode_attention_equals_softmax_over_visible_positions(head_dim, window):
+    slots, kv_heads, groups, length = 5, 2, 3, 40
+    keys = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
+    values = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
+    positions = np.array([0, 17, 39, 5], np.int32)  # 4 rows of a 5-slot cache
+    q = RNG.standard_normal((4, kv_heads, groups, head_dim)).astype(np.float32)
+    got = jax.jit(cpu_kernels.decode_attention, static_argnums=4)(
+        q, keys, values, positions, window
+    )
+    np.testing.assert_allclose(
+        np.asarray(got), attention_reference(q, keys, values, positions, window), atol=2e-6
+    )
