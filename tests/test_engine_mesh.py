@@ -1,6 +1,8 @@
 """The same engine on 8 simulated CPU devices: meshes (data=8), (data=4, model=2) and
 (data=2, model=4) give exactly the single-device greedy tokens, keep their shardings
-across steps and compile nothing on a second pass.
+across steps and compile nothing on a second pass. On one CPU device the engine runs
+engine.cpu_kernels, on a mesh XLA's ops: the equality checks the two paths against each
+other as well as the sharding.
 
 The meshes run in a subprocess (XLA reads the device count when it starts), launched when
 this module is imported so it compiles while the other engine tests run.
@@ -16,6 +18,7 @@ from tests import engine_fixtures as F
 
 pytest.importorskip("torch")
 
+from engine import cpu_kernels  # noqa: E402
 from samplers import SamplingParams  # noqa: E402
 
 _RUN = F.start_mesh_run()
@@ -37,6 +40,7 @@ def mesh_results():
 @pytest.fixture(scope="module")
 def single_device_tokens():
     engine = F.shared_engine()  # same slots, context and k, on one device
+    assert engine.programs.model.packed == cpu_kernels.available()
     completions = engine.generate(
         F.mesh_prompts(), SamplingParams(temperature=0.0), max_tokens=F.MESH_TOKENS, ignore_eos=True
     )
