@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -156,6 +158,20 @@ void panel_block(int64_t rows, const float* x, int64_t k_dim, const uint8_t* pan
   }
 }
 
+// A panel in float32 [K, 16] (F32Format's layout).
+template <typename F>
+void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
+  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
+    const F block(panel, kb / F::kBlock);
+    for (int64_t j = 0; j < std::min(F::kBlock, k_dim - kb); ++j) {
+      __m256 lo, hi;
+      block.load(j, &lo, &hi);
+      _mm256_storeu_ps(out + (kb + j) * kPanel, lo);
+      _mm256_storeu_ps(out + (kb + j) * kPanel + 8, hi);
+    }
+  }
+}
+
 enum class Format { kF32, kBF16, kQ8 };
 
 struct Matmul {
@@ -173,10 +189,28 @@ struct Matmul {
     const int64_t p_end = std::min(panels, p0 + kPanelsPerUnit);
     for (int64_t p = p0; p < p_end; ++p) {
       const int64_t cols = std::min(kPanel, n - p * kPanel);
-      for (int64_t r = row0; r < row_end; r += kRowBlock) {
-        panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k, k, w + p * panel_bytes,
-                       y + r * n + p * kPanel, n, cols);
+      const uint8_t* panel = w + p * panel_bytes;
+      if constexpr (!std::is_same_v<F, F32Format>) {
+        if (row_end - row0 > kRowBlock) {
+          // Several row blocks (a prefill) share the panel: decode it to float32 once
+          // rather than once per block of rows.
+          thread_local std::vector<float> decoded;
+          decoded.resize(k * kPanel);
+          decode_panel<F>(panel, k, decoded.data());
+          panel = reinterpret_cast<const uint8_t*>(decoded.data());
+          rows<F32Format>(row0, row_end, panel, p, cols);
+          continue;
+        }
       }
+      rows<F>(row0, row_end, panel, p, cols);
+    }
+  }
+
+  template <typename F>
+  void rows(int64_t row0, int64_t row_end, const uint8_t* panel, int64_t p, int64_t cols) const {
+    for (int64_t r = row0; r < row_end; r += kRowBlock) {
+      panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k, k, panel,
+                     y + r * n + p * kPanel, n, cols);
     }
   }
 
