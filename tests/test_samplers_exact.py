@@ -7,7 +7,14 @@ import numpy as np
 
 from samplers import SamplingParams
 from samplers.pipeline import candidates, full_sort_candidates, truncate
-from tests.test_samplers_support import SLOTS, VOCAB, batch_of, reference_probs, run_filtered
+from tests.test_samplers_support import (
+    SLOTS,
+    VOCAB,
+    batch_of,
+    reference_probs,
+    run_filtered,
+    run_sample,
+)
 
 ROWS = SLOTS
 
@@ -138,3 +145,21 @@ def test_full_sort_fallback_when_the_nucleus_exceeds_the_candidates():
         want = reference_probs(lg, p.temperature, top_p=p.top_p, min_p=p.min_p) > 0
         assert np.isfinite(row).sum() > 64
         np.testing.assert_array_equal(np.isfinite(row), want)
+
+
+def test_wide_candidates_when_the_nucleus_exceeds_the_first_candidates():
+    """Nearly flat logits, top_p=0.3: ~150 of 500 tokens survive, beyond the 64 candidates
+    and within the 256 wide ones (the middle step, no full sort); draws stay inside."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=0.05, size=(ROWS, VOCAB)).astype(np.float32)
+    params = [SamplingParams(top_p=0.3, seed=1), SamplingParams(top_p=0.4, min_p=0.5, seed=2)]
+    params += [SamplingParams(temperature=0.0)] * (ROWS - 2)
+    batch = batch_of(params, VOCAB)
+    got = np.asarray(run_filtered(jnp.asarray(logits), batch))
+    for row, p, lg in zip(got[:2], params, logits, strict=False):
+        want = reference_probs(lg, p.temperature, top_p=p.top_p, min_p=p.min_p) > 0
+        assert 64 < want.sum() < 256
+        np.testing.assert_array_equal(np.isfinite(row), want)
+    tokens, _, _ = run_sample(jnp.asarray(logits), batch)
+    for r in range(2):
+        assert np.isfinite(got[r, int(tokens[r])])

@@ -11,17 +11,21 @@ from samplers import SamplingBatch, SamplingParams, make_row
 from samplers.pipeline import filtered_logits, sample
 
 # The tests share one shape so that sample() and filtered_logits() compile once per run.
-SLOTS, VOCAB, CANDIDATES, LOGPROBS, MAX_BIAS = 32, 500, 64, 5, 4
-SAMPLE = jax.jit(sample, static_argnames=("num_logprobs", "num_candidates"))
-FILTERED = jax.jit(filtered_logits, static_argnames="num_candidates")
+# Candidates 64, then 256 (WIDE), then the full sort of 500: every path runs in the tests.
+SLOTS, VOCAB, CANDIDATES, WIDE, LOGPROBS, MAX_BIAS = 32, 500, 64, 256, 5, 4
+STATIC = ("num_logprobs", "num_candidates", "wide_candidates")
+SAMPLE = jax.jit(sample, static_argnames=STATIC)
+FILTERED = jax.jit(filtered_logits, static_argnames=STATIC[1:])
 
 
 def run_sample(logits, batch):
-    return SAMPLE(logits, batch, num_logprobs=LOGPROBS, num_candidates=CANDIDATES)
+    return SAMPLE(
+        logits, batch, num_logprobs=LOGPROBS, num_candidates=CANDIDATES, wide_candidates=WIDE
+    )
 
 
 def run_filtered(logits, batch):
-    return FILTERED(logits, batch, num_candidates=CANDIDATES)
+    return FILTERED(logits, batch, num_candidates=CANDIDATES, wide_candidates=WIDE)
 
 
 def pad_logits(logits, slots: int = SLOTS, vocab: int = VOCAB) -> jnp.ndarray:
