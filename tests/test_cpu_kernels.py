@@ -124,3 +124,14 @@ def test_decode_attention_equals_softmax_over_visible_positions(head_dim, window
     np.testing.assert_allclose(
         np.asarray(got), attention_reference(q, keys, values, positions, window), atol=2e-6
     )
+
+
+def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path):
+    import shutil
+
+    from engine.cpu_kernels import _SOURCES, KernelUnavailable, _build
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
+        _build(_SOURCES, tmp_path / "kernels.so")
+    assert not (tmp_path / "kernels.so").exists()
