@@ -27,6 +27,7 @@ constexpr int64_t kPanel = 16;     // output columns per panel (two AVX register
 constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accumulators)
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 4;
+constexpr int64_t kPrefetchBytes = 2048;
 
 // A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
 struct F32Format {
@@ -103,6 +104,12 @@ void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, in
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = std::min(F::kBlock, k_dim - kb);
+    // The hardware prefetcher ramps up too slowly for these short streams (a few hundred
+    // KB per call): asking 2 KB ahead made batch-1 calls 10-30% faster.
+    const char* ahead = reinterpret_cast<const char*>(panel + (kb / F::kBlock) * F::kBlockBytes);
+    for (int64_t o = 0; o < F::kBlockBytes; o += 64) {
+      _mm_prefetch(ahead + kPrefetchBytes + o, _MM_HINT_T0);
+    }
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4) {
       fma_row(block, j, x + kb, s00, s01);
