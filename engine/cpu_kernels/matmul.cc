@@ -86,6 +86,16 @@ inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   std::memcpy(y, out, cols * sizeof(float));
 }
 
+// The hardware prefetcher ramps up too slowly for these short streams (a few hundred KB
+// per call): asking kPrefetchBytes ahead made batch-1 calls 10-30% faster.
+template <typename F>
+inline void prefetch_ahead(const uint8_t* panel, int64_t kb) {
+  const char* ahead = reinterpret_cast<const char*>(panel + (kb / F::kBlock) * F::kBlockBytes);
+  for (int64_t o = 0; o < F::kBlockBytes; o += 64) {
+    _mm_prefetch(ahead + kPrefetchBytes + o, _MM_HINT_T0);
+  }
+}
+
 template <typename F>
 inline void fma_row(const F& block, int64_t j, const float* x, __m256& lo_sum, __m256& hi_sum) {
   __m256 lo, hi;
@@ -104,12 +114,7 @@ void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, in
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = std::min(F::kBlock, k_dim - kb);
-    // The hardware prefetcher ramps up too slowly for these short streams (a few hundred
-    // KB per call): asking 2 KB ahead made batch-1 calls 10-30% faster.
-    const char* ahead = reinterpret_cast<const char*>(panel + (kb / F::kBlock) * F::kBlockBytes);
-    for (int64_t o = 0; o < F::kBlockBytes; o += 64) {
-      _mm_prefetch(ahead + kPrefetchBytes + o, _MM_HINT_T0);
-    }
+    prefetch_ahead<F>(panel, kb);
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4) {
       fma_row(block, j, x + kb, s00, s01);
@@ -140,6 +145,7 @@ void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, i
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = std::min(F::kBlock, k_dim - kb);
+    prefetch_ahead<F>(panel, kb);
     for (int64_t j = 0; j < rows; ++j) {
       __m256 lo, hi;
       block.load(j, &lo, &hi);
