@@ -126,22 +126,21 @@ class Engine:
 
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls (a
         burst of new requests stalls running ones at most that long); `distributed=True`
-        calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs the
-        matrices through engine.cpu_kernels (bfloat16 checkpoints stay bfloat16 in memory);
-        None uses it wherever it applies: float32 on one CPU device that can build it."""
+        calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
+        through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
+        uses them wherever they apply: float32 on one CPU device that can build them."""
         if distributed:
             jax.distributed.initialize()
         enable_compilation_cache()
         mesh = mesh or make_mesh()
         dtype = dtype or default_dtype()
-        applies = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32
-        if cpu_kernel and not (applies and cpu_kernels.available()):
+        usable = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+        if cpu_kernel and not usable:
             raise ValueError(
                 "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA and a C++ "
                 "compiler (see the log for what was missing)"
             )
-        if cpu_kernel is None:
-            cpu_kernel = applies and cpu_kernels.available()
+        cpu_kernel = usable if cpu_kernel is None else cpu_kernel
         model = load_model(
             name_or_path,
             dtype=dtype,

@@ -35,8 +35,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """x @ kernel (+ bias). `packed`: the kernel is stored as cpu_kernels panels
-    [ceil(features/16), in, 16] (bfloat16 or float32) and runs through that kernel."""
+    """x @ kernel (+ bias). `packed`: the kernel was packed by cpu_kernels.pack (16-column
+    panels, q8 blocks, bfloat16 or float32) and runs through cpu_kernels.matmul."""
 
     features: int
     use_bias: bool
@@ -112,15 +112,14 @@ class Attention(nn.Module):
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # XLA drops if unused
         if T == 1 and self.packed:
             out = cpu_kernels.decode_attention(
                 q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window
             )[:, None]
         elif T == 1 and jax.default_backend() == "cpu":
-            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
             out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
-            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
             scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
             scores = scores * (cfg.head_dim**-0.5)
             scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)

@@ -78,14 +78,13 @@ def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
     the token lookup."""
 
     def walk(tree: dict) -> dict:
-        return {
-            name: cpu_kernels.pack(np.asarray(sub))
-            if name == "kernel"
-            else walk(sub)
-            if isinstance(sub, dict)
-            else sub
-            for name, sub in tree.items()
-        }
+        out = {}
+        for name, sub in tree.items():
+            if name == "kernel":
+                out[name] = cpu_kernels.pack(np.asarray(sub))
+            else:
+                out[name] = walk(sub) if isinstance(sub, dict) else sub
+        return out
 
     packed = walk(params)
     head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]

@@ -31,8 +31,8 @@ import numpy as np
 
 from checkpoints.registry import cache_root
 
-PANEL = 16  # output columns per panel; kernel.cc's kPanel
-Q8_BLOCK = 32  # rows per q8 block; kernel.cc's Q8Format::kBlock
+PANEL = 16  # output columns per panel; matmul.cc's kPanel
+Q8_BLOCK = 32  # rows per q8 block; matmul.cc's Q8Format::kBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 _SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc")]
@@ -129,7 +129,8 @@ def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     rounded to float16 as GGUF stores them, or not) and keeps the first that reproduces
     every value exactly."""
     k, n = w.shape
-    v = w.reshape(k // Q8_BLOCK, Q8_BLOCK, n).astype(np.float64)
+    blocks = w.reshape(k // Q8_BLOCK, Q8_BLOCK, n)
+    v = blocks.astype(np.float64)
     lo, hi = v.min(axis=1), v.max(axis=1)
     amax = np.abs(v).max(axis=1)
     zero = np.zeros_like(lo)
@@ -138,12 +139,12 @@ def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     codes = np.zeros(v.shape, np.int8)
     todo = np.ones(lo.shape, bool)
     for base, step in candidates:
+        m = base.astype(np.float32).astype(np.float64)
         for d in (step.astype(np.float16), step.astype(np.float32)):
             d = np.where(d == 0, 1.0, d.astype(np.float32)).astype(np.float64)
-            m = base.astype(np.float32).astype(np.float64)
             q = np.rint((v - m[:, None]) / d[:, None])
             fits = (q >= -128) & (q <= 127)
-            exact = (d[:, None] * q + m[:, None]).astype(np.float32) == w.reshape(v.shape)
+            exact = (d[:, None] * q + m[:, None]).astype(np.float32) == blocks
             ok = todo & np.all(fits & exact, axis=1)
             scale[ok], offset[ok] = d[ok], m[ok]
             codes.transpose(0, 2, 1)[ok] = q.transpose(0, 2, 1)[ok].astype(np.int8)

@@ -30,34 +30,28 @@ constexpr int64_t kPanelsPerUnit = 4;
 constexpr int64_t kPrefetchBytes = 2048;
 
 // A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
-struct F32Format {
-  static constexpr int64_t kBlock = 4;
-  static constexpr int64_t kBlockBytes = kBlock * kPanel * 4;
-  const float* p;
-  F32Format(const uint8_t* panel, int64_t b)
-      : p(reinterpret_cast<const float*>(panel + b * kBlockBytes)) {}
-  void load(int64_t j, __m256* lo, __m256* hi) const {
-    *lo = _mm256_loadu_ps(p + j * kPanel);
-    *hi = _mm256_loadu_ps(p + j * kPanel + 8);
-  }
-};
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
-inline __m256 bf16x8_to_f32(const uint16_t* h) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
+inline __m256 load8(const uint16_t* bf16) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bf16));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
-struct BF16Format {
+// Plain float32 or bfloat16 (uint16_t) values, [K, 16] row after row.
+template <typename T>
+struct PlainFormat {
   static constexpr int64_t kBlock = 4;
-  static constexpr int64_t kBlockBytes = kBlock * kPanel * 2;
-  const uint16_t* p;
-  BF16Format(const uint8_t* panel, int64_t b)
-      : p(reinterpret_cast<const uint16_t*>(panel + b * kBlockBytes)) {}
+  static constexpr int64_t kBlockBytes = kBlock * kPanel * sizeof(T);
+  const T* p;
+  PlainFormat(const uint8_t* panel, int64_t b)
+      : p(reinterpret_cast<const T*>(panel + b * kBlockBytes)) {}
   void load(int64_t j, __m256* lo, __m256* hi) const {
-    *lo = bf16x8_to_f32(p + j * kPanel);
-    *hi = bf16x8_to_f32(p + j * kPanel + 8);
+    *lo = load8(p + j * kPanel);
+    *hi = load8(p + j * kPanel + 8);
   }
 };
+using F32Format = PlainFormat<float>;
+using BF16Format = PlainFormat<uint16_t>;
 
 struct Q8Format {
   static constexpr int64_t kBlock = 32;
