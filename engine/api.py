@@ -137,7 +137,7 @@ class Engine:
         usable = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
         if cpu_kernel and not usable:
             raise ValueError(
-                "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA and a C++ "
+                "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA, F16C and a C++ "
                 "compiler (see the log for what was missing)"
             )
         cpu_kernel = usable if cpu_kernel is None else cpu_kernel

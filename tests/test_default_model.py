@@ -54,15 +54,16 @@ def hf():
 @pytest.fixture(scope="module", params=["xla", "cpu_kernels"])
 def apply(ours, request):
     """The forward through XLA's ops, and through engine.cpu_kernels with the weights packed
-    as the engine packs them on a CPU (this GGUF's Q4_1 / Q8_0 blocks as int8 codes)."""
+    as the engine packs them on a CPU (this GGUF's Q4_1 blocks as 4-bit codes, the Q8_0
+    embedding as 8-bit ones)."""
     params, packed = ours.params, request.param == "cpu_kernels"
     if packed:
         if not cpu_kernels.available():
             pytest.skip("the CPU kernels need x86-64 with AVX2/FMA and a C++ compiler")
         params = jax.device_put(pack_for_cpu_kernels(params, ours.config))
-        assert all(
-            params[f"layers_{i}"]["mlp"]["up_proj"]["kernel"].dtype == np.uint8 for i in (0, 29)
-        )
+        for i in (0, 29):  # 320 bytes a block of 32 x 16 weights: 4-bit codes
+            assert params[f"layers_{i}"]["mlp"]["up_proj"]["kernel"].shape[-1] == 320
+        assert params["lm_head"].shape[-1] == 640  # the Q8_0 embedding, as 8-bit codes
     net = Transformer(ours.config, ours.dtype, packed)
     return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c))
 

@@ -5,9 +5,9 @@ The C++ sources (`matmul.cc`, `attention.cc`) are built on first use with the sy
 compiler into the jaxfire cache folder and registered as XLA FFI targets. Weights are
 packed once at load time into 16-column panels the matmul streams contiguously, in the
 fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
-blocks as int8 codes with a scale and offset, bfloat16 checkpoints as bfloat16.
+blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
 
-`available()` says whether this machine can use them (x86-64 with AVX2 and FMA, a C++
+`available()` says whether this machine can use them (x86-64 with AVX2, FMA and F16C, a C++
 compiler, JAX on CPU); the model keeps XLA's ops where it cannot.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from checkpoints.registry import cache_root
 
 PANEL = 16  # output columns per panel; matmul.cc's kPanel
-Q8_BLOCK = 32  # rows per q8 block; matmul.cc's Q8Format::kBlock
+QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's QuantFormat::kBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 _SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc")]
@@ -60,7 +60,7 @@ def _build(sources: list[Path], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-w"]
         cmd += [f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", str(partial)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -72,8 +72,8 @@ def _build(sources: list[Path], out: Path) -> None:
 def _register() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"needs x86-64, this is {platform.machine()}")
-    if not {"avx2", "fma"} <= _cpu_flags():
-        raise KernelUnavailable("needs a CPU with AVX2 and FMA")
+    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
+        raise KernelUnavailable("needs a CPU with AVX2, FMA and F16C")
     digest = hashlib.sha256(jax.ffi.include_dir().encode())
     for path in _SOURCES + _HEADERS:
         digest.update(path.read_bytes())
@@ -101,25 +101,78 @@ def available() -> bool:
 
 def pack(kernel: np.ndarray) -> np.ndarray:
     """[K, N] float32 → panels of 16 columns (zero-padded), in the fewest bytes that hold the
-    same values: q8 blocks when every block of 32 rows is `scale * code + offset` (GGUF's
-    Q4_0, Q4_1, Q8_0 after dequantization), else bfloat16 when lossless, else float32."""
+    same values: q4 or q8 blocks when every block of 32 rows is `scale * code + offset`
+    (GGUF's Q4_0, Q4_1, Q8_0 after dequantization), else bfloat16 when lossless, else
+    float32."""
     k, n = kernel.shape
     panels = -(-n // PANEL)
     padded = np.zeros((k, panels * PANEL), np.float32)
     padded[:, :n] = kernel
-    blocks = exact_blocks(padded) if k % Q8_BLOCK == 0 else None
+    blocks = exact_blocks(padded) if k % QUANT_BLOCK == 0 else None
     if blocks is not None:
-        scale, offset, codes = blocks
-        # [K/32, 2, panels, 16] scales and [K/32, 32, panels, 16] codes → per panel and block
-        # 128 bytes of scales then 512 of codes: [panels, K/32, 640].
-        side = np.stack([scale, offset], 1).reshape(k // Q8_BLOCK, 2, panels, PANEL)
-        side = side.transpose(2, 0, 1, 3).reshape(panels, k // Q8_BLOCK, -1).view(np.uint8)
-        codes = codes.reshape(k // Q8_BLOCK, Q8_BLOCK, panels, PANEL).transpose(2, 0, 1, 3)
-        codes = codes.reshape(panels, k // Q8_BLOCK, -1).view(np.uint8)
-        return np.ascontiguousarray(np.concatenate([side, codes], axis=-1))
+        q4 = _as_q4(padded, *blocks)
+        return _pack_q4(*q4, panels) if q4 is not None else _pack_q8(*blocks, panels)
     out = np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
     as_bf16 = out.astype(ml_dtypes.bfloat16)
     return as_bf16 if np.array_equal(as_bf16.astype(np.float32), out) else out
+
+
+def _per_panel_block(a: np.ndarray, panels: int) -> np.ndarray:
+    """[K/32, r, panels * 16] → the bytes of each panel's blocks: [panels, K/32, r * 16 * size]."""
+    blocks, rows = a.shape[:2]
+    a = a.reshape(blocks, rows, panels, PANEL).transpose(2, 0, 1, 3)
+    return np.ascontiguousarray(a).reshape(panels, blocks, -1).view(np.uint8)
+
+
+def _pack_q8(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray, panels: int) -> np.ndarray:
+    """Per panel and block: 16 float32 scales, 16 offsets, then int8 codes [32][16]:
+    [panels, K/32, 640]."""
+    side = _per_panel_block(np.stack([scale, offset], 1), panels)
+    codes = _per_panel_block(codes.reshape(-1, QUANT_BLOCK, codes.shape[1]), panels)
+    return np.concatenate([side, codes], axis=-1)
+
+
+def _pack_q4(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray, panels: int) -> np.ndarray:
+    """Per panel and block: 16 float16 scales, 16 offsets, then codes 0..15 two to a byte,
+    row j in the low nibble and row j + 16 in the high one: [panels, K/32, 320], GGUF's
+    Q4_1 size."""
+    side = _per_panel_block(np.stack([scale, offset], 1).astype(np.float16), panels)
+    codes = codes.astype(np.uint8).reshape(-1, QUANT_BLOCK, codes.shape[1])
+    nibbles = codes[:, :16] | (codes[:, 16:] << 4)
+    return np.concatenate([side, _per_panel_block(nibbles, panels)], axis=-1)
+
+
+def _as_q4(
+    w: np.ndarray, scale: np.ndarray, offset: np.ndarray, codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The same blocks as codes 0..15 with float16 scales and offsets, when they fit and
+    still give every weight exactly; else None."""
+    k, n = codes.shape
+    grouped = codes.reshape(k // QUANT_BLOCK, QUANT_BLOCK, n).astype(np.int64)
+    span = grouped.max(axis=1) - grouped.min(axis=1)
+    if span.max() > 15 or not np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+        return None
+    # scale * c + offset == (sign * scale) * (sign * c - low + t) + offset', where offset'
+    # must be a float16: Q4_0's is -8 * its (signed) scale, not its block's smallest value.
+    sign = np.zeros(span.shape, np.int64)
+    start = np.zeros_like(sign)
+    new_offset = np.zeros_like(offset)
+    for s in (1, -1):
+        low = (s * grouped).min(axis=1)
+        for t in range(16):
+            moved = offset + (low - t) * (s * scale.astype(np.float64))
+            moved = moved.astype(np.float32)
+            fits = moved.astype(np.float16).astype(np.float32) == moved
+            ok = (sign == 0) & (span + t <= 15) & fits
+            sign[ok], start[ok], new_offset[ok] = s, t - low[ok], moved[ok]
+    if (sign == 0).any():
+        return None
+    shifted = sign[:, None] * grouped + start[:, None]
+    scale = (sign * scale).astype(np.float32)
+    rebuilt = scale[:, None].astype(np.float64) * shifted + new_offset[:, None]
+    if not np.array_equal(rebuilt.astype(np.float32).reshape(k, n), w):
+        return None
+    return scale, new_offset, shifted.reshape(k, n)
 
 
 def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -129,7 +182,7 @@ def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     rounded to float16 as GGUF stores them, or not) and keeps the first that reproduces
     every value exactly."""
     k, n = w.shape
-    blocks = w.reshape(k // Q8_BLOCK, Q8_BLOCK, n)
+    blocks = w.reshape(k // QUANT_BLOCK, QUANT_BLOCK, n)
     v = blocks.astype(np.float64)
     lo, hi = v.min(axis=1), v.max(axis=1)
     amax = np.abs(v).max(axis=1)

@@ -1,8 +1,9 @@
 // y[M, N] = x[M, K] @ W for XLA CPU, float32 accumulation, W pre-packed in 16-column panels
-// in one of three formats (see __init__.py for the layouts):
-//   float32 [panels, K, 16], bfloat16 [panels, K, 16], or q8: uint8 [panels, K/32, 640],
-//   blocks of 32 rows holding a scale and an offset per column and int8 codes, each
-//   weight = fma(scale, code, offset): GGUF's Q4_0/Q4_1/Q8_0 weights, exactly.
+// in one of four formats (see __init__.py for the layouts):
+//   float32 [panels, K, 16], bfloat16 [panels, K, 16], q8: uint8 [panels, K/32, 640] or
+//   q4: uint8 [panels, K/32, 320], blocks of 32 rows holding a scale and an offset per
+//   column and 8- or 4-bit codes, each weight = fma(scale, code, offset): GGUF's
+//   Q4_0/Q4_1/Q8_0 weights, exactly.
 //
 // Why: XLA's CPU dots read a small-batch [K, N] weight at a fraction of memory speed (batch
 // 4 took 3x as long as batch 1) and its bfloat16 dots run 10-30x slower than float32.
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +43,7 @@ inline __m256 load8(const uint16_t* bf16) {
 template <typename T>
 struct PlainFormat {
   static constexpr int64_t kBlock = 4;
+  static constexpr bool kQuant = false;
   static constexpr int64_t kBlockBytes = kBlock * kPanel * sizeof(T);
   const T* p;
   PlainFormat(const uint8_t* panel, int64_t b)
@@ -53,25 +56,53 @@ struct PlainFormat {
 using F32Format = PlainFormat<float>;
 using BF16Format = PlainFormat<uint16_t>;
 
-struct Q8Format {
-  static constexpr int64_t kBlock = 32;
-  static constexpr int64_t kBlockBytes = 2 * kPanel * 4 + kBlock * kPanel;  // 640
+// Blocks of 32 rows, each weight = fma(scale, code, offset) with a scale and an offset per
+// column (one rounding: the stored float32 value exactly). Q8: float32 scales and offsets,
+// int8 codes [32][16] (640 bytes). Q4: float16 scales and offsets, codes 0..15 with row j
+// in the low nibble of byte [j][col] and row j + 16 in the high one (320 bytes).
+template <bool kFour>
+struct QuantFormat {
+  static constexpr int64_t kBlock = 32;  // K is a multiple: blocks are always whole
+  static constexpr bool kQuant = true;
+  static constexpr int64_t kSideBytes = 2 * kPanel * (kFour ? 2 : 4);
+  static constexpr int64_t kBlockBytes = kSideBytes + kBlock * kPanel / (kFour ? 2 : 1);
   __m256 d0, d1, m0, m1;
-  const int8_t* q;
-  Q8Format(const uint8_t* panel, int64_t b) {
-    const float* s = reinterpret_cast<const float*>(panel + b * kBlockBytes);
-    d0 = _mm256_loadu_ps(s), d1 = _mm256_loadu_ps(s + 8);
-    m0 = _mm256_loadu_ps(s + 16), m1 = _mm256_loadu_ps(s + 24);
-    q = reinterpret_cast<const int8_t*>(s + 32);
+  const uint8_t* q;
+  QuantFormat(const uint8_t* panel, int64_t b) {
+    const uint8_t* s = panel + b * kBlockBytes;
+    if constexpr (kFour) {
+      const __m128i* h = reinterpret_cast<const __m128i*>(s);
+      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+      m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
+    } else {
+      const float* f = reinterpret_cast<const float*>(s);
+      d0 = _mm256_loadu_ps(f), d1 = _mm256_loadu_ps(f + 8);
+      m0 = _mm256_loadu_ps(f + 16), m1 = _mm256_loadu_ps(f + 24);
+    }
+    q = s + kSideBytes;
+  }
+  // The codes of row j as floats; j is a constant once the block loop is unrolled, so Q4's
+  // nibble choice costs one shift.
+  void codes(int64_t j, __m256* lo, __m256* hi) const {
+    __m128i v;
+    if constexpr (kFour) {
+      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (j & 15) * kPanel));
+      if (j >= 16) v = _mm_srli_epi16(v, 4);
+      v = _mm_and_si128(v, _mm_set1_epi8(15));
+    } else {
+      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
+    }
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
   }
   void load(int64_t j, __m256* lo, __m256* hi) const {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
-    const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
-    *lo = _mm256_fmadd_ps(d0, c0, m0);  // one rounding: the stored float32 value exactly
-    *hi = _mm256_fmadd_ps(d1, c1, m1);
+    codes(j, lo, hi);
+    *lo = _mm256_fmadd_ps(d0, *lo, m0);
+    *hi = _mm256_fmadd_ps(d1, *hi, m1);
   }
 };
+using Q8Format = QuantFormat<false>;
+using Q4Format = QuantFormat<true>;
 
 inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   alignas(32) float out[kPanel];
@@ -122,6 +153,41 @@ void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, in
              _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31)), cols);
 }
 
+// One row against a q4/q8 panel with one FMA a weight: sum_j x_j * (d * c_j + m) is
+// d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one per block) shared by every
+// panel. A row has no other rows to share the decoding of a weight with, and decoding
+// with the scale and offset took as long as the multiply.
+template <typename F>
+void quant_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
+                     float* y, int64_t cols) {
+  __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
+  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
+    const F block(panel, kb / F::kBlock);
+    prefetch_ahead<F>(panel, kb);
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+           a30 = a00, a31 = a00;
+#define JAXFIRE_CODES(i, j)                                \
+  {                                                        \
+    __m256 lo, hi;                                         \
+    block.codes(j, &lo, &hi);                              \
+    const __m256 xj = _mm256_broadcast_ss(x + kb + j);     \
+    a##i##0 = _mm256_fmadd_ps(xj, lo, a##i##0);            \
+    a##i##1 = _mm256_fmadd_ps(xj, hi, a##i##1);            \
+  }
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < F::kBlock; j += 4) {
+      JAXFIRE_CODES(0, j) JAXFIRE_CODES(1, j + 1) JAXFIRE_CODES(2, j + 2) JAXFIRE_CODES(3, j + 3)
+    }
+#undef JAXFIRE_CODES
+    const __m256 xs = _mm256_broadcast_ss(xsum + kb / F::kBlock);
+    const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
+    const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
+    lo_sum = _mm256_fmadd_ps(block.d0, lo, _mm256_fmadd_ps(block.m0, xs, lo_sum));
+    hi_sum = _mm256_fmadd_ps(block.d1, hi, _mm256_fmadd_ps(block.m1, xs, hi_sum));
+  }
+  store_cols(y, lo_sum, hi_sum, cols);
+}
+
 // R rows against one panel: y[r, 0:cols] = sum_k x[r, k] * W[k, 0:cols]. Named
 // accumulators, not an array: GCC kept an accumulator array in memory inside the k loop
 // (a store per FMA, a third of the speed).
@@ -138,8 +204,9 @@ void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, i
   }
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
-    const int64_t rows = std::min(F::kBlock, k_dim - kb);
+    const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
     prefetch_ahead<F>(panel, kb);
+#pragma GCC unroll 32
     for (int64_t j = 0; j < rows; ++j) {
       __m256 lo, hi;
       block.load(j, &lo, &hi);
@@ -153,10 +220,12 @@ void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, i
 }
 
 template <typename F>
-void panel_block(int64_t rows, const float* x, int64_t k_dim, const uint8_t* panel, float* y,
-                 int64_t ldy, int64_t cols) {
+void panel_block(int64_t rows, const float* x, const float* xsum, int64_t k_dim,
+                 const uint8_t* panel, float* y, int64_t ldy, int64_t cols) {
   switch (rows) {
-    case 1: return panel_row<F>(x, k_dim, panel, y, cols);
+    case 1:
+      if constexpr (F::kQuant) return quant_panel_row<F>(x, xsum, k_dim, panel, y, cols);
+      return panel_row<F>(x, k_dim, panel, y, cols);
     case 2: return panel_rows<2, F>(x, k_dim, panel, y, ldy, cols);
     case 3: return panel_rows<3, F>(x, k_dim, panel, y, ldy, cols);
     case 4: return panel_rows<4, F>(x, k_dim, panel, y, ldy, cols);
@@ -170,7 +239,9 @@ template <typename F>
 void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
-    for (int64_t j = 0; j < std::min(F::kBlock, k_dim - kb); ++j) {
+    const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
+#pragma GCC unroll 32
+    for (int64_t j = 0; j < rows; ++j) {
       __m256 lo, hi;
       block.load(j, &lo, &hi);
       _mm256_storeu_ps(out + (kb + j) * kPanel, lo);
@@ -179,10 +250,11 @@ void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
   }
 }
 
-enum class Format { kF32, kBF16, kQ8 };
+enum class Format { kF32, kBF16, kQ8, kQ4 };
 
 struct Matmul {
   const float* x;
+  const float* xsums;  // [m, k / 32]: each row's sum per quant block (q4/q8 formats only)
   const uint8_t* w;
   float* y;
   int64_t m, k, n, panels, panel_bytes, panel_groups;
@@ -216,8 +288,9 @@ struct Matmul {
   template <typename F>
   void rows(int64_t row0, int64_t row_end, const uint8_t* panel, int64_t p, int64_t cols) const {
     for (int64_t r = row0; r < row_end; r += kRowBlock) {
-      panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k, k, panel,
-                     y + r * n + p * kPanel, n, cols);
+      panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k,
+                     xsums + r * (k / Q8Format::kBlock), k, panel, y + r * n + p * kPanel, n,
+                     cols);
     }
   }
 
@@ -237,10 +310,16 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   switch (w.element_type()) {
     case ffi::DataType::F32: format = Format::kF32, k = wd[1]; break;
     case ffi::DataType::BF16: format = Format::kBF16, k = wd[1]; break;
-    case ffi::DataType::U8: format = Format::kQ8, k = wd[1] * Q8Format::kBlock; break;
-    default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q8)");
+    case ffi::DataType::U8:
+      format = wd[2] == Q4Format::kBlockBytes ? Format::kQ4 : Format::kQ8;
+      k = wd[1] * Q8Format::kBlock;
+      break;
+    default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q4/q8)");
   }
-  if (wd[2] != (format == Format::kQ8 ? Q8Format::kBlockBytes : kPanel)) {
+  const int64_t row_bytes = format == Format::kQ8   ? Q8Format::kBlockBytes
+                            : format == Format::kQ4 ? Q4Format::kBlockBytes
+                                                    : kPanel;
+  if (wd[2] != row_bytes) {
     return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
   }
   const int64_t n = y->dimensions().back();
@@ -248,10 +327,20 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
   if (x.element_count() == 0 || k == 0) return ffi::Error::Success();
+  const int64_t m = static_cast<int64_t>(x.element_count()) / k;
+  std::vector<float> xsums;
+  if (format == Format::kQ8 || format == Format::kQ4) {
+    xsums.resize(m * (k / Q8Format::kBlock));
+    for (int64_t i = 0; i < static_cast<int64_t>(xsums.size()); ++i) {
+      const float* xb = x.typed_data() + i * Q8Format::kBlock;
+      xsums[i] = std::accumulate(xb, xb + Q8Format::kBlock, 0.0f);
+    }
+  }
   const Matmul mm{x.typed_data(),
+                  xsums.data(),
                   static_cast<const uint8_t*>(w.untyped_data()),
                   y->typed_data(),
-                  static_cast<int64_t>(x.element_count()) / k,
+                  m,
                   k,
                   n,
                   wd[0],
@@ -261,6 +350,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     case Format::kF32: mm.run<F32Format>(pool); break;
     case Format::kBF16: mm.run<BF16Format>(pool); break;
     case Format::kQ8: mm.run<Q8Format>(pool); break;
+    case Format::kQ4: mm.run<Q4Format>(pool); break;
   }
   return ffi::Error::Success();
 }
