@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Module):
     """x @ kernel (+ bias). `packed`: the kernel was packed by cpu_kernels.pack (16-column
-    panels, q8 blocks, bfloat16 or float32) and runs through cpu_kernels.matmul."""
+    panels, q4/q8 blocks, bfloat16 or float32) and runs through cpu_kernels.matmul."""
 
     features: int
     use_bias: bool
@@ -100,9 +100,14 @@ class Attention(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
-        q = dense(cfg.num_heads * cfg.head_dim, "q_proj", cfg.attention_bias)(x)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", cfg.attention_bias)(x)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", cfg.attention_bias)(x)
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
+            qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x)
+            q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
+        else:
+            q = dense(q_out, "q_proj", cfg.attention_bias)(x)
+            k = dense(kv_out, "k_proj", cfg.attention_bias)(x)
+            v = dense(kv_out, "v_proj", cfg.attention_bias)(x)
         q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
         k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
@@ -138,7 +143,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         dense = lambda n, name: Linear(n, False, self.dtype, self.packed, name=name)
         inter = self.config.intermediate_size
-        h = nn.silu(dense(inter, "gate_proj")(x)) * dense(inter, "up_proj")(x)
+        if self.packed:  # packed side by side, as in Attention
+            gate, up = jnp.split(dense(2 * inter, "gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate, up = dense(inter, "gate_proj")(x), dense(inter, "up_proj")(x)
+        h = nn.silu(gate) * up
         return dense(self.config.hidden_size, "down_proj")(h)
 
 

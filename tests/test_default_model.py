@@ -62,7 +62,7 @@ def apply(ours, request):
             pytest.skip("the CPU kernels need x86-64 with AVX2/FMA and a C++ compiler")
         params = jax.device_put(pack_for_cpu_kernels(params, ours.config))
         for i in (0, 29):  # 320 bytes a block of 32 x 16 weights: 4-bit codes
-            assert params[f"layers_{i}"]["mlp"]["up_proj"]["kernel"].shape[-1] == 320
+            assert params[f"layers_{i}"]["mlp"]["gate_up_proj"]["kernel"].shape[-1] == 320
         assert params["lm_head"].shape[-1] == 640  # the Q8_0 embedding, as 8-bit codes
     net = Transformer(ours.config, ours.dtype, packed)
     return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c))
