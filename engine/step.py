@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import samplers
+from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.model import Transformer, logits_from_hidden
@@ -90,6 +91,8 @@ class Programs:
         self.config = config
         self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
+        # The packed model runs on engine.cpu_kernels, which has the sampler's top_k too.
+        self.top_k = cpu_kernels.top_k if packed else jax.lax.top_k
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
         cache_out = {} if cache_shardings is None else {"out_shardings": cache_shardings}
         state_out = {} if state_shardings is None else {"out_shardings": state_shardings}
@@ -147,7 +150,7 @@ class Programs:
         logits = logits_from_hidden(params, hidden, self.config, self.model.packed)
         logp = jax.nn.log_softmax(logits[0], axis=-1)
         chosen = jnp.take_along_axis(logp, targets[0][:, None], axis=-1)[:, 0]
-        top_lp, top_ids = jax.lax.top_k(logp, self.num_top)
+        top_lp, top_ids = self.top_k(logp, self.num_top)
         return chosen, top_ids, top_lp
 
     def _decode(
@@ -168,7 +171,9 @@ class Programs:
                 {"params": params}, st.tokens[:, None], st.positions[:, None], cache, kv_len=kv_len
             )
             batch = dataclasses.replace(st.sampling, active=st.active)
-            tokens, info, batch = sample(logits[:, 0], batch, num_logprobs=self.num_top)
+            tokens, info, batch = sample(
+                logits[:, 0], batch, num_logprobs=self.num_top, top_k=self.top_k
+            )
             live = st.active
             remaining = st.remaining - live.astype(jnp.int32)
             eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos

@@ -23,6 +23,7 @@ This is exact: the max over the tail tokens of z + Gumbel is a Gumbel at the tai
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.extend
@@ -31,6 +32,10 @@ import jax.numpy as jnp
 from samplers import bias, filters, mirostat, penalties
 from samplers.filters import NEG_INF, Candidates
 from samplers.params import GREEDY_TEMPERATURE, SamplingBatch
+
+# (x f32[S, V], k) -> (values f32[S, k] descending, ids i32[S, k]), ties by lower id: lax.top_k,
+# or a faster equivalent the caller has (the engine's CPU kernel).
+TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
 
 
 @jax.tree_util.register_dataclass
@@ -93,7 +98,11 @@ def _scatter(ids: jax.Array, values: jax.Array, vocab: int) -> jax.Array:
 
 
 def candidates(
-    x: jax.Array, z_full: jax.Array, temperature: jax.Array, num_candidates: int
+    x: jax.Array,
+    z_full: jax.Array,
+    temperature: jax.Array,
+    num_candidates: int,
+    top_k: TopK = jax.lax.top_k,
 ) -> tuple[Candidates, jax.Array]:
     """The top `num_candidates` of x: f32[S, V] with their tail summary (z_full = x / T).
 
@@ -105,7 +114,7 @@ def candidates(
     c = min(num_candidates, v)
     # The barrier keeps XLA from merging later slices into top_k, which on CPU would turn it
     # back into a full sort.
-    vals, ids = jax.lax.optimization_barrier(jax.lax.top_k(x, min(c + 1, v)))
+    vals, ids = jax.lax.optimization_barrier(top_k(x, min(c + 1, v)))
     head_z = filters.temperature(vals[:, :c], temperature)
     none = jnp.zeros((s,), bool)
     if c < v:
@@ -145,11 +154,16 @@ def full_sort_candidates(x: jax.Array, temperature: jax.Array) -> tuple[Candidat
 
 
 def _survivors(
-    x: jax.Array, z_full: jax.Array, batch: SamplingBatch, num_candidates: int, wide: int
+    x: jax.Array,
+    z_full: jax.Array,
+    batch: SamplingBatch,
+    num_candidates: int,
+    wide: int,
+    top_k: TopK = jax.lax.top_k,
 ) -> _Survivors:
     """x: processed logits f32[S, V]; z_full: x / T. Runs the filters, exactly (module doc)."""
     v = x.shape[1]
-    cand, head_ids = candidates(x, z_full, batch.temperature, num_candidates)
+    cand, head_ids = candidates(x, z_full, batch.temperature, num_candidates, top_k)
     fast = truncate(cand, batch)
     s, c = cand.z.shape
 
@@ -170,7 +184,7 @@ def _survivors(
 
     def wider():
         # The first c of the wide candidates are the candidates, in the same order.
-        wide_cand, wide_ids = candidates(x, z_full, batch.temperature, wide)
+        wide_cand, wide_ids = candidates(x, z_full, batch.temperature, wide, top_k)
         w = truncate(wide_cand, batch)
 
         def wide_only():
@@ -200,10 +214,11 @@ def filtered_logits(
     batch: SamplingBatch,
     num_candidates: int = 256,
     wide_candidates: int = 4096,
+    top_k: TopK = jax.lax.top_k,
 ) -> jax.Array:
     """f32[S, V]: the logits a sampling row draws from (-inf outside its surviving set)."""
     x, z = _processed_and_scaled(logits, batch)
-    sv = _survivors(x, z, batch, num_candidates, wide_candidates)
+    sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k)
     kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | _tail_only(sv)
     return jnp.where(kept, z, NEG_INF)
 
@@ -254,12 +269,14 @@ def sample(
     num_logprobs: int = 0,
     num_candidates: int = 256,
     wide_candidates: int = 4096,
+    top_k: TopK = jax.lax.top_k,
 ) -> tuple[jax.Array, LogprobInfo, SamplingBatch]:
     """One sampling step for every slot.
 
     logits: f32[S, V] raw model logits; batch: S slots. `num_logprobs` (N), `num_candidates`
-    and `wide_candidates` are static. Returns tokens i32[S], LogprobInfo and the batch with
-    counts, step and mirostat mu advanced in the active rows (inactive rows untouched).
+    and `wide_candidates` are static; `top_k` is lax.top_k or an equivalent (TopK). Returns
+    tokens i32[S], LogprobInfo and the batch with counts, step and mirostat mu advanced in
+    the active rows (inactive rows untouched).
     """
     raw = logits.astype(jnp.float32)
     x, z = _processed_and_scaled(raw, batch)
@@ -267,7 +284,7 @@ def sample(
     sampling = batch.active & ~greedy
 
     def draw() -> tuple[jax.Array, jax.Array]:
-        sv = _survivors(x, z, batch, num_candidates, wide_candidates)
+        sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k)
         drawn = _draw(sv, z, batch, sampling)
         tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
         head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)
@@ -281,7 +298,7 @@ def sample(
 
     tokens, log_q = jax.lax.cond(jnp.any(sampling), draw, argmax_only)
     raw_lse = jax.nn.logsumexp(raw, axis=-1)
-    top_logits, top_ids = jax.lax.top_k(raw, num_logprobs)
+    top_logits, top_ids = top_k(raw, num_logprobs)
     info = LogprobInfo(
         token_logprob=jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0] - raw_lse,
         top_ids=top_ids,

@@ -3,6 +3,8 @@ exactness, and decode attention against a float64 softmax written from its defin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -10,6 +12,9 @@ import numpy as np
 import pytest
 
 from engine import cpu_kernels
+from samplers import SamplingParams
+from samplers.pipeline import sample
+from tests.test_samplers_support import batch_of
 
 if not cpu_kernels.available():
     pytest.skip(
@@ -149,3 +154,38 @@ def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path)
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
         _build(_SOURCES, tmp_path / "kernels.so")
     assert not (tmp_path / "kernels.so").exists()
+
+
+@pytest.mark.parametrize(("rows", "v", "k"), [(1, 10, 10), (3, 500, 65), (5, 4000, 257), (2, 7, 0)])
+def test_top_k_equals_lax_top_k_with_ties_and_infinities(rows, v, k):
+    x = RNG.integers(-20, 20, (rows, v)).astype(np.float32) / 4  # many ties
+    x[:, ::7] = -np.inf
+    x[0, 3] = np.inf
+    got = jax.jit(cpu_kernels.top_k, static_argnums=1)(x, k)
+    want = jax.lax.top_k(jnp.asarray(x), k)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_the_sampler_draws_the_same_tokens_with_the_top_k_kernel():
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.9, seed=1),  # a nucleus past 64 candidates
+        SamplingParams(temperature=1.0, top_k=40, min_p=0.05, seed=2),
+        SamplingParams(temperature=1.3, typical_p=0.5, seed=3),
+        SamplingParams(temperature=0.0),
+    ]
+    batch = batch_of(params, 500, slots=8)
+    logits = jnp.asarray((RNG.normal(size=(8, 500)) * 0.3).astype(np.float32))
+    static = ("num_logprobs", "num_candidates", "wide_candidates", "top_k")
+    run = functools.partial(
+        jax.jit(sample, static_argnames=static),
+        num_logprobs=3,
+        num_candidates=64,
+        wide_candidates=256,
+    )
+    for _ in range(3):
+        want = run(logits, batch)
+        got = run(logits, batch, top_k=cpu_kernels.top_k)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        batch = want[2]

@@ -1,8 +1,8 @@
-"""Decode kernels for XLA CPU: a float32-accumulating matmul over packed weights, and
-attention of one query token against the cache in place.
+"""Decode kernels for XLA CPU: a float32-accumulating matmul over packed weights,
+attention of one query token against the cache in place, and the sampler's top_k.
 
-The C++ sources (`matmul.cc`, `attention.cc`) are built on first use with the system's C++
-compiler into the jaxfire cache folder and registered as XLA FFI targets. Weights are
+The C++ sources (`matmul.cc`, `attention.cc`, `top_k.cc`) are built on first use with the
+system's C++ compiler into the jaxfire cache folder and registered as XLA FFI targets. Weights are
 packed once at load time into 16-column panels the matmul streams contiguously, in the
 fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
 blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
@@ -35,7 +35,8 @@ PANEL = 16  # output columns per panel; matmul.cc's kPanel
 QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's QuantFormat::kBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
-_SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc")]
+TOP_K = "jaxfire_cpu_top_k"
+_SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "top_k.cc")]
 _HEADERS = [Path(__file__).with_name("parallel.h")]
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,12 @@ def _register() -> None:
         log.info("building the CPU kernels into %s", lib_path)
         _build(_SOURCES, lib_path)
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
-    for name, symbol in ((MATMUL, lib.JaxfireMatmul), (ATTENTION, lib.JaxfireDecodeAttention)):
+    targets = (
+        (MATMUL, lib.JaxfireMatmul),
+        (ATTENTION, lib.JaxfireDecodeAttention),
+        (TOP_K, lib.JaxfireTopK),
+    )
+    for name, symbol in targets:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
 
 
@@ -225,3 +231,12 @@ def decode_attention(
     call = jax.ffi.ffi_call(ATTENTION, out)
     q, positions = q.astype(jnp.float32), positions.astype(jnp.int32)
     return call(q, keys, values, positions, window=np.int64(window or 0))
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k of f32[S, V] rows, the same values and ids (ties by lower id), by selection
+    rather than XLA CPU's sort: (f32[S, k] descending, i32[S, k])."""
+    _register()
+    s = x.shape[0]
+    out = (jax.ShapeDtypeStruct((s, k), jnp.float32), jax.ShapeDtypeStruct((s, k), jnp.int32))
+    return jax.ffi.ffi_call(TOP_K, out)(x.astype(jnp.float32))
