@@ -39,11 +39,12 @@ _DONE = object()
 MAX_N = 128  # choices per request (Fireworks' and OpenAI's limit)
 
 
-def buckets(lo: int, hi: int) -> list[int]:
-    """Powers of two from lo up to hi, with hi itself last."""
+def buckets(lo: int, hi: int, midpoints: bool = False) -> list[int]:
+    """Powers of two from lo up to hi (and 1.5 times each between, with `midpoints`), with
+    hi itself last."""
     out, b = [], lo
     while b < hi:
-        out.append(b)
+        out += [b, b * 3 // 2] if midpoints and b * 3 // 2 < hi else [b]
         b *= 2
     return out + [hi]
 
@@ -154,7 +155,9 @@ class Scheduler:
         self.tok, self.s = tokenizer, settings
         self.vocab_size, self.context_window = vocab_size, context_window
         self.state = DecodeState.empty(settings.max_slots, vocab_size, settings.max_bias)
-        self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len)
+        # Prompts pad to the next bucket, and a prefill costs its padded length: with
+        # midpoints a prompt pays less than half again its own length, not up to double.
+        self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len, True)
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(
             min(settings.min_slot_bucket, settings.max_slots), settings.max_slots

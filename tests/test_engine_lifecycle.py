@@ -229,3 +229,12 @@ def test_sync_generate_inside_running_loop_and_threads(engine):
     for t in threads:
         t.join(60)
     assert [list(c.token_ids) for c in results] == [expected] * 8
+
+
+def test_prompts_pad_by_less_than_half_their_length_to_their_prefill_bucket():
+    from engine.scheduler import bucket_for, buckets
+
+    sizes = buckets(16, 3000, midpoints=True)
+    assert sizes[:4] == [16, 24, 32, 48] and sizes[-1] == 3000
+    for n in range(17, 3001):
+        assert n <= bucket_for(n, sizes) < n * 1.5
