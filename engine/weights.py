@@ -73,6 +73,8 @@ def params_from_hf(
 
 # Matrices that read the same input, packed side by side as one (engine.model's `packed`):
 # one kernel call instead of three or two, each call costing a few microseconds of its own.
+# A fused matrix takes the roomiest format any of its parts needs (all Q4_1 in the default
+# GGUF; a mixed K-quant file may put a part in 8 bits, or in bf16 where no grid fits).
 FUSED = {
     "self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
     "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
