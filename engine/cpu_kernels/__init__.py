@@ -2,9 +2,9 @@
 attention of one query token against the cache in place, and the sampler's top_k.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `top_k.cc`) are built on first use with the
-system's C++ compiler into the jaxfire cache folder and registered as XLA FFI targets. Weights are
-packed once at load time into 16-column panels the matmul streams contiguously, in the
-fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
+system's C++ compiler into the jaxfire cache folder and registered as XLA FFI targets.
+Weights are packed once at load time into 16-column panels the matmul streams contiguously,
+in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
 blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
 
 `available()` says whether this machine can use them (x86-64 with AVX2, FMA and F16C, a C++
@@ -32,7 +32,7 @@ import numpy as np
 from checkpoints.registry import cache_root
 
 PANEL = 16  # output columns per panel; matmul.cc's kPanel
-QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's QuantFormat::kBlock
+QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 TOP_K = "jaxfire_cpu_top_k"

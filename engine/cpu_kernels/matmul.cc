@@ -30,6 +30,7 @@ constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accu
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 4;
 constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kQuantBlock = 32;  // rows per q4/q8 block (__init__.py's QUANT_BLOCK)
 
 // A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -62,7 +63,7 @@ using BF16Format = PlainFormat<uint16_t>;
 // in the low nibble of byte [j][col] and row j + 16 in the high one (320 bytes).
 template <bool kFour>
 struct QuantFormat {
-  static constexpr int64_t kBlock = 32;  // K is a multiple: blocks are always whole
+  static constexpr int64_t kBlock = kQuantBlock;  // K is a multiple: blocks are always whole
   static constexpr bool kQuant = true;
   static constexpr int64_t kSideBytes = 2 * kPanel * (kFour ? 2 : 4);
   static constexpr int64_t kBlockBytes = kSideBytes + kBlock * kPanel / (kFour ? 2 : 1);
@@ -289,7 +290,7 @@ struct Matmul {
   void rows(int64_t row0, int64_t row_end, const uint8_t* panel, int64_t p, int64_t cols) const {
     for (int64_t r = row0; r < row_end; r += kRowBlock) {
       panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k,
-                     xsums + r * (k / Q8Format::kBlock), k, panel, y + r * n + p * kPanel, n,
+                     xsums + r * (k / kQuantBlock), k, panel, y + r * n + p * kPanel, n,
                      cols);
     }
   }
@@ -310,16 +311,16 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   switch (w.element_type()) {
     case ffi::DataType::F32: format = Format::kF32, k = wd[1]; break;
     case ffi::DataType::BF16: format = Format::kBF16, k = wd[1]; break;
-    case ffi::DataType::U8:
+    case ffi::DataType::U8:  // the bytes of a block tell q4 from q8
       format = wd[2] == Q4Format::kBlockBytes ? Format::kQ4 : Format::kQ8;
-      k = wd[1] * Q8Format::kBlock;
+      k = wd[1] * kQuantBlock;
       break;
     default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q4/q8)");
   }
-  const int64_t row_bytes = format == Format::kQ8   ? Q8Format::kBlockBytes
-                            : format == Format::kQ4 ? Q4Format::kBlockBytes
-                                                    : kPanel;
-  if (wd[2] != row_bytes) {
+  const bool quant = format == Format::kQ8 || format == Format::kQ4;
+  if (wd[2] != (format == Format::kQ4 ? Q4Format::kBlockBytes
+                : quant               ? Q8Format::kBlockBytes
+                                      : kPanel)) {
     return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
   }
   const int64_t n = y->dimensions().back();
@@ -329,11 +330,11 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   if (x.element_count() == 0 || k == 0) return ffi::Error::Success();
   const int64_t m = static_cast<int64_t>(x.element_count()) / k;
   std::vector<float> xsums;
-  if (format == Format::kQ8 || format == Format::kQ4) {
-    xsums.resize(m * (k / Q8Format::kBlock));
+  if (quant) {  // a single row (a call of one, or the last of a long one) sums blocks of x
+    xsums.resize(m * (k / kQuantBlock));
     for (int64_t i = 0; i < static_cast<int64_t>(xsums.size()); ++i) {
-      const float* xb = x.typed_data() + i * Q8Format::kBlock;
-      xsums[i] = std::accumulate(xb, xb + Q8Format::kBlock, 0.0f);
+      const float* xb = x.typed_data() + i * kQuantBlock;
+      xsums[i] = std::accumulate(xb, xb + kQuantBlock, 0.0f);
     }
   }
   const Matmul mm{x.typed_data(),
