@@ -75,7 +75,9 @@ def tokenizer_writer(
         context = meta.get(f"{meta['general.architecture']}.context_length")
         if context:
             kwargs["model_max_length"] = context
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs, **extra)
+        # The file's own special tokens win over what the converter guessed (transformers
+        # 5.17's converter names unk_token too, and a repeated keyword is a TypeError).
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **kwargs})
         tokenizer.save_pretrained(str(dst))
         special = dst / "special_tokens_map.json"
         if not special.exists():  # transformers 5 no longer writes it
