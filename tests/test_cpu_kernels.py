@@ -4,6 +4,7 @@ exactness, and decode attention against a float64 softmax written from its defin
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,9 @@ def matmul(x: np.ndarray, packed: np.ndarray, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", list(WEIGHTS))
 @pytest.mark.parametrize(
-    ("m", "k", "n"), [(1, 64, 16), (1, 320, 40), (3, 96, 37), (7, 32, 100), (130, 64, 49)]
+    ("m", "k", "n"),
+    # 49 rows: a last chunk of one row (the one-row path inside a longer call).
+    [(1, 64, 16), (1, 320, 40), (3, 96, 37), (7, 32, 100), (49, 64, 33), (130, 64, 49)],
 )
 def test_matmul_equals_exact_math_in_every_format(kind, m, k, n):
     w = WEIGHTS[kind](k, n)
@@ -86,6 +89,19 @@ def test_matmul_equals_exact_math_in_every_format(kind, m, k, n):
     bound = k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w))
     assert got.shape == (m, n)
     assert np.all(np.abs(got - exact) <= bound + 1e-30)
+
+
+def test_concurrent_calls_each_get_the_result_they_get_alone():
+    """Calls from several threads at once: one holds the spinning helper team, the others
+    fall back to XLA's pool; either way each call's units are its own."""
+    k, n = 256, 300
+    packed = cpu_kernels.pack(WEIGHTS["q4_1"](k, n))
+    xs = [RNG.standard_normal((m, k)).astype(np.float32) for m in (1, 2, 7, 49) * 3]
+    alone = [matmul(x, packed, n) for x in xs]
+    with ThreadPoolExecutor(len(xs)) as pool:
+        for _ in range(5):
+            for got, want in zip(pool.map(lambda x: matmul(x, packed, n), xs), alone, strict=True):
+                np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "bfloat16"])

@@ -69,7 +69,7 @@ class Team {
   }
 
  private:
-  static constexpr std::chrono::microseconds kSpin{300};
+  static constexpr std::chrono::microseconds kSpin{50};
 
   Team() {
     cpu_set_t set;
