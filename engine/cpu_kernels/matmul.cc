@@ -285,6 +285,7 @@ void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
+    prefetch_ahead<F>(panel, kb);
 #pragma GCC unroll 32
     for (int64_t j = 0; j < rows; ++j) {
       __m256 lo, hi;
@@ -330,12 +331,18 @@ struct Matmul {
     }
   }
 
+  // Blocks of at most kRowBlock rows, as even as they divide (8 rows: 4 + 4, not 6 + 2): a
+  // block of one or two rows has too few independent sums to hide the FMA latency. Each
+  // row's sums run in the same order whatever its block, so a row's result does not depend
+  // on its neighbours. A block of one row is only ever a chunk of one row (see xsums).
   template <typename F>
   void rows(int64_t row0, int64_t row_end, const uint8_t* panel, int64_t p, int64_t cols) const {
-    for (int64_t r = row0; r < row_end; r += kRowBlock) {
-      panel_block<F>(std::min(kRowBlock, row_end - r), x + r * k,
-                     xsums + r * (k / kQuantBlock), k, panel, y + r * n + p * kPanel, n,
-                     cols);
+    for (int64_t r = row0, blocks = (row_end - row0 + kRowBlock - 1) / kRowBlock; r < row_end;
+         --blocks) {
+      const int64_t size = (row_end - r + blocks - 1) / blocks;
+      panel_block<F>(size, x + r * k, xsums + r * (k / kQuantBlock), k, panel,
+                     y + r * n + p * kPanel, n, cols);
+      r += size;
     }
   }
 
