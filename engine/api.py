@@ -249,7 +249,7 @@ class Engine:
         s, p = self.scheduler, self.programs
         for T in s.prefill_buckets:
             tokens = np.zeros((1, T), np.int32)
-            rows, hidden = p.prefill(s.params, tokens)
+            rows, hidden = p.prefill(s.params, tokens, np.int32(T))
             s.cache = p.insert(s.cache, rows, np.int32(0))
             jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
         row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)

@@ -44,10 +44,10 @@ class Linear(nn.Module):
     packed: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid_rows: jax.Array | None = None) -> jax.Array:
         if self.packed:  # packed at load time (its format sets its shape); never initialised
             kernel = self.get_variable("params", "kernel")
-            y = cpu_kernels.matmul(x, kernel, self.features).astype(self.dtype)
+            y = cpu_kernels.matmul(x, kernel, self.features, valid_rows).astype(self.dtype)
         else:
             init = nn.initializers.lecun_normal()
             kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
@@ -96,13 +96,13 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows):
         cfg = self.config
         B, T, _ = x.shape
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
-            qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x)
+            qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
             q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
@@ -131,7 +131,7 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
             out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
         out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
-        return dense(cfg.hidden_size, "o_proj", False)(out), (k_cache, v_cache)
+        return dense(cfg.hidden_size, "o_proj", False)(out, valid_rows), (k_cache, v_cache)
 
 
 class MLP(nn.Module):
@@ -140,15 +140,15 @@ class MLP(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid_rows):
         dense = lambda n, name: Linear(n, False, self.dtype, self.packed, name=name)
         inter = self.config.intermediate_size
         if self.packed:  # packed side by side, as in Attention
-            gate, up = jnp.split(dense(2 * inter, "gate_up_proj")(x), 2, axis=-1)
+            gate, up = jnp.split(dense(2 * inter, "gate_up_proj")(x, valid_rows), 2, axis=-1)
         else:
             gate, up = dense(inter, "gate_proj")(x), dense(inter, "up_proj")(x)
         h = nn.silu(gate) * up
-        return dense(self.config.hidden_size, "down_proj")(h)
+        return dense(self.config.hidden_size, "down_proj")(h, valid_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -157,15 +157,16 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len):
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows):
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, inv_freq, cache_kv, kv_len
+            h, positions, mask, inv_freq, cache_kv, kv_len, valid_rows
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.config, self.dtype, self.packed, name="mlp")(h), cache_kv
+        mlp = MLP(self.config, self.dtype, self.packed, name="mlp")
+        return x + mlp(h, valid_rows), cache_kv
 
 
 class Transformer(nn.Module):
@@ -177,6 +178,9 @@ class Transformer(nn.Module):
     a bucket above the longest live position so short sequences don't pay for max_len.
     `head=False` returns the final normed hidden states [B, T, D] instead of logits, so
     a prefill that needs no prompt logprobs skips the vocabulary projection.
+    `valid_rows` (int32 scalar, may be traced): tokens from this one on, counted over
+    [B, T] flattened, are padding; the CPU kernels skip their matrix rows (left zero),
+    XLA's ops compute them. Either way no query before it sees them.
     """
 
     config: ModelConfig
@@ -193,6 +197,7 @@ class Transformer(nn.Module):
         cache: KVCache,
         kv_len: int | None = None,
         head: bool = True,
+        valid_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         kv_len = kv_len or cache[0][0].shape[2]
@@ -208,7 +213,7 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
             x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, inv_freq, cache[i], kv_len
+                x, positions, mask, inv_freq, cache[i], kv_len, valid_rows
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

@@ -302,7 +302,7 @@ class Scheduler:
             T = bucket_for(P - 1, self.prefill_buckets)
             tokens = np.zeros((1, T), np.int32)
             tokens[0, : P - 1] = ids[:-1]
-            owner.rows, hidden = self.p.prefill(self.params, tokens)
+            owner.rows, hidden = self.p.prefill(self.params, tokens, np.int32(P - 1))
             if r.prompt_logprobs:
                 targets = np.zeros((1, T), np.int32)
                 targets[0, : P - 1] = ids[1:]

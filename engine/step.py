@@ -129,18 +129,22 @@ class Programs:
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
 
-    def _prefill(self, params: Params, tokens: jax.Array) -> tuple[KVCache, jax.Array]:
+    def _prefill(
+        self, params: Params, tokens: jax.Array, length: jax.Array
+    ) -> tuple[KVCache, jax.Array]:
         """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
 
-        T is the prompt bucket; tokens past the prompt are padding whose K/V lands at
-        positions no later query can see."""
+        T is the prompt bucket; tokens from `length` on are padding, whose K/V lands at
+        positions no later query can see (and whose matrix rows the CPU kernels skip)."""
         cfg, T = self.config, tokens.shape[1]
         rows = [
             (jnp.zeros((1, cfg.num_kv_heads, T, cfg.head_dim), self.model.dtype),) * 2
             for _ in range(cfg.num_layers)
         ]
         positions = jnp.arange(T, dtype=jnp.int32)[None]
-        hidden, rows = self.model.apply({"params": params}, tokens, positions, rows, head=False)
+        hidden, rows = self.model.apply(
+            {"params": params}, tokens, positions, rows, head=False, valid_rows=length
+        )
         return rows, hidden
 
     def _prompt_logprobs(

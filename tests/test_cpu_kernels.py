@@ -91,6 +91,21 @@ def test_matmul_equals_exact_math_in_every_format(kind, m, k, n):
     assert np.all(np.abs(got - exact) <= bound + 1e-30)
 
 
+def test_padding_rows_are_left_zero_and_valid_rows_unchanged():
+    """A prompt padded to its bucket: rows from `valid_rows` on are not computed, and the
+    rest come out bit for bit as in the full call (no chunk of one row here: that one takes
+    the one-row path, which rounds differently)."""
+    k, n = 64, 40
+    packed = cpu_kernels.pack(WEIGHTS["q4_1"](k, n))
+    x = RNG.standard_normal((2, 50, k)).astype(np.float32)
+    full = matmul(x, packed, n)
+    call = jax.jit(cpu_kernels.matmul, static_argnums=2)
+    for valid in (0, 2, 47, 57, 100):
+        got = np.asarray(call(jnp.asarray(x), packed, n, jnp.int32(valid))).reshape(100, n)
+        np.testing.assert_array_equal(got[:valid], full.reshape(100, n)[:valid])
+        assert not got[valid:].any()
+
+
 def test_concurrent_calls_each_get_the_result_they_get_alone():
     """Calls from several threads at once: one holds the spinning helper team, the others
     fall back to XLA's pool; either way each call's units are its own."""

@@ -213,11 +213,19 @@ def exact_blocks(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     return None
 
 
-def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """f32[..., K] @ packed [ceil(n/16), K, 16] → f32[..., n]."""
+def matmul(
+    x: jax.Array, packed: jax.Array, n: int, valid_rows: jax.Array | None = None
+) -> jax.Array:
+    """f32[..., K] @ packed [ceil(n/16), K, 16] → f32[..., n].
+
+    `valid_rows` (an int32 scalar, may be traced): the rows of x, counted over its leading
+    axes flattened, from which on x is padding; their outputs are zero, not computed."""
     _register()
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32)
-    return jax.ffi.ffi_call(MATMUL, out)(x.astype(jnp.float32), packed)
+    rows = x.size // x.shape[-1] if valid_rows is None else valid_rows
+    return jax.ffi.ffi_call(MATMUL, out)(
+        x.astype(jnp.float32), packed, jnp.asarray(rows, jnp.int32)
+    )
 
 
 def decode_attention(

@@ -353,8 +353,10 @@ struct Matmul {
   }
 };
 
+// Rows of x from `valid` on are padding (a prompt's bucket past its length): their
+// outputs are left zero rather than computed.
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                      ffi::ResultBuffer<ffi::F32> y) {
+                      ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
   if (wd.size() != 3) return ffi::Error::InvalidArgument("packed weight must be rank 3");
   Format format;
@@ -378,8 +380,12 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != wd[0]) {
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
+  if (valid.element_count() != 1) return ffi::Error::InvalidArgument("valid must be a scalar");
   if (x.element_count() == 0 || k == 0) return ffi::Error::Success();
-  const int64_t m = static_cast<int64_t>(x.element_count()) / k;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
+  const int64_t m = std::clamp<int64_t>(valid.typed_data()[0], 0, rows);
+  std::fill(y->typed_data() + m * n, y->typed_data() + rows * n, 0.0f);
+  if (m == 0) return ffi::Error::Success();
   // The one-row path reads x's block sums, and only a chunk of one row takes it: a call of
   // one row, or the last chunk of a longer one. Summing every row (serial float adds) cost
   // a tenth of a prefill.
@@ -419,4 +425,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireMatmul, MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
