@@ -154,10 +154,10 @@ void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, in
              _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31)), cols);
 }
 
-// One row against a q4/q8 panel with one FMA a weight: sum_j x_j * (d * c_j + m) is
-// d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one per block) shared by every
-// panel. A row has no other rows to share the decoding of a weight with, and decoding
-// with the scale and offset took as long as the multiply.
+// One row against a q8 panel (q4: q4_panel_row, below) with one FMA a weight:
+// sum_j x_j * (d * c_j + m) is d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one
+// per block) shared by every panel. A row has no other rows to share the decoding of a
+// weight with, and decoding with the scale and offset took as long as the multiply.
 template <typename F>
 void quant_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
                      float* y, int64_t cols) {
@@ -268,9 +268,13 @@ void panel_block(int64_t rows, const float* x, const float* xsum, int64_t k_dim,
                  const uint8_t* panel, float* y, int64_t ldy, int64_t cols) {
   switch (rows) {
     case 1:
-      if constexpr (std::is_same_v<F, Q4Format>) return q4_panel_row(x, xsum, k_dim, panel, y, cols);
-      if constexpr (F::kQuant) return quant_panel_row<F>(x, xsum, k_dim, panel, y, cols);
-      return panel_row<F>(x, k_dim, panel, y, cols);
+      if constexpr (std::is_same_v<F, Q4Format>) {
+        return q4_panel_row(x, xsum, k_dim, panel, y, cols);
+      } else if constexpr (F::kQuant) {
+        return quant_panel_row<F>(x, xsum, k_dim, panel, y, cols);
+      } else {
+        return panel_row<F>(x, k_dim, panel, y, cols);
+      }
     case 2: return panel_rows<2, F>(x, k_dim, panel, y, ldy, cols);
     case 3: return panel_rows<3, F>(x, k_dim, panel, y, ldy, cols);
     case 4: return panel_rows<4, F>(x, k_dim, panel, y, ldy, cols);
@@ -387,8 +391,8 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   std::fill(y->typed_data() + m * n, y->typed_data() + rows * n, 0.0f);
   if (m == 0) return ffi::Error::Success();
   // The one-row path reads x's block sums, and only a chunk of one row takes it: a call of
-  // one row, or the last chunk of a longer one. Summing every row (serial float adds) cost
-  // a tenth of a prefill.
+  // one row, or the last chunk of a longer one (summing every row, serial float adds, cost
+  // a prefill a few percent).
   std::vector<float> xsums;
   if (quant && (m - 1) % kRowChunk == 0) {
     const int64_t blocks = k / kQuantBlock;
