@@ -20,27 +20,99 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to
+// float precision), e^r by its Taylor polynomial to r^7 (truncation ~1e-8 relative), 2^n
+// built in the exponent bits. Scalar std::exp, one call a score, was most of the kernel's
+// time at batch 32. x is clamped at -87, where 2^n stays a normal float: such a term is
+// e^-87 ~ 1.6e-38 instead of smaller, nothing against a softmax total of at least 1.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606820309417e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  const __m256i two_n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+float hsum(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// s[t] = e^(s[t] - top) for t < n; returns their sum.
+float exp_shifted(float* s, int64_t n, float top) {
+  int64_t t = 0;
+  __m256 total = _mm256_setzero_ps();
+  const __m256 shift = _mm256_set1_ps(top);
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
+    _mm256_storeu_ps(s + t, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum(total);
+  for (; t < n; ++t) sum += s[t] = std::exp(s[t] - top);
+  return sum;
+}
+
+// Four independent sums: a head's 64 products in one chain waited on the FMA latency.
 float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
-  float sum = 0.0f;
-  if (n >= 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    sum = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
   }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
-  int64_t i = 0;
-  const __m256 av = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+// o[d] = sum_t p[t] * v[t][d], 64 columns at a time held in registers over all positions:
+// an axpy per position stored the output and loaded it back, a chain through memory.
+void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dim, float* o) {
+  int64_t d = 0;
+  for (; d + 64 <= dim; d += 64) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    for (int64_t t = 0; t < seen; ++t) {
+      const __m256 w = _mm256_broadcast_ss(p + t);
+      const float* vt = v + t * dim + d;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
+      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
+      a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
+      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
+      a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+    }
+    const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d + 8 * i, acc[i]);
   }
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; d + 8 <= dim; d += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t t = 0; t < seen; ++t) {
+      a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t), _mm256_loadu_ps(v + t * dim + d), a);
+    }
+    _mm256_storeu_ps(o + d, a);
+  }
+  for (; d < dim; ++d) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < seen; ++t) sum = std::fma(p[t], v[t * dim + d], sum);
+    o[d] = sum;
+  }
 }
 
 // q [B, K, G, D], caches [slots, K, S, D], positions [B] -> out [B, K, G, D]. Row b's
@@ -74,22 +146,32 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const int64_t seen = std::max<int64_t>(0, last + 1 - first);
     const float* k = kp + ((b * kv_heads + h) * len + first) * dim;
     const float* v = vp + ((b * kv_heads + h) * len + first) * dim;
-    thread_local std::vector<float> scores, query;
+    // Scores position by position for every query of the group (a key row is read once for
+    // the group), then each query's weighted sum of the values, its output in registers.
+    thread_local std::vector<float> scores, query, inv;
     scores.resize(seen * groups);
-    query.resize(dim);
+    query.resize(groups * dim);
+    inv.resize(groups);
+    const float* qh = qp + (b * kv_heads + h) * groups * dim;
+    float* oh = op + (b * kv_heads + h) * groups * dim;
+    std::fill(oh, oh + groups * dim, 0.0f);
+    if (seen == 0) return;
+    for (int64_t i = 0; i < groups * dim; ++i) query[i] = qh[i] * scale;  // as XLA rounds
+    for (int64_t t = 0; t < seen; ++t) {
+      for (int64_t g = 0; g < groups; ++g) {
+        scores[g * seen + t] = dot(query.data() + g * dim, k + t * dim, dim);
+      }
+    }
     for (int64_t g = 0; g < groups; ++g) {
-      const float* qg = qp + ((b * kv_heads + h) * groups + g) * dim;
-      float* o = op + ((b * kv_heads + h) * groups + g) * dim;
-      std::fill(o, o + dim, 0.0f);
-      if (seen == 0) continue;
-      for (int64_t d = 0; d < dim; ++d) query[d] = qg[d] * scale;  // as the XLA path rounds
       float* s = scores.data() + g * seen;
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t] = dot(query.data(), k + t * dim, dim));
-      float total = 0.0f;
-      for (int64_t t = 0; t < seen; ++t) total += s[t] = std::exp(s[t] - top);
-      const float inv = 1.0f / total;
-      for (int64_t t = 0; t < seen; ++t) axpy(s[t] * inv, v + t * dim, o, dim);
+      for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
+      inv[g] = 1.0f / exp_shifted(s, seen, top);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float* prob = scores.data() + g * seen;
+      for (int64_t t = 0; t < seen; ++t) prob[t] *= inv[g];
+      weighted_sum(prob, v, seen, dim, oh + g * dim);
     }
   });
   return ffi::Error::Success();
