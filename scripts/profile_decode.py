@@ -11,27 +11,16 @@ own, without the scheduler or the sampler. Medians over repeated runs, in ms a s
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from bench_sampling import median_ms  # scripts/ is on sys.path when run as a script
 
 from engine import cpu_kernels
 from engine.kv_cache import init_cache
 from engine.loading import load_model
 from engine.model import Transformer, logits_from_hidden
-
-
-def median_ms(fn: Callable[[], object], repeats: int, per: int = 1) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / per * 1e3
 
 
 def main() -> None:
@@ -69,9 +58,10 @@ def main() -> None:
     with_head, without_head = loop(True), loop(False)
     hidden = jnp.ones((batch, 1, config.hidden_size), jnp.float32)
     head_only = jax.jit(lambda p, h: logits_from_hidden(p, h, config, packed))
-    full = median_ms(lambda: with_head(params, cache, tokens), args.repeats, steps)
-    layers = median_ms(lambda: without_head(params, cache, tokens), args.repeats, steps)
-    head = median_ms(lambda: head_only(params, hidden), args.repeats * 4)
+    # Wall-clock medians (bench_sampling's helper), per model step.
+    full = median_ms(lambda: with_head(params, cache, tokens), args.repeats)[0] / steps
+    layers = median_ms(lambda: without_head(params, cache, tokens), args.repeats)[0] / steps
+    head = median_ms(lambda: head_only(params, hidden), args.repeats * 4)[0]
     kernels = "the CPU kernels" if packed else "XLA's ops"
     print(f"batch {batch}, {kernels}, {jax.device_count()} device(s):")
     print(f"  model step, logits and argmax: {full:6.2f} ms")

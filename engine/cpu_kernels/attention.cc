@@ -148,14 +148,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const float* v = vp + ((b * kv_heads + h) * len + first) * dim;
     // Scores position by position for every query of the group (a key row is read once for
     // the group), then each query's weighted sum of the values, its output in registers.
-    thread_local std::vector<float> scores, query, inv;
+    thread_local std::vector<float> scores, query;
     scores.resize(seen * groups);
     query.resize(groups * dim);
-    inv.resize(groups);
     const float* qh = qp + (b * kv_heads + h) * groups * dim;
     float* oh = op + (b * kv_heads + h) * groups * dim;
-    std::fill(oh, oh + groups * dim, 0.0f);
-    if (seen == 0) return;
+    if (seen == 0) {
+      std::fill(oh, oh + groups * dim, 0.0f);
+      return;
+    }
     for (int64_t i = 0; i < groups * dim; ++i) query[i] = qh[i] * scale;  // as XLA rounds
     for (int64_t t = 0; t < seen; ++t) {
       for (int64_t g = 0; g < groups; ++g) {
@@ -166,12 +167,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       float* s = scores.data() + g * seen;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
-      inv[g] = 1.0f / exp_shifted(s, seen, top);
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      float* prob = scores.data() + g * seen;
-      for (int64_t t = 0; t < seen; ++t) prob[t] *= inv[g];
-      weighted_sum(prob, v, seen, dim, oh + g * dim);
+      const float inv = 1.0f / exp_shifted(s, seen, top);
+      for (int64_t t = 0; t < seen; ++t) s[t] *= inv;
+      weighted_sum(s, v, seen, dim, oh + g * dim);
     }
   });
   return ffi::Error::Success();

@@ -154,17 +154,29 @@ void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, in
              _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31)), cols);
 }
 
-// One row against a q8 panel (q4: q4_panel_row, below) with one FMA a weight:
-// sum_j x_j * (d * c_j + m) is d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one
-// per block) shared by every panel. A row has no other rows to share the decoding of a
-// weight with, and decoding with the scale and offset took as long as the multiply.
+// A single row against a q4/q8 panel takes one FMA a weight: sum_j x_j * (d * c_j + m) is
+// d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one per block) shared by every
+// panel. A row has no other rows to share the decoding of a weight with, and decoding
+// with the scale and offset took as long as the multiply. This adds one block's four
+// pairs of partial sums of x * code to the row's totals.
 template <typename F>
-void quant_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
-                     float* y, int64_t cols) {
+inline void add_block(const F& block, float xsum, __m256 a00, __m256 a01, __m256 a10,
+                      __m256 a11, __m256 a20, __m256 a21, __m256 a30, __m256 a31,
+                      __m256& lo_sum, __m256& hi_sum) {
+  const __m256 xs = _mm256_set1_ps(xsum);
+  const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
+  const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
+  lo_sum = _mm256_fmadd_ps(block.d0, lo, _mm256_fmadd_ps(block.m0, xs, lo_sum));
+  hi_sum = _mm256_fmadd_ps(block.d1, hi, _mm256_fmadd_ps(block.m1, xs, hi_sum));
+}
+
+// One row against a q8 panel (q4: q4_panel_row, below).
+void q8_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
+                  float* y, int64_t cols) {
   __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
-  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
-    const F block(panel, kb / F::kBlock);
-    prefetch_ahead<F>(panel, kb);
+  for (int64_t kb = 0; kb < k_dim; kb += kQuantBlock) {
+    const Q8Format block(panel, kb / kQuantBlock);
+    prefetch_ahead<Q8Format>(panel, kb);
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
            a30 = a00, a31 = a00;
 #define JAXFIRE_CODES(i, j)                                \
@@ -176,20 +188,17 @@ void quant_panel_row(const float* x, const float* xsum, int64_t k_dim, const uin
     a##i##1 = _mm256_fmadd_ps(xj, hi, a##i##1);            \
   }
 #pragma GCC unroll 8
-    for (int64_t j = 0; j < F::kBlock; j += 4) {
+    for (int64_t j = 0; j < kQuantBlock; j += 4) {
       JAXFIRE_CODES(0, j) JAXFIRE_CODES(1, j + 1) JAXFIRE_CODES(2, j + 2) JAXFIRE_CODES(3, j + 3)
     }
 #undef JAXFIRE_CODES
-    const __m256 xs = _mm256_broadcast_ss(xsum + kb / F::kBlock);
-    const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
-    const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
-    lo_sum = _mm256_fmadd_ps(block.d0, lo, _mm256_fmadd_ps(block.m0, xs, lo_sum));
-    hi_sum = _mm256_fmadd_ps(block.d1, hi, _mm256_fmadd_ps(block.m1, xs, hi_sum));
+    add_block(block, xsum[kb / kQuantBlock], a00, a01, a10, a11, a20, a21, a30, a31, lo_sum,
+              hi_sum);
   }
   store_cols(y, lo_sum, hi_sum, cols);
 }
 
-// quant_panel_row for q4, reading two rows at once: byte [j][c] holds rows j and j + 16 of
+// One row against a q4 panel, reading two rows at once: byte [j][c] holds rows j and j + 16 of
 // column c, so one zero-extending load gives eight columns of both, and a nibble costs an
 // and or a shift instead of the shuffles that split a 16-byte row (8.5 -> 7 vector
 // operations per 16 weights, the single row being bound by them rather than by memory).
@@ -223,11 +232,8 @@ void q4_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_
       JAXFIRE_TWO_ROWS(3, j + 3)
     }
 #undef JAXFIRE_TWO_ROWS
-    const __m256 xs = _mm256_broadcast_ss(xsum + kb / kQuantBlock);
-    const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
-    const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
-    lo_sum = _mm256_fmadd_ps(block.d0, lo, _mm256_fmadd_ps(block.m0, xs, lo_sum));
-    hi_sum = _mm256_fmadd_ps(block.d1, hi, _mm256_fmadd_ps(block.m1, xs, hi_sum));
+    add_block(block, xsum[kb / kQuantBlock], a00, a01, a10, a11, a20, a21, a30, a31, lo_sum,
+              hi_sum);
   }
   store_cols(y, lo_sum, hi_sum, cols);
 }
@@ -270,8 +276,8 @@ void panel_block(int64_t rows, const float* x, const float* xsum, int64_t k_dim,
     case 1:
       if constexpr (std::is_same_v<F, Q4Format>) {
         return q4_panel_row(x, xsum, k_dim, panel, y, cols);
-      } else if constexpr (F::kQuant) {
-        return quant_panel_row<F>(x, xsum, k_dim, panel, y, cols);
+      } else if constexpr (std::is_same_v<F, Q8Format>) {
+        return q8_panel_row(x, xsum, k_dim, panel, y, cols);
       } else {
         return panel_row<F>(x, k_dim, panel, y, cols);
       }

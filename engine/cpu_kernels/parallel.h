@@ -123,9 +123,8 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t units, Fn fn) {
   auto call = [](const void* f, int64_t u) { (*static_cast<const Fn*>(f))(u); };
   Job job(call, &fn, units);
   if (Team::get().run(job)) return;
-  auto shared = std::make_shared<Job>(call, nullptr, units);
   auto owned = std::make_shared<Fn>(std::move(fn));
-  shared->fn = owned.get();
+  auto shared = std::make_shared<Job>(call, owned.get(), units);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), units - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared, owned] { shared->drain(); });
   shared->drain();
