@@ -57,11 +57,16 @@ class Linear(nn.Module):
         return y
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of each position's rotation angles: f32[..., D/2] for positions [...]."""
+    freqs = positions.astype(F32)[..., None] * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D], positions: [B, T]."""
-    freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    cos, sin = rope_tables(positions, inv_freq)  # [B, T, D/2]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -96,13 +101,20 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows):
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh):
         cfg = self.config
         B, T, _ = x.shape
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
+            if fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
+                cos, sin = rope_tables(positions[0], inv_freq)
+                rows = B * T if valid_rows is None else valid_rows
+                out, *new_kv = cpu_kernels.prefill_attention(
+                    qkv, cos, sin, rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
+                )
+                return dense(cfg.hidden_size, "o_proj", False)(out, valid_rows), tuple(new_kv)
             q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
@@ -157,11 +169,11 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows):
+    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh):
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, inv_freq, cache_kv, kv_len, valid_rows
+            h, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -181,6 +193,9 @@ class Transformer(nn.Module):
     `valid_rows` (int32 scalar, may be traced): tokens from this one on, counted over
     [B, T] flattened, are padding; the CPU kernels skip their matrix rows (left zero),
     XLA's ops compute them. Either way no query before it sees them.
+    `fresh` (static) promises a prefill from empty rows: positions are 0 .. T-1 in every
+    row and the cache holds nothing else. The CPU kernels then attend within the new tokens
+    and return their K/V as the cache ([B, kv_heads, T, head_dim] per layer).
     """
 
     config: ModelConfig
@@ -198,6 +213,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         head: bool = True,
         valid_rows: jax.Array | None = None,
+        fresh: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         kv_len = kv_len or cache[0][0].shape[2]
@@ -213,7 +229,7 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
             x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, inv_freq, cache[i], kv_len, valid_rows
+                x, positions, mask, inv_freq, cache[i], kv_len, valid_rows, fresh
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

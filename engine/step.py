@@ -143,7 +143,7 @@ class Programs:
         ]
         positions = jnp.arange(T, dtype=jnp.int32)[None]
         hidden, rows = self.model.apply(
-            {"params": params}, tokens, positions, rows, head=False, valid_rows=length
+            {"params": params}, tokens, positions, rows, head=False, valid_rows=length, fresh=True
         )
         return rows, hidden
 

@@ -180,6 +180,50 @@ def test_decode_attention_equals_softmax_over_visible_positions(head_dim, window
     )
 
 
+def rotate_half(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@pytest.mark.parametrize("head_dim", [4, 64, 68, 80])
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_attention_equals_rotary_causal_softmax(head_dim, window):
+    rows, length, heads, kv_heads, valid = 2, 19, 6, 2, 30  # row 1 ends in 8 padding tokens
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = RNG.standard_normal((rows, length, width)).astype(np.float32)
+    angles = RNG.uniform(0, 6, (length, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    got = jax.jit(cpu_kernels.prefill_attention, static_argnums=(4, 5, 6))(
+        qkv, cos, sin, valid, heads, kv_heads, window
+    )
+    out, keys, values = (np.asarray(x) for x in got)
+
+    x = qkv.astype(np.float64).reshape(rows, length, heads + 2 * kv_heads, head_dim)
+    q = rotate_half(x[:, :, :heads], cos[:, None], sin[:, None])
+    k = rotate_half(x[:, :, heads : heads + kv_heads], cos[:, None], sin[:, None])
+    v = x[:, :, heads + kv_heads :]
+    real = (np.arange(rows * length) < valid).reshape(rows, length)
+    np.testing.assert_allclose(
+        keys, np.where(real[:, None, :, None], k.transpose(0, 2, 1, 3), 0), atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        values, np.where(real[:, None, :, None], v.transpose(0, 2, 1, 3), 0)
+    )
+    want = np.zeros((rows, length, heads, head_dim))
+    for r in range(rows):
+        for t in range(length):
+            if not real[r, t]:
+                continue
+            seen = slice(0 if window is None else max(0, t + 1 - window), t + 1)
+            for h in range(heads):
+                kv = h // (heads // kv_heads)
+                scores = k[r, seen, kv] @ q[r, t, h] / np.sqrt(head_dim)
+                p = np.exp(scores - scores.max())
+                want[r, t, h] = p / p.sum() @ v[r, seen, kv]
+    np.testing.assert_allclose(out, want.reshape(out.shape), atol=2e-6)
+
+
 def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path):
     import shutil
 

@@ -1,5 +1,6 @@
-"""Decode kernels for XLA CPU: a float32-accumulating matmul over packed weights,
-attention of one query token against the cache in place, and the sampler's top_k.
+"""Kernels for XLA CPU: a float32-accumulating matmul over packed weights, attention of one
+query token against the cache in place, a prompt's causal attention from its q/k/v
+projection, and the sampler's top_k.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `top_k.cc`) are built on first use with the
 system's C++ compiler into the jaxfire cache folder and registered as XLA FFI targets.
@@ -35,6 +36,7 @@ PANEL = 16  # output columns per panel; matmul.cc's kPanel
 QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
+PREFILL_ATTENTION = "jaxfire_cpu_prefill_attention"
 TOP_K = "jaxfire_cpu_top_k"
 _SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "top_k.cc")]
 _HEADERS = [Path(__file__).with_name("parallel.h")]
@@ -86,6 +88,7 @@ def _register() -> None:
     targets = (
         (MATMUL, lib.JaxfireMatmul),
         (ATTENTION, lib.JaxfireDecodeAttention),
+        (PREFILL_ATTENTION, lib.JaxfirePrefillAttention),
         (TOP_K, lib.JaxfireTopK),
     )
     for name, symbol in targets:
@@ -239,6 +242,37 @@ def decode_attention(
     call = jax.ffi.ffi_call(ATTENTION, out)
     q, positions = q.astype(jnp.float32), positions.astype(jnp.int32)
     return call(q, keys, values, positions, window=np.int64(window or 0))
+
+
+def prefill_attention(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    valid_rows: jax.Array,
+    num_heads: int,
+    num_kv_heads: int,
+    window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal self-attention of T new tokens per row at positions 0 .. T-1, straight from the
+    fused projection qkv f32[B, T, (H + 2K) D] (queries, keys, values side by side), with
+    HF's rotate-half rotary embedding by cos / sin f32[T, D/2] applied to queries and keys.
+
+    Returns (out f32[B, T, H D], keys f32[B, K, T, D] rotated, values f32[B, K, T, D]): the
+    cache's layout. The query at position t sees keys max(0, t + 1 - window) .. t. Tokens
+    from `valid_rows` on (int32 scalar, over [B, T] flattened) are padding: zeros out."""
+    _register()
+    b, t, width = qkv.shape
+    dim = width // (num_heads + 2 * num_kv_heads)
+    kv = jax.ShapeDtypeStruct((b, num_kv_heads, t, dim), jnp.float32)
+    out = (jax.ShapeDtypeStruct((b, t, num_heads * dim), jnp.float32), kv, kv)
+    return jax.ffi.ffi_call(PREFILL_ATTENTION, out)(
+        qkv.astype(jnp.float32),
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        jnp.asarray(valid_rows, jnp.int32),
+        num_heads=np.int64(num_heads),
+        window=np.int64(window or 0),
+    )
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

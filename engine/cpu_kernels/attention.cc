@@ -1,10 +1,15 @@
-// Decode attention for XLA CPU: one query token per row against that row's own cached
-// keys and values, read in place from the preallocated cache.
+// Attention for XLA CPU.
 //
-// Why: XLA sliced every layer's K and V out of the cache each step (a copy of the whole
-// attended window) and ran the per-row scores and weighted sums as generic fusions; at
-// batch 32 that was over half the decode step. Here each (row, KV head) reads only the
-// positions its query can see, once, for all the query heads of its group.
+// Decode: one query token per row against that row's own cached keys and values, read in
+// place from the preallocated cache. XLA sliced every layer's K and V out of the cache each
+// step (a copy of the whole attended window) and ran the per-row scores and weighted sums as
+// generic fusions; at batch 32 that was over half the decode step. Here each (row, KV head)
+// reads only the positions its query can see, once, for all the query heads of its group.
+//
+// Prefill: a prompt's causal self-attention straight from its fused q/k/v projection, rotary
+// embedding included, returning the keys and values in the cache's layout. Through XLA the
+// split, the rotations, the transposes to and from the heads-first layout and the batched
+// dots were a quarter of a 128-token prefill, nearly all of it copies and per-op overhead.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -175,7 +180,120 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+// y = rotate-half rotary embedding of x [dim]: (x1 cos - x2 sin, x2 cos + x1 sin).
+void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* y) {
+  const int64_t half = dim / 2;
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
+    const __m256 c = _mm256_loadu_ps(cos + i), s = _mm256_loadu_ps(sin + i);
+    _mm256_storeu_ps(y + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+    _mm256_storeu_ps(y + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+  }
+  for (; i < half; ++i) {
+    const float a = x[i], b = x[half + i];
+    y[i] = a * cos[i] - b * sin[i];
+    y[half + i] = b * cos[i] + a * sin[i];
+  }
+}
+
+// qkv [B, T, (H + 2K) D] (queries, keys, values side by side, token t at position t),
+// cos / sin [T, D / 2], valid (tokens from this one on, over [B, T], are padding) ->
+// out [B, T, H D], keys and values [B, K, T, D] with the keys rotated. The query at position
+// t sees keys max(0, t + 1 - window) .. t (window 0: no window); padding gets zeros.
+ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                            ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
+                            ffi::Buffer<ffi::S32> valid_rows, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
+                            int64_t num_heads, int64_t window) {
+  const auto xd = qkv.dimensions();
+  const auto kd = keys->dimensions();
+  if (xd.size() != 3 || kd.size() != 4) {
+    return ffi::Error::InvalidArgument("qkv must be [B, T, (H + 2K) D] and keys [B, K, T, D]");
+  }
+  const int64_t rows = xd[0], len = xd[1], kv_heads = kd[1], dim = kd[3];
+  const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
+  if (xd[2] != width || kd[0] != rows || kd[2] != len || num_heads % kv_heads != 0 ||
+      cos_table.element_count() != len * (dim / 2) || dim % 2 != 0) {
+    return ffi::Error::InvalidArgument("qkv, cos/sin and keys shapes disagree");
+  }
+  const int64_t valid = std::clamp<int64_t>(valid_rows.typed_data()[0], 0, rows * len);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const float* xp = qkv.typed_data();
+  const float* cp = cos_table.typed_data();
+  const float* sp = sin_table.typed_data();
+  float* op = out->typed_data();
+  float* kp = keys->typed_data();
+  float* vp = values->typed_data();
+
+  // Rotate the queries (into out, which the second pass overwrites) and the keys, and move
+  // keys and values into the heads-first layout, one token at a time.
+  jaxfire::parallel_for(pool, rows * len, [=](int64_t u) {
+    const int64_t b = u / len, t = u % len;
+    const float* x = xp + u * width;
+    float* o = op + u * num_heads * dim;
+    const float *c = cp + t * (dim / 2), *s = sp + t * (dim / 2);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      float* k = kp + ((b * kv_heads + h) * len + t) * dim;
+      float* v = vp + ((b * kv_heads + h) * len + t) * dim;
+      if (u >= valid) {
+        std::fill(k, k + dim, 0.0f);
+        std::fill(v, v + dim, 0.0f);
+        continue;
+      }
+      rotate(x + (num_heads + h) * dim, c, s, dim, k);
+      std::copy(x + (num_heads + kv_heads + h) * dim, x + (num_heads + kv_heads + h + 1) * dim, v);
+    }
+    if (u >= valid) return std::fill(o, o + num_heads * dim, 0.0f);
+    for (int64_t h = 0; h < num_heads; ++h) rotate(x + h * dim, c, s, dim, o + h * dim);
+  });
+
+  // Then (row, KV head, block of 8 queries) units: the scores, softmax and weighted sum of
+  // each query head of the group, in place of its rotated query.
+  constexpr int64_t kBlock = 8;
+  const int64_t blocks = (len + kBlock - 1) / kBlock;
+  jaxfire::parallel_for(pool, rows * kv_heads * blocks, [=](int64_t u) {
+    const int64_t b = u / (kv_heads * blocks), h = u / blocks % kv_heads, blk = u % blocks;
+    const float* k = kp + (b * kv_heads + h) * len * dim;
+    const float* v = vp + (b * kv_heads + h) * len * dim;
+    thread_local std::vector<float> scores, query;
+    scores.resize(len);
+    query.resize(dim);
+    for (int64_t t = blk * kBlock; t < std::min(len, (blk + 1) * kBlock); ++t) {
+      if (b * len + t >= valid) break;  // zeros already, from the first pass
+      const int64_t first = window > 0 ? std::max<int64_t>(0, t + 1 - window) : 0;
+      const int64_t seen = t + 1 - first;
+      for (int64_t g = 0; g < groups; ++g) {
+        float* o = op + ((b * len + t) * num_heads + h * groups + g) * dim;
+        for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < seen; ++j) {
+          scores[j] = dot(query.data(), k + (first + j) * dim, dim);
+          top = std::max(top, scores[j]);
+        }
+        const float inv = 1.0f / exp_shifted(scores.data(), seen, top);
+        for (int64_t j = 0; j < seen; ++j) scores[j] *= inv;
+        weighted_sum(scores.data(), v + first * dim, seen, dim, o);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfirePrefillAttention, PrefillAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
