@@ -50,6 +50,16 @@ def q8_0_weights(k: int, n: int) -> np.ndarray:
     return (d[:, None] * q).astype(np.float32).reshape(k, n)
 
 
+def q4_f32_weights(k: int, n: int) -> np.ndarray:
+    """Q4_1's grid with scales of 12 significant bits, which float16 (q4 blocks) cannot hold
+    and float32 holds exactly, as it does every value of the grid."""
+    d = (2049 + 2 * RNG.integers(0, 1000, (k // 32, n))) * 2.0**-21
+    m = -RNG.integers(0, 400, (k // 32, n)) * 2.0**-10
+    q = RNG.integers(0, 16, (k // 32, 32, n))
+    q[:, 0], q[:, 1] = 0, 15
+    return (d[:, None] * q + m[:, None]).astype(np.float32).reshape(k, n)
+
+
 WEIGHTS = {
     "float32": lambda k, n: RNG.standard_normal((k, n)).astype(np.float32),
     "bfloat16": lambda k, n: (
@@ -58,13 +68,15 @@ WEIGHTS = {
     "q4_0": q4_0_weights,
     "q4_1": q4_1_weights,
     "q8_0": q8_0_weights,
+    "q4_f32": q4_f32_weights,
 }
 PACKED_AS = {  # dtype, bytes per panel row (float formats) or per 32-row block (q4, q8)
     "float32": (np.float32, 16),
     "bfloat16": (ml_dtypes.bfloat16, 16),
     "q4_0": (np.uint8, 320),
     "q4_1": (np.uint8, 320),
-    "q8_0": (np.uint8, 640),
+    "q8_0": (np.uint8, 544),
+    "q4_f32": (np.uint8, 640),
 }
 
 
@@ -119,7 +131,7 @@ def test_concurrent_calls_each_get_the_result_they_get_alone():
                 np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "bfloat16"])
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "q4_f32", "bfloat16"])
 def test_compact_formats_give_the_float32_result_bit_for_bit(kind):
     """A compact format holds the same values, so where several rows share the decoded
     weights the same sums come out: any difference from the float32 panels would be a

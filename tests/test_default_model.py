@@ -63,7 +63,7 @@ def apply(ours, request):
         params = jax.device_put(pack_for_cpu_kernels(params, ours.config))
         for i in (0, 29):  # 320 bytes a block of 32 x 16 weights: 4-bit codes
             assert params[f"layers_{i}"]["mlp"]["gate_up_proj"]["kernel"].shape[-1] == 320
-        assert params["lm_head"].shape[-1] == 640  # the Q8_0 embedding, as 8-bit codes
+        assert params["lm_head"].shape[-1] == 544  # the Q8_0 embedding: f16 scales, 8-bit codes
     net = Transformer(ours.config, ours.dtype, packed)
     return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c))
 

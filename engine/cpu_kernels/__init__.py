@@ -111,8 +111,8 @@ def available() -> bool:
 def pack(kernel: np.ndarray) -> np.ndarray:
     """[K, N] float32 → panels of 16 columns (zero-padded), in the fewest bytes that hold the
     same values: q4 or q8 blocks when every block of 32 rows is `scale * code + offset`
-    (GGUF's Q4_0, Q4_1, Q8_0 after dequantization), else bfloat16 when lossless, else
-    float32."""
+    (GGUF's Q4_0, Q4_1, Q8_0 after dequantization; q8 without offsets and with float16
+    scales when those hold it, as Q8_0's do), else bfloat16 when lossless, else float32."""
     k, n = kernel.shape
     panels = -(-n // PANEL)
     padded = np.zeros((k, panels * PANEL), np.float32)
@@ -120,7 +120,12 @@ def pack(kernel: np.ndarray) -> np.ndarray:
     blocks = exact_blocks(padded) if k % QUANT_BLOCK == 0 else None
     if blocks is not None:
         q4 = _as_q4(padded, *blocks)
-        return _pack_q4(*q4, panels) if q4 is not None else _pack_q8(*blocks, panels)
+        if q4 is not None:
+            return _pack_q4(*q4, panels)
+        scale, offset, codes = blocks
+        if not offset.any() and np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+            return _pack_q8_symmetric(scale, codes, panels)
+        return _pack_q8(*blocks, panels)
     out = np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
     as_bf16 = out.astype(ml_dtypes.bfloat16)
     return as_bf16 if np.array_equal(as_bf16.astype(np.float32), out) else out
@@ -137,6 +142,14 @@ def _pack_q8(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray, panels: i
     """Per panel and block: 16 float32 scales, 16 offsets, then int8 codes [32][16]:
     [panels, K/32, 640]."""
     side = _per_panel_block(np.stack([scale, offset], 1), panels)
+    codes = _per_panel_block(codes.reshape(-1, QUANT_BLOCK, codes.shape[1]), panels)
+    return np.concatenate([side, codes], axis=-1)
+
+
+def _pack_q8_symmetric(scale: np.ndarray, codes: np.ndarray, panels: int) -> np.ndarray:
+    """Per panel and block: 16 float16 scales, then int8 codes [32][16]: [panels, K/32, 544],
+    GGUF's Q8_0 size."""
+    side = _per_panel_block(scale[:, None].astype(np.float16), panels)
     codes = _per_panel_block(codes.reshape(-1, QUANT_BLOCK, codes.shape[1]), panels)
     return np.concatenate([side, codes], axis=-1)
 

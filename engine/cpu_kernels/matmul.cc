@@ -1,9 +1,9 @@
 // y[M, N] = x[M, K] @ W for XLA CPU, float32 accumulation, W pre-packed in 16-column panels
 // in one of four formats (see __init__.py for the layouts):
-//   float32 [panels, K, 16], bfloat16 [panels, K, 16], q8: uint8 [panels, K/32, 640] or
-//   q4: uint8 [panels, K/32, 320], blocks of 32 rows holding a scale and an offset per
-//   column and 8- or 4-bit codes, each weight = fma(scale, code, offset): GGUF's
-//   Q4_0/Q4_1/Q8_0 weights, exactly.
+//   float32 [panels, K, 16], bfloat16 [panels, K, 16], q8: uint8 [panels, K/32, 640],
+//   symmetric q8: uint8 [panels, K/32, 544] or q4: uint8 [panels, K/32, 320], blocks of 32
+//   rows holding a scale (and an offset) per column and 8- or 4-bit codes, each weight =
+//   fma(scale, code, offset): GGUF's Q4_0/Q4_1/Q8_0 weights, exactly.
 //
 // Why: XLA's CPU dots read a small-batch [K, N] weight at a fraction of memory speed (batch
 // 4 took 3x as long as batch 1) and its bfloat16 dots run 10-30x slower than float32.
@@ -59,26 +59,35 @@ using BF16Format = PlainFormat<uint16_t>;
 
 // Blocks of 32 rows, each weight = fma(scale, code, offset) with a scale and an offset per
 // column (one rounding: the stored float32 value exactly). Q8: float32 scales and offsets,
-// int8 codes [32][16] (640 bytes). Q4: float16 scales and offsets, codes 0..15 with row j
-// in the low nibble of byte [j][col] and row j + 16 in the high one (320 bytes).
-template <bool kFour>
+// int8 codes [32][16] (640 bytes). Q8 symmetric (GGUF's Q8_0): float16 scales, no offsets,
+// int8 codes (544 bytes). Q4: float16 scales and offsets, codes 0..15 with row j in the low
+// nibble of byte [j][col] and row j + 16 in the high one (320 bytes).
+enum class Quant { kQ8, kQ8Symmetric, kQ4 };
+
+template <Quant kKind>
 struct QuantFormat {
   static constexpr int64_t kBlock = kQuantBlock;  // K is a multiple: blocks are always whole
   static constexpr bool kQuant = true;
-  static constexpr int64_t kSideBytes = 2 * kPanel * (kFour ? 2 : 4);
+  static constexpr bool kFour = kKind == Quant::kQ4;
+  static constexpr bool kOffsets = kKind != Quant::kQ8Symmetric;
+  static constexpr int64_t kSideBytes =
+      kKind == Quant::kQ8 ? 2 * kPanel * 4 : (kOffsets ? 2 : 1) * kPanel * 2;
   static constexpr int64_t kBlockBytes = kSideBytes + kBlock * kPanel / (kFour ? 2 : 1);
-  __m256 d0, d1, m0, m1;
+  __m256 d0, d1, m0 = _mm256_setzero_ps(), m1 = m0;
   const uint8_t* q;
   QuantFormat(const uint8_t* panel, int64_t b) {
     const uint8_t* s = panel + b * kBlockBytes;
-    if constexpr (kFour) {
-      const __m128i* h = reinterpret_cast<const __m128i*>(s);
-      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
-      m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
-    } else {
+    if constexpr (kKind == Quant::kQ8) {
       const float* f = reinterpret_cast<const float*>(s);
       d0 = _mm256_loadu_ps(f), d1 = _mm256_loadu_ps(f + 8);
       m0 = _mm256_loadu_ps(f + 16), m1 = _mm256_loadu_ps(f + 24);
+    } else {
+      const __m128i* h = reinterpret_cast<const __m128i*>(s);
+      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+      if constexpr (kOffsets) {
+        m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2));
+        m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
+      }
     }
     q = s + kSideBytes;
   }
@@ -98,12 +107,18 @@ struct QuantFormat {
   }
   void load(int64_t j, __m256* lo, __m256* hi) const {
     codes(j, lo, hi);
-    *lo = _mm256_fmadd_ps(d0, *lo, m0);
-    *hi = _mm256_fmadd_ps(d1, *hi, m1);
+    if constexpr (kOffsets) {
+      *lo = _mm256_fmadd_ps(d0, *lo, m0);
+      *hi = _mm256_fmadd_ps(d1, *hi, m1);
+    } else {
+      *lo = _mm256_mul_ps(d0, *lo);
+      *hi = _mm256_mul_ps(d1, *hi);
+    }
   }
 };
-using Q8Format = QuantFormat<false>;
-using Q4Format = QuantFormat<true>;
+using Q8Format = QuantFormat<Quant::kQ8>;
+using Q8SymmetricFormat = QuantFormat<Quant::kQ8Symmetric>;
+using Q4Format = QuantFormat<Quant::kQ4>;
 
 inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   alignas(32) float out[kPanel];
@@ -166,17 +181,22 @@ inline void add_block(const F& block, float xsum, __m256 a00, __m256 a01, __m256
   const __m256 xs = _mm256_set1_ps(xsum);
   const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
   const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
-  lo_sum = _mm256_fmadd_ps(block.d0, lo, _mm256_fmadd_ps(block.m0, xs, lo_sum));
-  hi_sum = _mm256_fmadd_ps(block.d1, hi, _mm256_fmadd_ps(block.m1, xs, hi_sum));
+  if constexpr (F::kOffsets) {
+    lo_sum = _mm256_fmadd_ps(block.m0, xs, lo_sum);
+    hi_sum = _mm256_fmadd_ps(block.m1, xs, hi_sum);
+  }
+  lo_sum = _mm256_fmadd_ps(block.d0, lo, lo_sum);
+  hi_sum = _mm256_fmadd_ps(block.d1, hi, hi_sum);
 }
 
-// One row against a q8 panel (q4: q4_panel_row, below).
+// One row against a q8 panel, either kind (q4: q4_panel_row, below).
+template <typename F>
 void q8_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
                   float* y, int64_t cols) {
   __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
   for (int64_t kb = 0; kb < k_dim; kb += kQuantBlock) {
-    const Q8Format block(panel, kb / kQuantBlock);
-    prefetch_ahead<Q8Format>(panel, kb);
+    const F block(panel, kb / kQuantBlock);
+    prefetch_ahead<F>(panel, kb);
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
            a30 = a00, a31 = a00;
 #define JAXFIRE_CODES(i, j)                                \
@@ -276,8 +296,8 @@ void panel_block(int64_t rows, const float* x, const float* xsum, int64_t k_dim,
     case 1:
       if constexpr (std::is_same_v<F, Q4Format>) {
         return q4_panel_row(x, xsum, k_dim, panel, y, cols);
-      } else if constexpr (std::is_same_v<F, Q8Format>) {
-        return q8_panel_row(x, xsum, k_dim, panel, y, cols);
+      } else if constexpr (F::kQuant) {
+        return q8_panel_row<F>(x, xsum, k_dim, panel, y, cols);
       } else {
         return panel_row<F>(x, k_dim, panel, y, cols);
       }
@@ -306,7 +326,7 @@ void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
   }
 }
 
-enum class Format { kF32, kBF16, kQ8, kQ4 };
+enum class Format { kF32, kBF16, kQ8, kQ8Symmetric, kQ4 };
 
 struct Matmul {
   const float* x;
@@ -374,16 +394,19 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   switch (w.element_type()) {
     case ffi::DataType::F32: format = Format::kF32, k = wd[1]; break;
     case ffi::DataType::BF16: format = Format::kBF16, k = wd[1]; break;
-    case ffi::DataType::U8:  // the bytes of a block tell q4 from q8
-      format = wd[2] == Q4Format::kBlockBytes ? Format::kQ4 : Format::kQ8;
+    case ffi::DataType::U8:  // the bytes of a block tell the quantized formats apart
+      switch (wd[2]) {
+        case Q4Format::kBlockBytes: format = Format::kQ4; break;
+        case Q8Format::kBlockBytes: format = Format::kQ8; break;
+        case Q8SymmetricFormat::kBlockBytes: format = Format::kQ8Symmetric; break;
+        default: return ffi::Error::InvalidArgument("packed q4/q8 weight has unknown blocks");
+      }
       k = wd[1] * kQuantBlock;
       break;
     default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q4/q8)");
   }
-  const bool quant = format == Format::kQ8 || format == Format::kQ4;
-  if (wd[2] != (format == Format::kQ4 ? Q4Format::kBlockBytes
-                : quant               ? Q8Format::kBlockBytes
-                                      : kPanel)) {
+  const bool quant = format != Format::kF32 && format != Format::kBF16;
+  if (!quant && wd[2] != kPanel) {
     return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
   }
   const int64_t n = y->dimensions().back();
@@ -423,6 +446,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     case Format::kF32: mm.run<F32Format>(pool); break;
     case Format::kBF16: mm.run<BF16Format>(pool); break;
     case Format::kQ8: mm.run<Q8Format>(pool); break;
+    case Format::kQ8Symmetric: mm.run<Q8SymmetricFormat>(pool); break;
     case Format::kQ4: mm.run<Q4Format>(pool); break;
   }
   return ffi::Error::Success();

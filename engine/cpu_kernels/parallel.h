@@ -7,6 +7,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -75,7 +76,12 @@ class Team {
     cpu_set_t set;
     int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
     helpers_ = std::max(cpus, 1) - 1;
-    for (int i = 0; i < helpers_; ++i) std::thread([this] { serve(); }).detach();
+    for (int i = 0; i < helpers_; ++i) {
+      std::thread([this] {
+        pthread_setname_np(pthread_self(), "jaxfire-helper");  // in top and perf
+        serve();
+      }).detach();
+    }
   }
 
   void serve() {
