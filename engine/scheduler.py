@@ -136,8 +136,9 @@ class SchedulerSettings:
     min_slot_bucket: int = 1  # the mesh's data-axis size, so every bucket divides over it
     max_bias: int = 64  # logit_bias entries per request
     # Prompt tokens prefilled per loop iteration (at least one request): bounds how long
-    # a burst of new requests stalls the sequences already decoding.
-    prefill_budget: int = 512
+    # a burst of new requests stalls the sequences already decoding (Engine.from_pretrained
+    # says why the default is large).
+    prefill_budget: int = 4096
 
 
 class Scheduler:

@@ -262,6 +262,7 @@ def load_engine(args):
         args.engine_baseline,
         max_slots=max_slots,
         max_len=args.max_len,
+        prefill_budget=args.prefill_budget,
         background_compile=False,
     )
 
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--offset", type=int, default=0, help="shift prompts (defeat prefix caches)")
     p.add_argument("--max-len", type=int, default=512, help="engine baseline context")
+    p.add_argument(
+        "--prefill-budget", type=int, default=4096, help="engine baseline: prompt tokens per step"
+    )
     p.add_argument("--server-pid", type=int, help="attribute this process's CPU to the server")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--wait-s", type=float, default=120, help="wait this long for the server")

@@ -15,6 +15,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-len", type=int, default=2048, help="context window per sequence")
     p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host sync")
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=4096,
+        help="prompt tokens prefilled between two decode calls (lower: smoother streams)",
+    )
     p.add_argument("--max-top-logprobs", type=int, default=5, help="largest top_logprobs (<=20)")
 
 
@@ -35,6 +41,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         max_slots=args.max_slots,
         max_len=args.max_len,
         decode_steps=args.decode_steps,
+        prefill_budget=args.prefill_budget,
         max_top_logprobs=args.max_top_logprobs,
         warmup=warmup,
     )
