@@ -106,6 +106,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        o_proj = dense(cfg.hidden_size, "o_proj", False)
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
             if fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
@@ -114,7 +115,19 @@ class Attention(nn.Module):
                 out, *new_kv = cpu_kernels.prefill_attention(
                     qkv, cos, sin, rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
                 )
-                return dense(cfg.hidden_size, "o_proj", False)(out, valid_rows), tuple(new_kv)
+                return o_proj(out, valid_rows), tuple(new_kv)
+            if T == 1:  # decode: the kernel writes the cache in place and attends
+                cos, sin = rope_tables(positions[:, 0], inv_freq)
+                out, *new_kv = cpu_kernels.decode_attention(
+                    qkv[:, 0],
+                    cos,
+                    sin,
+                    positions[:, 0],
+                    *cache_kv,
+                    cfg.num_heads,
+                    cfg.sliding_window,
+                )
+                return o_proj(out[:, None]), tuple(new_kv)
             q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
@@ -130,11 +143,7 @@ class Attention(nn.Module):
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
         keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # XLA drops if unused
-        if T == 1 and self.packed:
-            out = cpu_kernels.decode_attention(
-                q[:, 0], k_cache, v_cache, positions[:, 0], cfg.sliding_window
-            )[:, None]
-        elif T == 1 and jax.default_backend() == "cpu":
+        if T == 1 and jax.default_backend() == "cpu":
             out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
             scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
@@ -143,7 +152,7 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
             out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
         out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
-        return dense(cfg.hidden_size, "o_proj", False)(out, valid_rows), (k_cache, v_cache)
+        return o_proj(out, valid_rows), (k_cache, v_cache)
 
 
 class MLP(nn.Module):

@@ -157,19 +157,10 @@ def test_exact_blocks_finds_quantized_blocks_and_refuses_others():
     assert cpu_kernels.pack(w).dtype == np.float32
 
 
-def attention_reference(q, keys, values, positions, window):
-    """Float64 softmax over the positions each row sees."""
-    b, kv, g, d = q.shape
-    out = np.zeros(q.shape)
-    for r in range(b):
-        first = 0 if window is None else max(0, positions[r] + 1 - window)
-        seen = slice(first, positions[r] + 1)
-        for h in range(kv):
-            k, v = keys[r, h, seen].astype(np.float64), values[r, h, seen].astype(np.float64)
-            scores = q[r, h].astype(np.float64) @ k.T / np.sqrt(d)
-            p = np.exp(scores - scores.max(-1, keepdims=True))
-            out[r, h] = (p / p.sum(-1, keepdims=True)) @ v
-    return out
+def rotate_half(x, cos, sin):
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @pytest.mark.parametrize("head_dim", [4, 64, 68, 80])
@@ -178,24 +169,49 @@ def attention_reference(q, keys, values, positions, window):
 # past its clamp at -87 (where a float's e^x stops being normal). Float32 scores that large
 # are themselves ~1e-5 off, which e^x turns into relative error (std::exp did the same).
 @pytest.mark.parametrize(("q_scale", "atol"), [(1.0, 2e-6), (30.0, 1e-5)])
-def test_decode_attention_equals_softmax_over_visible_positions(head_dim, window, q_scale, atol):
-    slots, kv_heads, groups, length = 5, 2, 3, 40
+def test_decode_attention_writes_the_cache_and_attends_to_visible_positions(
+    head_dim, window, q_scale, atol
+):
+    slots, heads, kv_heads, length = 5, 6, 2, 40
     keys = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
     values = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
-    positions = np.array([0, 17, 39, 5], np.int32)  # 4 rows of a 5-slot cache
-    q = (q_scale * RNG.standard_normal((4, kv_heads, groups, head_dim))).astype(np.float32)
-    got = jax.jit(cpu_kernels.decode_attention, static_argnums=4)(
-        q, keys, values, positions, window
-    )
-    np.testing.assert_allclose(
-        np.asarray(got), attention_reference(q, keys, values, positions, window), atol=atol
+    positions = np.array([0, 17, 39, 5, 40], np.int32)  # the last past the cache: not written
+    rows = len(positions) - 1  # 4 rows of a 5-slot cache, and one more on its own
+    qkv = RNG.standard_normal((5, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    qkv[:, : heads * head_dim] *= q_scale
+    angles = RNG.uniform(0, 6, (5, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    call = jax.jit(cpu_kernels.decode_attention, static_argnums=(6, 7))
+    out, new_keys, new_values = (
+        np.asarray(a)
+        for a in call(
+            qkv[:rows], cos[:rows], sin[:rows], positions[:rows], keys, values, heads, window
+        )
     )
 
+    x = qkv.astype(np.float64).reshape(5, heads + 2 * kv_heads, head_dim)
+    q = rotate_half(x[:, :heads], cos[:, None], sin[:, None])
+    k = rotate_half(x[:, heads : heads + kv_heads], cos[:, None], sin[:, None])
+    want_keys, want_values = keys.astype(np.float64), values.astype(np.float64)
+    for r in range(rows):
+        want_keys[r, :, positions[r]] = k[r]
+        want_values[r, :, positions[r]] = x[r, heads + kv_heads :]
+    np.testing.assert_allclose(new_keys, want_keys, atol=1e-6)
+    np.testing.assert_array_equal(new_values, want_values.astype(np.float32))
+    want = np.zeros((rows, heads, head_dim))
+    for r in range(rows):
+        seen = slice(0 if window is None else max(0, positions[r] + 1 - window), positions[r] + 1)
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = want_keys[r, kv, seen] @ q[r, h] / np.sqrt(head_dim)
+            p = np.exp(scores - scores.max())
+            want[r, h] = p / p.sum() @ want_values[r, kv, seen]
+    np.testing.assert_allclose(out, want.reshape(out.shape), atol=atol)
 
-def rotate_half(x, cos, sin):
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    # A position past the cache writes nothing and sees the whole cache.
+    out, new_keys, _ = call(qkv[4:], cos[4:], sin[4:], positions[4:], keys, values, heads, None)
+    np.testing.assert_array_equal(np.asarray(new_keys), keys)
+    assert np.isfinite(np.asarray(out)).all()
 
 
 @pytest.mark.parametrize("head_dim", [4, 64, 68, 80])

@@ -245,16 +245,38 @@ def matmul(
 
 
 def decode_attention(
-    q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, window: int | None
-) -> jax.Array:
-    """One query token per row: q f32[B, K, G, D] against the float32 caches
-    [slots, K, S, D] (row b = cache row b), seeing positions max(0, p + 1 - window) .. p
-    of its own row, p = positions[b]. Returns f32[B, K, G, D]."""
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    num_heads: int,
+    window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row from its fused projection qkv f32[B, (H + 2K) D] (queries, keys,
+    values side by side), with HF's rotate-half rotary embedding by cos / sin f32[B, D/2].
+
+    Row b's rotated key and its value are written at position p = positions[b] of cache row b
+    (the float32 caches [slots, K, S, D], updated in place; nothing past S), then its query
+    sees positions max(0, p + 1 - window) .. p. Returns (out f32[B, H D], keys, values)."""
     _register()
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(ATTENTION, out)
-    q, positions = q.astype(jnp.float32), positions.astype(jnp.int32)
-    return call(q, keys, values, positions, window=np.int64(window or 0))
+    out = (
+        jax.ShapeDtypeStruct((qkv.shape[0], num_heads * keys.shape[-1]), jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
+        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(ATTENTION, out, input_output_aliases={4: 1, 5: 2})
+    return call(
+        qkv.astype(jnp.float32),
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        positions.astype(jnp.int32),
+        keys,
+        values,
+        num_heads=np.int64(num_heads),
+        window=np.int64(window or 0),
+    )
 
 
 def prefill_attention(

@@ -1,8 +1,9 @@
 // Attention for XLA CPU.
 //
-// Decode: one query token per row against that row's own cached keys and values, read in
-// place from the preallocated cache. XLA sliced every layer's K and V out of the cache each
-// step (a copy of the whole attended window) and ran the per-row scores and weighted sums as
+// Decode: one token per row, straight from its fused q/k/v projection: the rotary embedding,
+// the new key and value written into the preallocated cache in place, and attention over
+// the row's own cached positions. XLA sliced every layer's K and V out of the cache each step
+// (a copy of the whole attended window) and ran the per-row scores and weighted sums as
 // generic fusions; at batch 32 that was over half the decode step. Here each (row, KV head)
 // reads only the positions its query can see, once, for all the query heads of its group.
 //
@@ -129,68 +130,6 @@ void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dim, flo
   }
 }
 
-// q [B, K, G, D], caches [slots, K, S, D], positions [B] -> out [B, K, G, D]. Row b's
-// query at position p sees keys max(0, p + 1 - window) .. p (window 0: no window).
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                           ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                           ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out,
-                           int64_t window) {
-  const auto qd = q.dimensions();
-  const auto cd = keys.dimensions();
-  const auto vd = values.dimensions();
-  if (qd.size() != 4 || cd.size() != 4 || vd.size() != 4 ||
-      !std::equal(cd.begin(), cd.end(), vd.begin())) {
-    return ffi::Error::InvalidArgument("q must be [B, K, G, D] and caches [slots, K, S, D]");
-  }
-  const int64_t rows = qd[0], kv_heads = qd[1], groups = qd[2], dim = qd[3], len = cd[2];
-  if (cd[0] < rows || cd[1] != kv_heads || cd[3] != dim || positions.element_count() != rows) {
-    return ffi::Error::InvalidArgument("q, caches and positions shapes disagree");
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const float* qp = q.typed_data();
-  const float* kp = keys.typed_data();
-  const float* vp = values.typed_data();
-  const int32_t* pos = positions.typed_data();
-  float* op = out->typed_data();
-
-  jaxfire::parallel_for(pool, rows * kv_heads, [=](int64_t u) {
-    const int64_t b = u / kv_heads, h = u % kv_heads;
-    const int64_t last = std::min<int64_t>(pos[b], len - 1);
-    const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
-    const int64_t seen = std::max<int64_t>(0, last + 1 - first);
-    const float* k = kp + ((b * kv_heads + h) * len + first) * dim;
-    const float* v = vp + ((b * kv_heads + h) * len + first) * dim;
-    // Scores position by position for every query of the group (a key row is read once for
-    // the group), then each query's weighted sum of the values, its output in registers.
-    thread_local std::vector<float> scores, query;
-    scores.resize(seen * groups);
-    query.resize(groups * dim);
-    const float* qh = qp + (b * kv_heads + h) * groups * dim;
-    float* oh = op + (b * kv_heads + h) * groups * dim;
-    if (seen == 0) {
-      std::fill(oh, oh + groups * dim, 0.0f);
-      return;
-    }
-    for (int64_t i = 0; i < groups * dim; ++i) query[i] = qh[i] * scale;  // as XLA rounds
-    for (int64_t t = 0; t < seen; ++t) {
-      prefetch_row(k + (t + kAhead) * dim, dim);
-      prefetch_row(v + t * dim, dim);  // read by the weighted sums next
-      for (int64_t g = 0; g < groups; ++g) {
-        scores[g * seen + t] = dot(query.data() + g * dim, k + t * dim, dim);
-      }
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      float* s = scores.data() + g * seen;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
-      const float inv = 1.0f / exp_shifted(s, seen, top);
-      for (int64_t t = 0; t < seen; ++t) s[t] *= inv;
-      weighted_sum(s, v, seen, dim, oh + g * dim);
-    }
-  });
-  return ffi::Error::Success();
-}
-
 // y = rotate-half rotary embedding of x [dim]: (x1 cos - x2 sin, x2 cos + x1 sin).
 void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* y) {
   const int64_t half = dim / 2;
@@ -291,6 +230,88 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   return ffi::Error::Success();
 }
 
+// qkv [B, (H + 2K) D] (one token per row: queries, keys, values side by side), cos / sin
+// [B, D / 2], positions [B], caches [slots, K, S, D] updated in place (aliased to the
+// results) -> out [B, H D]. Row b's key (rotated) and value go to position p = positions[b]
+// of cache row b (none past S); its query at p sees positions max(0, p + 1 - window) .. p
+// (window 0: no window).
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                           ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
+                           int64_t num_heads, int64_t window) {
+  const auto xd = qkv.dimensions();
+  const auto cd = keys->dimensions();
+  const auto vd = values->dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin())) {
+    return ffi::Error::InvalidArgument("qkv must be [B, (H + 2K) D] and caches [slots, K, S, D]");
+  }
+  const int64_t rows = xd[0], kv_heads = cd[1], len = cd[2], dim = cd[3];
+  const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
+  if (xd[1] != width || cd[0] < rows || num_heads % kv_heads != 0 || dim % 2 != 0 ||
+      positions.element_count() != rows || cos_table.element_count() != rows * (dim / 2)) {
+    return ffi::Error::InvalidArgument("qkv, cos/sin, positions and caches shapes disagree");
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const float* xp = qkv.typed_data();
+  const float* cp = cos_table.typed_data();
+  const float* sp = sin_table.typed_data();
+  const int32_t* pos = positions.typed_data();
+  float* kp = keys->typed_data();
+  float* vp = values->typed_data();
+  float* op = out->typed_data();
+
+  jaxfire::parallel_for(pool, rows * kv_heads, [=](int64_t u) {
+    const int64_t b = u / kv_heads, h = u % kv_heads;
+    const float* x = xp + b * width;
+    const float *c = cp + b * (dim / 2), *s = sp + b * (dim / 2);
+    float* k = kp + (b * kv_heads + h) * len * dim;
+    float* v = vp + (b * kv_heads + h) * len * dim;
+    if (pos[b] >= 0 && pos[b] < len) {
+      rotate(x + (num_heads + h) * dim, c, s, dim, k + pos[b] * dim);
+      const float* xv = x + (num_heads + kv_heads + h) * dim;
+      std::copy(xv, xv + dim, v + pos[b] * dim);
+    }
+    const int64_t last = std::min<int64_t>(pos[b], len - 1);
+    const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
+    const int64_t seen = std::max<int64_t>(0, last + 1 - first);
+    k += first * dim;
+    v += first * dim;
+    // Scores position by position for every query of the group (a key row is read once for
+    // the group), then each query's weighted sum of the values, its output in registers.
+    thread_local std::vector<float> scores, query;
+    scores.resize(seen * groups);
+    query.resize(groups * dim);
+    float* oh = op + b * num_heads * dim + h * groups * dim;
+    if (seen == 0) {
+      std::fill(oh, oh + groups * dim, 0.0f);
+      return;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float* qg = query.data() + g * dim;
+      rotate(x + (h * groups + g) * dim, c, s, dim, qg);
+      for (int64_t i = 0; i < dim; ++i) qg[i] *= scale;
+    }
+    for (int64_t t = 0; t < seen; ++t) {
+      prefetch_row(k + (t + kAhead) * dim, dim);
+      prefetch_row(v + t * dim, dim);  // read by the weighted sums next
+      for (int64_t g = 0; g < groups; ++g) {
+        scores[g * seen + t] = dot(query.data() + g * dim, k + t * dim, dim);
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float* sc = scores.data() + g * seen;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < seen; ++t) top = std::max(top, sc[t]);
+      const float inv = 1.0f / exp_shifted(sc, seen, top);
+      for (int64_t t = 0; t < seen; ++t) sc[t] *= inv;
+      weighted_sum(sc, v, seen, dim, oh + g * dim);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfirePrefillAttention, PrefillAttention,
@@ -313,5 +334,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("window"));
