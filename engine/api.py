@@ -257,7 +257,8 @@ class Engine:
             jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
         row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
         zero = np.int32(0)
-        s.state = p.start_slot(s.state, zero, zero, zero, zero, np.bool_(True), row)
+        yes = np.bool_(True)
+        s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
         s.state = p.stop_slot(s.state, zero)
         jax.block_until_ready(s.state)
         shapes = jax.tree.map(

@@ -337,6 +337,7 @@ class Scheduler:
                 np.int32(len(ids) - 1),
                 np.int32(owner.handle.max_tokens),
                 np.bool_(not r.ignore_eos),
+                np.bool_(r.top_logprobs is not None),
                 row,
             )
             choice = _Choice(

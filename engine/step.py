@@ -42,6 +42,7 @@ class DecodeState:
     active: jax.Array  # bool[S]
     remaining: jax.Array  # i32[S] tokens the slot may still generate
     stop_on_eos: jax.Array  # bool[S] false under ignore_eos
+    logprobs: jax.Array  # bool[S] the request reads its tokens' logprobs
     sampling: samplers.SamplingBatch
 
     @staticmethod
@@ -54,6 +55,7 @@ class DecodeState:
             active=jnp.zeros((slots,), bool),
             remaining=zeros(),
             stop_on_eos=jnp.ones((slots,), bool),
+            logprobs=jnp.zeros((slots,), bool),
             sampling=samplers.SamplingBatch.empty(slots, vocab_size, max_bias),
         )
 
@@ -176,7 +178,11 @@ class Programs:
             )
             batch = dataclasses.replace(st.sampling, active=st.active)
             tokens, info, batch = sample(
-                logits[:, 0], batch, num_logprobs=self.num_top, top_k=self.top_k
+                logits[:, 0],
+                batch,
+                num_logprobs=self.num_top,
+                top_k=self.top_k,
+                logprob_rows=st.logprobs,
             )
             live = st.active
             remaining = st.remaining - live.astype(jnp.int32)
@@ -229,6 +235,7 @@ def _start_slot(
     position: jax.Array,
     remaining: jax.Array,
     stop_on_eos: jax.Array,
+    logprobs: jax.Array,
     row: samplers.SamplingBatch,
 ) -> DecodeState:
     return state.replace(
@@ -237,6 +244,7 @@ def _start_slot(
         active=state.active.at[slot].set(True),
         remaining=state.remaining.at[slot].set(remaining),
         stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
+        logprobs=state.logprobs.at[slot].set(logprobs),
         sampling=samplers.write_row(state.sampling, slot, row),
     )
 

@@ -62,11 +62,22 @@ class _Survivors:
 
 def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     """f32[S, V]: raw logits after repetition, frequency/presence penalties and logit_bias."""
-    seen = batch.prompt_mask | (batch.counts > 0)
-    x = penalties.repetition(logits.astype(jnp.float32), seen, batch.repetition_penalty)
-    x = penalties.frequency_presence(
-        x, batch.counts, batch.frequency_penalty, batch.presence_penalty
+
+    def penalized(x: jax.Array) -> jax.Array:
+        seen = batch.prompt_mask | (batch.counts > 0)
+        x = penalties.repetition(x, seen, batch.repetition_penalty)
+        return penalties.frequency_presence(
+            x, batch.counts, batch.frequency_penalty, batch.presence_penalty
+        )
+
+    # Neutral penalties leave every logit as it is (x / 1, x * 1, x - 0), so a batch without
+    # any skips the pass over the [S, V] seen-mask and counts.
+    any_penalty = jnp.any(
+        (batch.repetition_penalty != 1)
+        | (batch.frequency_penalty != 0)
+        | (batch.presence_penalty != 0)
     )
+    x = jax.lax.cond(any_penalty, penalized, lambda x: x, logits.astype(jnp.float32))
     return bias.apply(x, batch.bias_ids, batch.bias_values)
 
 
@@ -270,13 +281,17 @@ def sample(
     num_candidates: int = 256,
     wide_candidates: int = 4096,
     top_k: TopK = jax.lax.top_k,
+    logprob_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, LogprobInfo, SamplingBatch]:
     """One sampling step for every slot.
 
     logits: f32[S, V] raw model logits; batch: S slots. `num_logprobs` (N), `num_candidates`
-    and `wide_candidates` are static; `top_k` is lax.top_k or an equivalent (TopK). Returns
-    tokens i32[S], LogprobInfo and the batch with counts, step and mirostat mu advanced in
-    the active rows (inactive rows untouched).
+    and `wide_candidates` are static; `top_k` is lax.top_k or an equivalent (TopK).
+    `logprob_rows` (bool[S], None = all) marks the rows whose caller reads the raw logprobs
+    (token_logprob, top_ids, top_logprobs); when no active row does, they are zeros and
+    their passes over the vocabulary are skipped. Returns tokens i32[S], LogprobInfo and the
+    batch with counts, step and mirostat mu advanced in the active rows (inactive rows
+    untouched).
     """
     raw = logits.astype(jnp.float32)
     x, z = _processed_and_scaled(raw, batch)
@@ -297,12 +312,27 @@ def sample(
         return jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros(x.shape[0], jnp.float32)
 
     tokens, log_q = jax.lax.cond(jnp.any(sampling), draw, argmax_only)
-    raw_lse = jax.nn.logsumexp(raw, axis=-1)
-    top_logits, top_ids = top_k(raw, num_logprobs)
+
+    def raw_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        raw_lse = jax.nn.logsumexp(raw, axis=-1)
+        top_logits, top_ids = top_k(raw, num_logprobs)
+        chosen = jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0] - raw_lse
+        return chosen, top_ids, top_logits - raw_lse[:, None]
+
+    def no_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        s = raw.shape[0]
+        return (
+            jnp.zeros((s,), jnp.float32),
+            jnp.zeros((s, num_logprobs), jnp.int32),
+            jnp.zeros((s, num_logprobs), jnp.float32),
+        )
+
+    wanted = batch.active if logprob_rows is None else batch.active & logprob_rows
+    token_logprob, top_ids, top_logprobs = jax.lax.cond(jnp.any(wanted), raw_logprobs, no_logprobs)
     info = LogprobInfo(
-        token_logprob=jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0] - raw_lse,
+        token_logprob=token_logprob,
         top_ids=top_ids,
-        top_logprobs=top_logits - raw_lse[:, None],
+        top_logprobs=top_logprobs,
         sampling_logprob=jnp.where(greedy, 0.0, log_q),
     )
 

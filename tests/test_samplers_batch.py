@@ -5,11 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from samplers import SamplingBatch, SamplingParams, clear_row, fork_row, make_row, write_row
+from samplers.pipeline import sample
 from tests.test_samplers_support import (
+    CANDIDATES,
+    LOGPROBS,
     MAX_BIAS,
     SAMPLE,
     SLOTS,
     VOCAB,
+    WIDE,
     batch_of,
     run_sample,
 )
@@ -115,3 +119,27 @@ def test_no_recompilation_when_rows_change():
         _, _, batch = run_sample(logits, batch)
     assert SAMPLE._cache_size() == sizes
     assert write._cache_size() == clear._cache_size() == fork._cache_size() == 1
+
+
+def test_raw_logprobs_for_the_rows_that_ask_and_nothing_else_changes():
+    """logprob_rows: the rows marked get exactly the logprobs every row gets by default; the
+    tokens and the state advance as they would; with no row marked the passes are skipped."""
+    rng = np.random.default_rng(3)
+    batch = batch_of(mixed_params(rng), VOCAB)
+    logits = logits_sequence(1, seed=3)[0]
+    call = jax.jit(sample, static_argnames=("num_logprobs", "num_candidates", "wide_candidates"))
+    kw = dict(num_logprobs=LOGPROBS, num_candidates=CANDIDATES, wide_candidates=WIDE)
+    tokens, info, after = call(logits, batch, **kw)
+    asked = jnp.arange(SLOTS) % 3 == 0
+    for rows in (asked, jnp.zeros(SLOTS, bool)):
+        got_tokens, got, got_after = call(logits, batch, logprob_rows=rows, **kw)
+        np.testing.assert_array_equal(got_tokens, tokens)
+        np.testing.assert_array_equal(got.sampling_logprob, info.sampling_logprob)
+        for a, b in zip(jax.tree.leaves(got_after), jax.tree.leaves(after), strict=True):
+            np.testing.assert_array_equal(a, b)
+        if rows.any():
+            np.testing.assert_array_equal(got.token_logprob[rows], info.token_logprob[rows])
+            np.testing.assert_array_equal(got.top_ids[rows], info.top_ids[rows])
+            np.testing.assert_array_equal(got.top_logprobs[rows], info.top_logprobs[rows])
+        else:
+            assert not got.token_logprob.any() and not got.top_logprobs.any()
