@@ -263,6 +263,7 @@ def load_engine(args):
         max_slots=max_slots,
         max_len=args.max_len,
         prefill_budget=args.prefill_budget,
+        decode_steps=args.decode_steps,
         background_compile=False,
     )
 
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--prefill-budget", type=int, default=4096, help="engine baseline: prompt tokens per step"
     )
+    p.add_argument("--decode-steps", type=int, default=4, help="engine baseline: k")
     p.add_argument("--server-pid", type=int, help="attribute this process's CPU to the server")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--wait-s", type=float, default=120, help="wait this long for the server")
