@@ -130,6 +130,15 @@ void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dim, flo
   }
 }
 
+// o = the softmax of the scores s (overwritten) weighting the value rows v, seen > 0.
+void attend(float* s, const float* v, int64_t seen, int64_t dim, float* o) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
+  const float inv = 1.0f / exp_shifted(s, seen, top);
+  for (int64_t t = 0; t < seen; ++t) s[t] *= inv;
+  weighted_sum(s, v, seen, dim, o);
+}
+
 // y = rotate-half rotary embedding of x [dim]: (x1 cos - x2 sin, x2 cos + x1 sin).
 void rotate(const float* x, const float* cos, const float* sin, int64_t dim, float* y) {
   const int64_t half = dim / 2;
@@ -216,14 +225,10 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       for (int64_t g = 0; g < groups; ++g) {
         float* o = op + ((b * len + t) * num_heads + h * groups + g) * dim;
         for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
-        float top = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < seen; ++j) {
           scores[j] = dot(query.data(), k + (first + j) * dim, dim);
-          top = std::max(top, scores[j]);
         }
-        const float inv = 1.0f / exp_shifted(scores.data(), seen, top);
-        for (int64_t j = 0; j < seen; ++j) scores[j] *= inv;
-        weighted_sum(scores.data(), v + first * dim, seen, dim, o);
+        attend(scores.data(), v + first * dim, seen, dim, o);
       }
     }
   });
@@ -301,12 +306,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       }
     }
     for (int64_t g = 0; g < groups; ++g) {
-      float* sc = scores.data() + g * seen;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < seen; ++t) top = std::max(top, sc[t]);
-      const float inv = 1.0f / exp_shifted(sc, seen, top);
-      for (int64_t t = 0; t < seen; ++t) sc[t] *= inv;
-      weighted_sum(sc, v, seen, dim, oh + g * dim);
+      attend(scores.data() + g * seen, v, seen, dim, oh + g * dim);
     }
   });
   return ffi::Error::Success();
