@@ -4,6 +4,7 @@ the async stream. Same tiny model and shared engine as test_engine_generate.py."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import jax
@@ -139,6 +140,36 @@ def test_idle_slots_are_not_decoded(engine):
     assert engine.stats()["decode_width"] == F.SLOTS
     engine.generate(prompt, GREEDY, max_tokens=4, ignore_eos=True)
     assert engine.stats()["decode_width"] == 1
+
+
+def _first_token_times(engine, seed: int) -> list[float]:
+    """A burst of one request per slot, all queued before the loop sees any: when each
+    request's first tokens arrived (one decode call delivers them to every slot it ran)."""
+    with engine.scheduler.lock:  # the loop admits nothing until all are queued
+        handles = [
+            engine.submit(GenerationRequest(tuple(p), GREEDY, max_tokens=2, ignore_eos=True))
+            for p in F.prompts(F.SLOTS, seed=seed, lo=5, hi=12)
+        ]
+    for h in handles:
+        F.collect(h)
+    return sorted(h.submitted + h.timing.time_to_first_token_s for h in handles)
+
+
+def test_a_burst_is_prefilled_whole_unless_the_budget_says_otherwise(engine):
+    """The default prefill budget admits the whole burst before decoding resumes, so the
+    first decode call runs every slot; a budget of one token admits one request per decode
+    call (at least one always goes in), and their first tokens come one call apart."""
+    assert F.wait_idle(engine)["active_slots"] == 0
+    firsts = _first_token_times(engine, seed=51)
+    assert firsts[-1] - firsts[0] < 1e-6
+    settings = engine.scheduler.s
+    engine.scheduler.s = dataclasses.replace(settings, prefill_budget=1)
+    try:
+        firsts = _first_token_times(engine, seed=52)
+    finally:
+        engine.scheduler.s = settings
+    assert all(b - a > 1e-6 for a, b in zip(firsts, firsts[1:], strict=False))
+    assert F.wait_idle(engine)["active_slots"] == 0
 
 
 def test_no_compilation_after_warmup(engine):
