@@ -63,9 +63,9 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D], positions: [B, T]."""
-    cos, sin = rope_tables(positions, inv_freq)  # [B, T, D/2]
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D]; cos, sin: [B, T, D/2]
+    (rope_tables of the tokens' positions)."""
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -101,27 +101,26 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh):
+    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh):
         cfg = self.config
         B, T, _ = x.shape
+        cos, sin = rotation  # rope_tables of positions, [B, T, D/2]
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         o_proj = dense(cfg.hidden_size, "o_proj", False)
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
             if fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
-                cos, sin = rope_tables(positions[0], inv_freq)
                 rows = B * T if valid_rows is None else valid_rows
                 out, *new_kv = cpu_kernels.prefill_attention(
-                    qkv, cos, sin, rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
+                    qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
                 )
                 return o_proj(out, valid_rows), tuple(new_kv)
             if T == 1:  # decode: the kernel writes the cache in place and attends
-                cos, sin = rope_tables(positions[:, 0], inv_freq)
                 out, *new_kv = cpu_kernels.decode_attention(
                     qkv[:, 0],
-                    cos,
-                    sin,
+                    cos[:, 0],
+                    sin[:, 0],
                     positions[:, 0],
                     *cache_kv,
                     cfg.num_heads,
@@ -133,8 +132,8 @@ class Attention(nn.Module):
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
             k = dense(kv_out, "k_proj", cfg.attention_bias)(x)
             v = dense(kv_out, "v_proj", cfg.attention_bias)(x)
-        q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
 
         k_cache = write_positions(cache_kv[0], k, positions)
@@ -178,11 +177,11 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh):
+    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh):
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, inv_freq, cache_kv, kv_len, valid_rows, fresh
+            h, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -233,12 +232,13 @@ class Transformer(nn.Module):
             self.dtype,
         )
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
-        inv_freq = jnp.asarray(cfg.inv_freq())
+        # Once for every layer: the positions' rotation angles.
+        rotation = rope_tables(positions, jnp.asarray(cfg.inv_freq()))
         mask = attention_mask(positions, kv_len, cfg.sliding_window)
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
             x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, inv_freq, cache[i], kv_len, valid_rows, fresh
+                x, positions, mask, rotation, cache[i], kv_len, valid_rows, fresh
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

@@ -156,6 +156,19 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t dim, flo
   }
 }
 
+// One token of the fused projection, [(H + 2K) D]: H query heads, then K keys, then K
+// values; its rotation's cos / sin [D / 2].
+struct Token {
+  const float *x, *cos, *sin;
+  int64_t heads, kv_heads, dim;
+  void query(int64_t h, float* out) const { rotate(x + h * dim, cos, sin, dim, out); }
+  void key(int64_t h, float* out) const { rotate(x + (heads + h) * dim, cos, sin, dim, out); }
+  void value(int64_t h, float* out) const {
+    const float* v = x + (heads + kv_heads + h) * dim;
+    std::copy(v, v + dim, out);
+  }
+};
+
 // qkv [B, T, (H + 2K) D] (queries, keys, values side by side, token t at position t),
 // cos / sin [T, D / 2], valid (tokens from this one on, over [B, T], are padding) ->
 // out [B, T, H D], keys and values [B, K, T, D] with the keys rotated. The query at position
@@ -189,9 +202,9 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   // keys and values into the heads-first layout, one token at a time.
   jaxfire::parallel_for(pool, rows * len, [=](int64_t u) {
     const int64_t b = u / len, t = u % len;
-    const float* x = xp + u * width;
+    const Token token{xp + u * width, cp + t * (dim / 2), sp + t * (dim / 2), num_heads,
+                      kv_heads, dim};
     float* o = op + u * num_heads * dim;
-    const float *c = cp + t * (dim / 2), *s = sp + t * (dim / 2);
     for (int64_t h = 0; h < kv_heads; ++h) {
       float* k = kp + ((b * kv_heads + h) * len + t) * dim;
       float* v = vp + ((b * kv_heads + h) * len + t) * dim;
@@ -200,11 +213,11 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
         std::fill(v, v + dim, 0.0f);
         continue;
       }
-      rotate(x + (num_heads + h) * dim, c, s, dim, k);
-      std::copy(x + (num_heads + kv_heads + h) * dim, x + (num_heads + kv_heads + h + 1) * dim, v);
+      token.key(h, k);
+      token.value(h, v);
     }
     if (u >= valid) return std::fill(o, o + num_heads * dim, 0.0f);
-    for (int64_t h = 0; h < num_heads; ++h) rotate(x + h * dim, c, s, dim, o + h * dim);
+    for (int64_t h = 0; h < num_heads; ++h) token.query(h, o + h * dim);
   });
 
   // Then (row, KV head, block of 8 queries) units: the scores, softmax and weighted sum of
@@ -269,14 +282,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 
   jaxfire::parallel_for(pool, rows * kv_heads, [=](int64_t u) {
     const int64_t b = u / kv_heads, h = u % kv_heads;
-    const float* x = xp + b * width;
-    const float *c = cp + b * (dim / 2), *s = sp + b * (dim / 2);
+    const Token token{xp + b * width, cp + b * (dim / 2), sp + b * (dim / 2), num_heads,
+                      kv_heads, dim};
     float* k = kp + (b * kv_heads + h) * len * dim;
     float* v = vp + (b * kv_heads + h) * len * dim;
     if (pos[b] >= 0 && pos[b] < len) {
-      rotate(x + (num_heads + h) * dim, c, s, dim, k + pos[b] * dim);
-      const float* xv = x + (num_heads + kv_heads + h) * dim;
-      std::copy(xv, xv + dim, v + pos[b] * dim);
+      token.key(h, k + pos[b] * dim);
+      token.value(h, v + pos[b] * dim);
     }
     const int64_t last = std::min<int64_t>(pos[b], len - 1);
     const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
@@ -295,7 +307,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     }
     for (int64_t g = 0; g < groups; ++g) {
       float* qg = query.data() + g * dim;
-      rotate(x + (h * groups + g) * dim, c, s, dim, qg);
+      token.query(h * groups + g, qg);
       for (int64_t i = 0; i < dim; ++i) qg[i] *= scale;
     }
     for (int64_t t = 0; t < seen; ++t) {
