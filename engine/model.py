@@ -178,7 +178,22 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh):
-        eps = self.config.rms_norm_eps
+        cfg, eps = self.config, self.config.rms_norm_eps
+        if self.packed and x.shape[1] == 1 and not fresh and not cfg.attention_bias:
+            # Decode: the whole layer in one kernel call (the same math as below).
+            cos, sin = rotation
+            y, *new_kv = cpu_kernels.decode_layer(
+                x[:, 0],
+                self.variables["params"],
+                cos[:, 0],
+                sin[:, 0],
+                positions[:, 0],
+                *cache_kv,
+                cfg.num_heads,
+                cfg.sliding_window,
+                eps,
+            )
+            return y[:, None].astype(self.dtype), tuple(new_kv)
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
             h, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh

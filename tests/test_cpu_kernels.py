@@ -214,6 +214,68 @@ def test_decode_attention_writes_the_cache_and_attends_to_visible_positions(
     assert np.isfinite(np.asarray(out)).all()
 
 
+def rms_norm(x, weight, eps):
+    return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_layer_equals_the_llama_layer_from_its_definition(window):
+    slots, length, d, heads, kv_heads, dim, inter, eps = 4, 24, 64, 4, 2, 16, 96, 1e-5
+    width = (heads + 2 * kv_heads) * dim
+    # One matrix in each packed format the default model's layers use, and a plain one.
+    w = {
+        "qkv": WEIGHTS["q4_1"](d, width),
+        "o": WEIGHTS["q8_0"](heads * dim, d),
+        "gate_up": WEIGHTS["q4_0"](d, 2 * inter),
+        "down": WEIGHTS["bfloat16"](inter, d) * 0.1,
+    }
+    norms = [RNG.uniform(0.5, 1.5, d).astype(np.float32) for _ in range(2)]
+    weights = {
+        "input_layernorm": {"weight": norms[0]},
+        "post_attention_layernorm": {"weight": norms[1]},
+        "self_attn": {
+            "qkv_proj": {"kernel": cpu_kernels.pack(w["qkv"])},
+            "o_proj": {"kernel": cpu_kernels.pack(w["o"])},
+        },
+        "mlp": {
+            "gate_up_proj": {"kernel": cpu_kernels.pack(w["gate_up"])},
+            "down_proj": {"kernel": cpu_kernels.pack(w["down"])},
+        },
+    }
+    keys = RNG.standard_normal((slots, kv_heads, length, dim)).astype(np.float32)
+    values = RNG.standard_normal((slots, kv_heads, length, dim)).astype(np.float32)
+    positions = np.array([0, 9, 23], np.int32)  # 3 rows of a 4-slot cache
+    rows = len(positions)
+    x = RNG.standard_normal((rows, d)).astype(np.float32)
+    angles = RNG.uniform(0, 6, (rows, dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    call = jax.jit(cpu_kernels.decode_layer, static_argnums=(7, 8, 9))
+    got = call(x, weights, cos, sin, positions, keys, values, heads, window, eps)
+    y, new_keys, new_values = (np.asarray(a) for a in got)
+
+    f64 = {name: m.astype(np.float64) for name, m in w.items()}
+    qkv = (rms_norm(x.astype(np.float64), norms[0], eps) @ f64["qkv"]).reshape(rows, -1, dim)
+    q = rotate_half(qkv[:, :heads], cos[:, None], sin[:, None])
+    k = rotate_half(qkv[:, heads : heads + kv_heads], cos[:, None], sin[:, None])
+    want_keys, want_values = keys.astype(np.float64), values.astype(np.float64)
+    attn = np.zeros((rows, heads, dim))
+    for r, p in enumerate(positions):
+        want_keys[r, :, p], want_values[r, :, p] = k[r], qkv[r, heads + kv_heads :]
+        seen = slice(0 if window is None else max(0, p + 1 - window), p + 1)
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = want_keys[r, kv, seen] @ q[r, h] / np.sqrt(dim)
+            e = np.exp(scores - scores.max())
+            attn[r, h] = e / e.sum() @ want_values[r, kv, seen]
+    want = x + attn.reshape(rows, -1) @ f64["o"]
+    gate, up = np.split(rms_norm(want, norms[1], eps) @ f64["gate_up"], 2, axis=-1)
+    want = want + (gate / (1 + np.exp(-gate)) * up) @ f64["down"]
+    np.testing.assert_allclose(new_keys, want_keys, atol=2e-5)
+    np.testing.assert_allclose(new_values, want_values, atol=2e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(y - x).max() > 0.1  # the layer did something
+
+
 @pytest.mark.parametrize("head_dim", [4, 64, 68, 80])
 @pytest.mark.parametrize("window", [None, 5])
 def test_prefill_attention_equals_rotary_causal_softmax(head_dim, window):

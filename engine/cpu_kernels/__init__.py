@@ -1,9 +1,10 @@
 """Kernels for XLA CPU: a float32-accumulating matmul over packed weights, attention of one
-query token against the cache in place, a prompt's causal attention from its q/k/v
-projection, and the sampler's top_k.
+query token against the cache in place, a whole decoder layer for one token per row, a
+prompt's causal attention from its q/k/v projection, and the sampler's top_k.
 
-The C++ sources (`matmul.cc`, `attention.cc`, `top_k.cc`) are built on first use with the
-system's C++ compiler into the jaxfire cache folder and registered as XLA FFI targets.
+The C++ sources (`matmul.cc`, `attention.cc`, `layer.cc`, `top_k.cc`) are built on first
+use with the system's C++ compiler into the jaxfire cache folder and registered as XLA FFI
+targets.
 Weights are packed once at load time into 16-column panels the matmul streams contiguously,
 in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
 blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
@@ -37,9 +38,12 @@ QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 PREFILL_ATTENTION = "jaxfire_cpu_prefill_attention"
+DECODE_LAYER = "jaxfire_cpu_decode_layer"
 TOP_K = "jaxfire_cpu_top_k"
-_SOURCES = [Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "top_k.cc")]
-_HEADERS = [Path(__file__).with_name("parallel.h")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "layer.cc", "top_k.cc")
+]
+_HEADERS = [Path(__file__).with_name(n) for n in ("parallel.h", "kernels.h", "vector_math.h")]
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +93,7 @@ def _register() -> None:
         (MATMUL, lib.JaxfireMatmul),
         (ATTENTION, lib.JaxfireDecodeAttention),
         (PREFILL_ATTENTION, lib.JaxfirePrefillAttention),
+        (DECODE_LAYER, lib.JaxfireDecodeLayer),
         (TOP_K, lib.JaxfireTopK),
     )
     for name, symbol in targets:
@@ -276,6 +281,52 @@ def decode_attention(
         values,
         num_heads=np.int64(num_heads),
         window=np.int64(window or 0),
+    )
+
+
+def decode_layer(
+    x: jax.Array,
+    weights: dict,
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    num_heads: int,
+    window: int | None,
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Llama decoder layer (no biases) for one token per row x f32[B, D] at `positions`,
+    in one call: RMSNorm, q/k/v, attention as decode_attention (the caches updated in place),
+    o_proj + residual, RMSNorm, gate/up, SiLU(gate) * up, down_proj + residual.
+
+    `weights`: the layer's packed parameters, engine.model's names (`input_layernorm`,
+    `self_attn/qkv_proj`, `self_attn/o_proj`, `post_attention_layernorm`,
+    `mlp/gate_up_proj`, `mlp/down_proj`). Returns (y f32[B, D], keys, values)."""
+    _register()
+    attn, mlp = weights["self_attn"], weights["mlp"]
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
+        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(DECODE_LAYER, out, input_output_aliases={6: 1, 7: 2})
+    return call(
+        x.astype(jnp.float32),
+        weights["input_layernorm"]["weight"],
+        attn["qkv_proj"]["kernel"],
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        positions.astype(jnp.int32),
+        keys,
+        values,
+        attn["o_proj"]["kernel"],
+        weights["post_attention_layernorm"]["weight"],
+        mlp["gate_up_proj"]["kernel"],
+        mlp["down_proj"]["kernel"],
+        num_heads=np.int64(num_heads),
+        window=np.int64(window or 0),
+        eps=np.float32(eps),
     )
 
 

@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
+#include "vector_math.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -26,31 +28,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to
-// float precision), e^r by its Taylor polynomial to r^7 (truncation ~1e-8 relative), 2^n
-// built in the exponent bits. Scalar std::exp, one call a score, was most of the kernel's
-// time at batch 32. x is clamped at -87, where 2^n stays a normal float: such a term is
-// e^-87 ~ 1.6e-38 instead of smaller, nothing against a softmax total of at least 1.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606820309417e-6f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  }
-  const __m256i two_n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
-
-float hsum(__m256 v) {
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
+using jaxfire::exp8;
+using jaxfire::hsum;
 
 // s[t] = e^(s[t] - top) for t < n; returns their sum.
 float exp_shifted(float* s, int64_t n, float top) {
@@ -248,39 +227,28 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   return ffi::Error::Success();
 }
 
-// qkv [B, (H + 2K) D] (one token per row: queries, keys, values side by side), cos / sin
-// [B, D / 2], positions [B], caches [slots, K, S, D] updated in place (aliased to the
-// results) -> out [B, H D]. Row b's key (rotated) and value go to position p = positions[b]
-// of cache row b (none past S); its query at p sees positions max(0, p + 1 - window) .. p
-// (window 0: no window).
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
-                           ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
-                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32>,
-                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
-                           int64_t num_heads, int64_t window) {
-  const auto xd = qkv.dimensions();
-  const auto cd = keys->dimensions();
-  const auto vd = values->dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin())) {
-    return ffi::Error::InvalidArgument("qkv must be [B, (H + 2K) D] and caches [slots, K, S, D]");
-  }
-  const int64_t rows = xd[0], kv_heads = cd[1], len = cd[2], dim = cd[3];
-  const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
-  if (xd[1] != width || cd[0] < rows || num_heads % kv_heads != 0 || dim % 2 != 0 ||
-      positions.element_count() != rows || cos_table.element_count() != rows * (dim / 2)) {
-    return ffi::Error::InvalidArgument("qkv, cos/sin, positions and caches shapes disagree");
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const float* xp = qkv.typed_data();
-  const float* cp = cos_table.typed_data();
-  const float* sp = sin_table.typed_data();
-  const int32_t* pos = positions.typed_data();
-  float* kp = keys->typed_data();
-  float* vp = values->typed_data();
-  float* op = out->typed_data();
+}  // namespace
 
-  jaxfire::parallel_for(pool, rows * kv_heads, [=](int64_t u) {
+namespace jaxfire {
+
+const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, int64_t slots,
+                                  int64_t positions, int64_t cos_elements) {
+  if (g.kv_heads <= 0 || g.heads % g.kv_heads != 0 || g.dim % 2 != 0 || slots < g.rows ||
+      qkv_width != (g.heads + 2 * g.kv_heads) * g.dim || positions != g.rows ||
+      cos_elements != g.rows * (g.dim / 2)) {
+    return "qkv, cos/sin, positions and caches shapes disagree";
+  }
+  return nullptr;
+}
+
+void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const float* xp,
+                      const float* cp, const float* sp, const int32_t* pos, float* kp, float* vp,
+                      float* op) {
+  const int64_t kv_heads = geo.kv_heads, len = geo.len, dim = geo.dim, window = geo.window;
+  const int64_t num_heads = geo.heads, groups = num_heads / kv_heads;
+  const int64_t width = (num_heads + 2 * kv_heads) * dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  parallel_for(pool, geo.rows * kv_heads, [=](int64_t u) {
     const int64_t b = u / kv_heads, h = u % kv_heads;
     const Token token{xp + b * width, cp + b * (dim / 2), sp + b * (dim / 2), num_heads,
                       kv_heads, dim};
@@ -321,6 +289,37 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       attend(scores.data() + g * seen, v, seen, dim, oh + g * dim);
     }
   });
+}
+
+}  // namespace jaxfire
+
+namespace {
+
+// qkv [B, (H + 2K) D] (one token per row: queries, keys, values side by side), cos / sin
+// [B, D / 2], positions [B], caches [slots, K, S, D] updated in place (aliased to the
+// results) -> out [B, H D]. Row b's key (rotated) and value go to position p = positions[b]
+// of cache row b (none past S); its query at p sees positions max(0, p + 1 - window) .. p
+// (window 0: no window).
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                           ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
+                           int64_t num_heads, int64_t window) {
+  const auto xd = qkv.dimensions();
+  const auto cd = keys->dimensions();
+  const auto vd = values->dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin())) {
+    return ffi::Error::InvalidArgument("qkv must be [B, (H + 2K) D] and caches [slots, K, S, D]");
+  }
+  const jaxfire::DecodeGeometry geo{xd[0], num_heads, cd[1], cd[2], cd[3], window};
+  if (const char* error = jaxfire::check_decode_geometry(geo, xd[1], cd[0], positions.element_count(),
+                                cos_table.element_count())) {
+    return ffi::Error::InvalidArgument(error);
+  }
+  jaxfire::decode_attention(pool, geo, qkv.typed_data(), cos_table.typed_data(),
+                            sin_table.typed_data(), positions.typed_data(),
+                            keys->typed_data(), values->typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -326,7 +327,7 @@ void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
   }
 }
 
-enum class Format { kF32, kBF16, kQ8, kQ8Symmetric, kQ4 };
+using Format = jaxfire::Packed::Format;
 
 struct Matmul {
   const float* x;
@@ -383,34 +384,78 @@ struct Matmul {
   }
 };
 
+}  // namespace
+
+namespace jaxfire {
+
+const char* describe_packed(ffi::AnyBuffer w, Packed* out) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 3) return "packed weight must be rank 3";
+  switch (w.element_type()) {
+    case ffi::DataType::F32: out->format = Format::kF32, out->k = wd[1]; break;
+    case ffi::DataType::BF16: out->format = Format::kBF16, out->k = wd[1]; break;
+    case ffi::DataType::U8:  // the bytes of a block tell the quantized formats apart
+      switch (wd[2]) {
+        case Q4Format::kBlockBytes: out->format = Format::kQ4; break;
+        case Q8Format::kBlockBytes: out->format = Format::kQ8; break;
+        case Q8SymmetricFormat::kBlockBytes: out->format = Format::kQ8Symmetric; break;
+        default: return "packed q4/q8 weight has unknown blocks";
+      }
+      out->k = wd[1] * kQuantBlock;
+      break;
+    default: return "packed weight must be f32, bf16 or u8 (q4/q8)";
+  }
+  const bool plain = out->format == Format::kF32 || out->format == Format::kBF16;
+  if (plain && wd[2] != kPanel) return "packed weight has the wrong panel layout";
+  out->data = static_cast<const uint8_t*>(w.untyped_data());
+  out->panels = wd[0];
+  out->panel_bytes = wd[0] == 0 ? 0 : static_cast<int64_t>(w.size_bytes()) / wd[0];
+  return nullptr;
+}
+
+void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, const Packed& w, float* y,
+            int64_t n) {
+  const int64_t k = w.k;
+  if (m == 0 || k == 0) return;
+  const bool quant = w.format != Format::kF32 && w.format != Format::kBF16;
+  // The one-row path reads x's block sums, and only a chunk of one row takes it: a call of
+  // one row, or the last chunk of a longer one (summing every row, serial float adds, cost
+  // a prefill a few percent).
+  thread_local std::vector<float> xsums;
+  if (quant && (m - 1) % kRowChunk == 0) {
+    const int64_t blocks = k / kQuantBlock;
+    xsums.resize(m * blocks);
+    const float* row = x + (m - 1) * k;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = row + b * kQuantBlock;
+      xsums[(m - 1) * blocks + b] = std::accumulate(xb, xb + kQuantBlock, 0.0f);
+    }
+  }
+  const Matmul mm{x, xsums.data(), w.data, y, m, k, n, w.panels, w.panel_bytes,
+                  (w.panels + kPanelsPerUnit - 1) / kPanelsPerUnit};
+  switch (w.format) {
+    case Format::kF32: mm.run<F32Format>(pool); break;
+    case Format::kBF16: mm.run<BF16Format>(pool); break;
+    case Format::kQ8: mm.run<Q8Format>(pool); break;
+    case Format::kQ8Symmetric: mm.run<Q8SymmetricFormat>(pool); break;
+    case Format::kQ4: mm.run<Q4Format>(pool); break;
+  }
+}
+
+}  // namespace jaxfire
+
+namespace {
+
 // Rows of x from `valid` on are padding (a prompt's bucket past its length): their
 // outputs are left zero rather than computed.
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                       ffi::Buffer<ffi::S32> valid, ffi::ResultBuffer<ffi::F32> y) {
-  const auto wd = w.dimensions();
-  if (wd.size() != 3) return ffi::Error::InvalidArgument("packed weight must be rank 3");
-  Format format;
-  int64_t k;
-  switch (w.element_type()) {
-    case ffi::DataType::F32: format = Format::kF32, k = wd[1]; break;
-    case ffi::DataType::BF16: format = Format::kBF16, k = wd[1]; break;
-    case ffi::DataType::U8:  // the bytes of a block tell the quantized formats apart
-      switch (wd[2]) {
-        case Q4Format::kBlockBytes: format = Format::kQ4; break;
-        case Q8Format::kBlockBytes: format = Format::kQ8; break;
-        case Q8SymmetricFormat::kBlockBytes: format = Format::kQ8Symmetric; break;
-        default: return ffi::Error::InvalidArgument("packed q4/q8 weight has unknown blocks");
-      }
-      k = wd[1] * kQuantBlock;
-      break;
-    default: return ffi::Error::InvalidArgument("packed weight must be f32, bf16 or u8 (q4/q8)");
+  jaxfire::Packed packed;
+  if (const char* error = jaxfire::describe_packed(w, &packed)) {
+    return ffi::Error::InvalidArgument(error);
   }
-  const bool quant = format != Format::kF32 && format != Format::kBF16;
-  if (!quant && wd[2] != kPanel) {
-    return ffi::Error::InvalidArgument("packed weight has the wrong panel layout");
-  }
-  const int64_t n = y->dimensions().back();
-  if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != wd[0]) {
+  const int64_t k = packed.k, n = y->dimensions().back();
+  if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != packed.panels) {
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
   if (valid.element_count() != 1) return ffi::Error::InvalidArgument("valid must be a scalar");
@@ -418,37 +463,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   const int64_t rows = static_cast<int64_t>(x.element_count()) / k;
   const int64_t m = std::clamp<int64_t>(valid.typed_data()[0], 0, rows);
   std::fill(y->typed_data() + m * n, y->typed_data() + rows * n, 0.0f);
-  if (m == 0) return ffi::Error::Success();
-  // The one-row path reads x's block sums, and only a chunk of one row takes it: a call of
-  // one row, or the last chunk of a longer one (summing every row, serial float adds, cost
-  // a prefill a few percent).
-  std::vector<float> xsums;
-  if (quant && (m - 1) % kRowChunk == 0) {
-    const int64_t blocks = k / kQuantBlock;
-    xsums.resize(m * blocks);
-    const float* row = x.typed_data() + (m - 1) * k;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = row + b * kQuantBlock;
-      xsums[(m - 1) * blocks + b] = std::accumulate(xb, xb + kQuantBlock, 0.0f);
-    }
-  }
-  const Matmul mm{x.typed_data(),
-                  xsums.data(),
-                  static_cast<const uint8_t*>(w.untyped_data()),
-                  y->typed_data(),
-                  m,
-                  k,
-                  n,
-                  wd[0],
-                  static_cast<int64_t>(w.size_bytes()) / wd[0],
-                  (wd[0] + kPanelsPerUnit - 1) / kPanelsPerUnit};
-  switch (format) {
-    case Format::kF32: mm.run<F32Format>(pool); break;
-    case Format::kBF16: mm.run<BF16Format>(pool); break;
-    case Format::kQ8: mm.run<Q8Format>(pool); break;
-    case Format::kQ8Symmetric: mm.run<Q8SymmetricFormat>(pool); break;
-    case Format::kQ4: mm.run<Q4Format>(pool); break;
-  }
+  jaxfire::matmul(pool, x.typed_data(), m, packed, y->typed_data(), n);
   return ffi::Error::Success();
 }
 

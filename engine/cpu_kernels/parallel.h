@@ -25,18 +25,37 @@ namespace jaxfire {
 
 // Units [0, units) claimed one at a time by whoever takes part; the caller takes part too,
 // so a call never waits on a helper that has not started, only on units already claimed.
+// The units are dealt in contiguous lanes, one per thread expected, each claimed from its
+// front: a thread streams through its own lane's weights in address order (what the
+// hardware prefetcher follows) and only then takes over what is left of the others'.
 struct Job {
-  Job(void (*call)(const void*, int64_t), const void* fn, int64_t units)
-      : call(call), fn(fn), units(units) {}
+  static constexpr int kMaxLanes = 16;
+  Job(void (*call)(const void*, int64_t), const void* fn, int64_t units, int lanes)
+      : call(call),
+        fn(fn),
+        units(units),
+        lanes(static_cast<int>(std::min<int64_t>({std::max(lanes, 1), kMaxLanes, units}))) {
+    for (int l = 0; l < this->lanes; ++l) {
+      next[l].store(units * l / this->lanes, std::memory_order_relaxed);
+      end[l] = units * (l + 1) / this->lanes;
+    }
+  }
   void (*call)(const void* fn, int64_t u);
   const void* fn;
   int64_t units;
-  std::atomic<int64_t> next{0};
+  int lanes;
+  std::atomic<int64_t> next[kMaxLanes];
+  int64_t end[kMaxLanes];
+  std::atomic<int> joined{0};
   std::atomic<int64_t> done{0};
   void drain() {
-    for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      call(fn, u);
-      done.fetch_add(1, std::memory_order_release);
+    const int first = joined.fetch_add(1, std::memory_order_relaxed) % lanes;
+    for (int i = 0; i < lanes; ++i) {
+      const int l = (first + i) % lanes;
+      for (int64_t u; (u = next[l].fetch_add(1, std::memory_order_relaxed)) < end[l];) {
+        call(fn, u);
+        done.fetch_add(1, std::memory_order_release);
+      }
     }
   }
   void wait() const {
@@ -51,6 +70,8 @@ class Team {
     static Team* team = new Team();
     return *team;
   }
+
+  int threads() const { return helpers_ + 1; }
 
   // Runs the job with the helpers, or returns false when another call holds the team.
   bool run(Job& job) {
@@ -127,11 +148,12 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t units, Fn fn) {
   if (units <= 0) return;
   if (units == 1) return fn(0);
   auto call = [](const void* f, int64_t u) { (*static_cast<const Fn*>(f))(u); };
-  Job job(call, &fn, units);
-  if (Team::get().run(job)) return;
+  Team& team = Team::get();
+  Job job(call, &fn, units, team.threads());
+  if (team.run(job)) return;
   auto owned = std::make_shared<Fn>(std::move(fn));
-  auto shared = std::make_shared<Job>(call, owned.get(), units);
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), units - 1);
+  auto shared = std::make_shared<Job>(call, owned.get(), units, static_cast<int>(helpers) + 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared, owned] { shared->drain(); });
   shared->drain();
   shared->wait();
