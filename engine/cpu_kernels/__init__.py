@@ -160,13 +160,16 @@ def _pack_q8_symmetric(scale: np.ndarray, codes: np.ndarray, panels: int) -> np.
 
 
 def _pack_q4(scale: np.ndarray, offset: np.ndarray, codes: np.ndarray, panels: int) -> np.ndarray:
-    """Per panel and block: 16 float16 scales, 16 offsets, then codes 0..15 two to a byte,
-    row j in the low nibble and row j + 16 in the high one: [panels, K/32, 320], GGUF's
-    Q4_1 size."""
+    """Per panel and block: 16 float16 scales, 16 offsets, then codes 0..15 as one 32-bit
+    word per column and group of 8 rows, row r of the group in bits 4r .. 4r+3, the words of
+    a group's 16 columns side by side: [panels, K/32, 320], GGUF's Q4_1 size. (Row r's code
+    times 2^4r is its word masked, no shift: matmul.cc's one-row path.)"""
     side = _per_panel_block(np.stack([scale, offset], 1).astype(np.float16), panels)
-    codes = codes.astype(np.uint8).reshape(-1, QUANT_BLOCK, codes.shape[1])
-    nibbles = codes[:, :16] | (codes[:, 16:] << 4)
-    return np.concatenate([side, _per_panel_block(nibbles, panels)], axis=-1)
+    groups = codes.astype(np.uint32).reshape(-1, QUANT_BLOCK // 8, 8, codes.shape[1])
+    words = np.zeros(groups.shape[:2] + groups.shape[3:], np.uint32)
+    for r in range(8):
+        words |= groups[:, :, r] << np.uint32(4 * r)
+    return np.concatenate([side, _per_panel_block(words, panels)], axis=-1)
 
 
 def _as_q4(

@@ -61,8 +61,8 @@ using BF16Format = PlainFormat<uint16_t>;
 // Blocks of 32 rows, each weight = fma(scale, code, offset) with a scale and an offset per
 // column (one rounding: the stored float32 value exactly). Q8: float32 scales and offsets,
 // int8 codes [32][16] (640 bytes). Q8 symmetric (GGUF's Q8_0): float16 scales, no offsets,
-// int8 codes (544 bytes). Q4: float16 scales and offsets, codes 0..15 with row j in the low
-// nibble of byte [j][col] and row j + 16 in the high one (320 bytes).
+// int8 codes (544 bytes). Q4: float16 scales and offsets, codes 0..15 in 32-bit words, one
+// per (group of 8 rows, column), row r of the group in bits 4r .. 4r+3 (320 bytes).
 enum class Quant { kQ8, kQ8Symmetric, kQ4 };
 
 template <Quant kKind>
@@ -95,16 +95,19 @@ struct QuantFormat {
   // The codes of row j as floats; j is a constant once the block loop is unrolled, so Q4's
   // nibble choice costs one shift.
   void codes(int64_t j, __m256* lo, __m256* hi) const {
-    __m128i v;
     if constexpr (kFour) {
-      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (j & 15) * kPanel));
-      if (j >= 16) v = _mm_srli_epi16(v, 4);
-      v = _mm_and_si128(v, _mm_set1_epi8(15));
+      const __m256i* words = reinterpret_cast<const __m256i*>(q) + 2 * (j / 8);
+      const __m256i nibble = _mm256_set1_epi32(15);
+      const int shift = 4 * (j % 8);
+      *lo = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words), shift), nibble));
+      *hi = _mm256_cvtepi32_ps(
+          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words + 1), shift), nibble));
     } else {
-      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
+      *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+      *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
     }
-    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
   }
   void load(int64_t j, __m256* lo, __m256* hi) const {
     codes(j, lo, hi);
@@ -219,40 +222,39 @@ void q8_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_
   store_cols(y, lo_sum, hi_sum, cols);
 }
 
-// One row against a q4 panel, reading two rows at once: byte [j][c] holds rows j and j + 16 of
-// column c, so one zero-extending load gives eight columns of both, and a nibble costs an
-// and or a shift instead of the shuffles that split a 16-byte row (8.5 -> 7 vector
-// operations per 16 weights, the single row being bound by them rather than by memory).
-void q4_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
-                  float* y, int64_t cols) {
+// One row against a q4 panel, no shifts: row r of a group of 8 masked in its word is
+// code * 2^4r, exactly a float once converted, and x_j comes pre-scaled by 2^-4r (x_scaled,
+// exact too), so each product is x_j * code as if computed directly. Per 8 weights an and, a
+// conversion and an FMA: bound by the conversion's one pipe. (Widening and shifting nibbles
+// ran 25% slower, bound by the shuffle pipes; batch-1 decode was bound by it.)
+void q4_panel_row(const float* x, const float* x_scaled, const float* xsum, int64_t k_dim,
+                  const uint8_t* panel, float* y, int64_t cols) {
   __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
-  const __m256i low_nibble = _mm256_set1_epi32(15);
   for (int64_t kb = 0; kb < k_dim; kb += kQuantBlock) {
     const Q4Format block(panel, kb / kQuantBlock);
     prefetch_ahead<Q4Format>(panel, kb);
+    const __m256i* words = reinterpret_cast<const __m256i*>(block.q);
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
            a30 = a00, a31 = a00;
-#define JAXFIRE_TWO_ROWS(i, j)                                                            \
-  {                                                                                       \
-    const __m256i c0 = _mm256_cvtepu8_epi32(                                              \
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block.q + (j) * kPanel)));       \
-    const __m256i c1 = _mm256_cvtepu8_epi32(                                              \
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block.q + (j) * kPanel + 8)));   \
-    const __m256 xa = _mm256_broadcast_ss(x + kb + (j));                                  \
-    const __m256 xb = _mm256_broadcast_ss(x + kb + (j) + 16);                             \
-    a##i##0 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_and_si256(c0, low_nibble)),  \
-                              a##i##0);                                                   \
-    a##i##1 = _mm256_fmadd_ps(xa, _mm256_cvtepi32_ps(_mm256_and_si256(c1, low_nibble)),  \
-                              a##i##1);                                                   \
-    a##i##0 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 4)), a##i##0); \
-    a##i##1 = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4)), a##i##1); \
+#define JAXFIRE_ROW(i, r)                                                                   \
+  {                                                                                         \
+    const __m256i mask = _mm256_set1_epi32(15 << (4 * (r)));                                \
+    const __m256 xr = _mm256_broadcast_ss(x_scaled + kb + 8 * g + (r));                     \
+    a##i##0 = _mm256_fmadd_ps(xr, _mm256_cvtepi32_ps(_mm256_and_si256(w0, mask)), a##i##0); \
+    a##i##1 = _mm256_fmadd_ps(xr, _mm256_cvtepi32_ps(_mm256_and_si256(w1, mask)), a##i##1); \
   }
 #pragma GCC unroll 4
-    for (int64_t j = 0; j < 16; j += 4) {
-      JAXFIRE_TWO_ROWS(0, j) JAXFIRE_TWO_ROWS(1, j + 1) JAXFIRE_TWO_ROWS(2, j + 2)
-      JAXFIRE_TWO_ROWS(3, j + 3)
+    for (int64_t g = 0; g < kQuantBlock / 8; ++g) {
+      const __m256i w0 = _mm256_loadu_si256(words + 2 * g);
+      const __m256i w1 = _mm256_loadu_si256(words + 2 * g + 1);
+      JAXFIRE_ROW(0, 0) JAXFIRE_ROW(1, 1) JAXFIRE_ROW(2, 2) JAXFIRE_ROW(3, 3)
+      JAXFIRE_ROW(0, 4) JAXFIRE_ROW(1, 5) JAXFIRE_ROW(2, 6)
+      // Row 7's mask would reach the sign bit: shifted down instead, against x unscaled.
+      const __m256 x7 = _mm256_broadcast_ss(x + kb + 8 * g + 7);
+      a30 = _mm256_fmadd_ps(x7, _mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 28)), a30);
+      a31 = _mm256_fmadd_ps(x7, _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 28)), a31);
     }
-#undef JAXFIRE_TWO_ROWS
+#undef JAXFIRE_ROW
     add_block(block, xsum[kb / kQuantBlock], a00, a01, a10, a11, a20, a21, a30, a31, lo_sum,
               hi_sum);
   }
@@ -291,12 +293,12 @@ void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, i
 }
 
 template <typename F>
-void panel_block(int64_t rows, const float* x, const float* xsum, int64_t k_dim,
-                 const uint8_t* panel, float* y, int64_t ldy, int64_t cols) {
+void panel_block(int64_t rows, const float* x, const float* x_scaled, const float* xsum,
+                 int64_t k_dim, const uint8_t* panel, float* y, int64_t ldy, int64_t cols) {
   switch (rows) {
     case 1:
       if constexpr (std::is_same_v<F, Q4Format>) {
-        return q4_panel_row(x, xsum, k_dim, panel, y, cols);
+        return q4_panel_row(x, x_scaled, xsum, k_dim, panel, y, cols);
       } else if constexpr (F::kQuant) {
         return q8_panel_row<F>(x, xsum, k_dim, panel, y, cols);
       } else {
@@ -332,6 +334,7 @@ using Format = jaxfire::Packed::Format;
 struct Matmul {
   const float* x;
   const float* xsums;  // [m, k / 32]: each row's sum per quant block (q4/q8 formats only)
+  const float* x_scaled;  // [k]: the last row's x_j * 2^-4(j % 8) (q4 only; q4_panel_row)
   const uint8_t* w;
   float* y;
   int64_t m, k, n, panels, panel_bytes, panel_groups;
@@ -371,7 +374,7 @@ struct Matmul {
     for (int64_t r = row0, blocks = (row_end - row0 + kRowBlock - 1) / kRowBlock; r < row_end;
          --blocks) {
       const int64_t size = (row_end - r + blocks - 1) / blocks;
-      panel_block<F>(size, x + r * k, xsums + r * (k / kQuantBlock), k, panel,
+      panel_block<F>(size, x + r * k, x_scaled, xsums + r * (k / kQuantBlock), k, panel,
                      y + r * n + p * kPanel, n, cols);
       r += size;
     }
@@ -418,10 +421,10 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, const Packed& w, f
   const int64_t k = w.k;
   if (m == 0 || k == 0) return;
   const bool quant = w.format != Format::kF32 && w.format != Format::kBF16;
-  // The one-row path reads x's block sums, and only a chunk of one row takes it: a call of
-  // one row, or the last chunk of a longer one (summing every row, serial float adds, cost
-  // a prefill a few percent).
-  thread_local std::vector<float> xsums;
+  // The one-row path reads x's block sums (and, for q4, x scaled), and only a chunk of one
+  // row takes it: a call of one row, or the last chunk of a longer one (summing every row,
+  // serial float adds, cost a prefill a few percent).
+  thread_local std::vector<float> xsums, x_scaled;
   if (quant && (m - 1) % kRowChunk == 0) {
     const int64_t blocks = k / kQuantBlock;
     xsums.resize(m * blocks);
@@ -430,9 +433,15 @@ void matmul(ffi::ThreadPool& pool, const float* x, int64_t m, const Packed& w, f
       const float* xb = row + b * kQuantBlock;
       xsums[(m - 1) * blocks + b] = std::accumulate(xb, xb + kQuantBlock, 0.0f);
     }
+    if (w.format == Format::kQ4) {
+      x_scaled.resize(k);
+      constexpr float kScale[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f,
+                                   0x1p-16f, 0x1p-20f, 0x1p-24f, 0x1p-28f};
+      for (int64_t j = 0; j < k; ++j) x_scaled[j] = row[j] * kScale[j % 8];
+    }
   }
-  const Matmul mm{x, xsums.data(), w.data, y, m, k, n, w.panels, w.panel_bytes,
-                  (w.panels + kPanelsPerUnit - 1) / kPanelsPerUnit};
+  const Matmul mm{x, xsums.data(), x_scaled.data(), w.data, y, m, k, n, w.panels,
+                  w.panel_bytes, (w.panels + kPanelsPerUnit - 1) / kPanelsPerUnit};
   switch (w.format) {
     case Format::kF32: mm.run<F32Format>(pool); break;
     case Format::kBF16: mm.run<BF16Format>(pool); break;
