@@ -26,12 +26,12 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 
 from samplers import bias, filters, mirostat, penalties
 from samplers.filters import NEG_INF, Candidates
 from samplers.params import GREEDY_TEMPERATURE, SamplingBatch
+from samplers.threefry import threefry_2x32
 
 # (x f32[S, V], k) -> (values f32[S, k] descending, ids i32[S, k]), ties by lower id: lax.top_k,
 # or a faster equivalent the caller has (the engine's CPU kernel).
@@ -241,11 +241,12 @@ def _uniform(batch: SamplingBatch, ids: jax.Array) -> jax.Array:
     gets its own value whatever the batch holds (n <= 128 choices, steps < 2**24).
     """
     s, n = ids.shape
-    key = jnp.broadcast_to(batch.key[:, None, :], (s, n, 2)).reshape(-1, 2)
+    key = (batch.key[:, :1], batch.key[:, 1:])
     hi = batch.step.astype(jnp.uint32) | (batch.choice.astype(jnp.uint32) << 24)
-    counter = jnp.concatenate([jnp.repeat(hi, n), ids.astype(jnp.uint32).reshape(-1)])
-    bits = jax.extend.random.threefry_2x32((key[:, 0], key[:, 1]), counter)[: s * n]
-    return ((bits.reshape(s, n) >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
+    # The first word of the hash of (hi, id): jax.random's threefry_2x32 of the counter
+    # [hi repeated | ids] keeps it as the first half of its result.
+    bits, _ = threefry_2x32(key, (jnp.broadcast_to(hi[:, None], (s, n)), ids.astype(jnp.uint32)))
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _draw(

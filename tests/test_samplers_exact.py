@@ -163,3 +163,19 @@ def test_wide_candidates_when_the_nucleus_exceeds_the_first_candidates():
     tokens, _, _ = run_sample(jnp.asarray(logits), batch)
     for r in range(2):
         assert np.isfinite(got[r, int(tokens[r])])
+
+
+def test_unrolled_threefry_equals_jax_random_hash():
+    import jax.extend
+
+    from samplers.threefry import threefry_2x32
+
+    rng = np.random.default_rng(3)
+    k0, k1 = (jnp.asarray(rng.integers(0, 2**32, (5, 1), dtype=np.uint32)) for _ in range(2))
+    x0, x1 = (jnp.asarray(rng.integers(0, 2**32, (5, 7), dtype=np.uint32)) for _ in range(2))
+    got = jax.jit(threefry_2x32)((k0, k1), (x0, x1))
+    for row in range(5):
+        want = jax.extend.random.threefry_2x32(
+            (k0[row, 0], k1[row, 0]), jnp.concatenate([x0[row], x1[row]])
+        )
+        np.testing.assert_array_equal(np.concatenate([got[0][row], got[1][row]]), want)
