@@ -9,12 +9,19 @@
 
 namespace jaxfire {
 
+// Output columns per panel of a packed weight (__init__.py's PANEL).
+inline constexpr int64_t kPanel = 16;
+
 // A weight packed by cpu_kernels.pack: its format and geometry.
 struct Packed {
   enum class Format { kF32, kBF16, kQ8, kQ8Symmetric, kQ4 };
   const uint8_t* data;
   Format format;
   int64_t k, panels, panel_bytes;
+  // True when it maps k_in inputs to n_out outputs.
+  bool maps(int64_t k_in, int64_t n_out) const {
+    return k == k_in && (n_out + kPanel - 1) / kPanel == panels;
+  }
 };
 
 // Reads w's format from its type and shape into *out; returns an error message, or nullptr.

@@ -88,10 +88,8 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   }
   const int64_t width = (num_heads + 2 * geo.kv_heads) * geo.dim, inter = down_w.k;
-  const auto panels = [](int64_t n) { return (n + 15) / 16; };
-  if (qkv_w.k != d || panels(width) != qkv_w.panels || o_w.k != num_heads * geo.dim ||
-      panels(d) != o_w.panels || gu_w.k != d || panels(2 * inter) != gu_w.panels ||
-      panels(d) != down_w.panels || input_norm.element_count() != d ||
+  if (!qkv_w.maps(d, width) || !o_w.maps(num_heads * geo.dim, d) || !gu_w.maps(d, 2 * inter) ||
+      !down_w.maps(inter, d) || input_norm.element_count() != d ||
       post_norm.element_count() != d) {
     return ffi::Error::InvalidArgument("x, norms and packed weights shapes disagree");
   }

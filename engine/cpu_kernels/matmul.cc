@@ -26,7 +26,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 16;     // output columns per panel (two AVX registers)
+using jaxfire::kPanel;  // output columns per panel (two AVX registers)
 constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accumulators)
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 1;
@@ -464,7 +464,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
     return ffi::Error::InvalidArgument(error);
   }
   const int64_t k = packed.k, n = y->dimensions().back();
-  if (x.dimensions().back() != k || (n + kPanel - 1) / kPanel != packed.panels) {
+  if (!packed.maps(x.dimensions().back(), n)) {
     return ffi::Error::InvalidArgument("x, packed weight and y shapes disagree");
   }
   if (valid.element_count() != 1) return ffi::Error::InvalidArgument("valid must be a scalar");
