@@ -314,6 +314,64 @@ def test_prefill_attention_equals_rotary_causal_softmax(head_dim, window):
     np.testing.assert_allclose(out, want.reshape(out.shape), atol=2e-6)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(("start", "valid"), [(0, 11), (9, 11), (17, 7), (30, 11)])
+def test_extend_attention_writes_new_tokens_into_the_slot_and_attends_to_it(window, start, valid):
+    slots, slot, length, heads, kv_heads, head_dim, new = 3, 1, 40, 6, 2, 64, 11
+    keys = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
+    values = RNG.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
+    qkv = RNG.standard_normal((1, new, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    angles = RNG.uniform(0, 6, (new, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    call = jax.jit(cpu_kernels.extend_attention, static_argnums=(8, 9))
+    got = call(qkv, cos, sin, start, valid, slot, keys, values, heads, window)
+    out, new_keys, new_values = (np.asarray(a) for a in got)
+
+    x = qkv[0].astype(np.float64).reshape(new, heads + 2 * kv_heads, head_dim)
+    q = rotate_half(x[:, :heads], cos[:, None], sin[:, None])
+    k = rotate_half(x[:, heads : heads + kv_heads], cos[:, None], sin[:, None])
+    want_keys, want_values = keys.astype(np.float64), values.astype(np.float64)
+    written = [t for t in range(valid) if start + t < length]  # nothing past the cache
+    for t in written:
+        want_keys[slot, :, start + t] = k[t]
+        want_values[slot, :, start + t] = x[t, heads + kv_heads :]
+    np.testing.assert_allclose(new_keys, want_keys, atol=1e-6)  # other slots untouched too
+    np.testing.assert_array_equal(new_values, want_values.astype(np.float32))
+    want = np.zeros((new, heads, head_dim))
+    for t in range(valid):
+        last = min(start + t, length - 1)
+        seen = slice(0 if window is None else max(0, last + 1 - window), last + 1)
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = want_keys[slot, kv, seen] @ q[t, h] / np.sqrt(head_dim)
+            p = np.exp(scores - scores.max())
+            want[t, h] = p / p.sum() @ want_values[slot, kv, seen]
+    np.testing.assert_allclose(out[0], want.reshape(new, -1), atol=2e-6)
+
+
+def test_extend_attention_matches_prefill_attention_bitwise():
+    """A prompt prefilled whole, or its first part prefilled and the rest extended from the
+    cache, gives the same keys, values and outputs: reusing a cached prefix changes nothing."""
+    heads, kv_heads, head_dim, length, split = 6, 2, 64, 24, 10
+    qkv = RNG.standard_normal((1, length, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    angles = RNG.uniform(0, 6, (length, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    out, keys, values = cpu_kernels.prefill_attention(qkv, cos, sin, length, heads, kv_heads, None)
+    cache = [np.zeros((2, kv_heads, 32, head_dim), np.float32) for _ in range(2)]
+    _, head_k, head_v = cpu_kernels.prefill_attention(
+        qkv[:, :split], cos[:split], sin[:split], split, heads, kv_heads, None
+    )
+    for c, part in zip(cache, (head_k, head_v), strict=True):
+        c[1, :, :split] = np.asarray(part)[0]
+    rest = slice(split, length)
+    ext_out, ext_k, ext_v = cpu_kernels.extend_attention(
+        qkv[:, rest], cos[rest], sin[rest], split, length - split, 1, *cache, heads, None
+    )
+    np.testing.assert_array_equal(np.asarray(ext_out)[0], np.asarray(out)[0, rest])
+    np.testing.assert_array_equal(np.asarray(ext_k)[1, :, :length], np.asarray(keys)[0])
+    np.testing.assert_array_equal(np.asarray(ext_v)[1, :, :length], np.asarray(values)[0])
+
+
 def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path):
     import shutil
 

@@ -38,6 +38,7 @@ QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 PREFILL_ATTENTION = "jaxfire_cpu_prefill_attention"
+EXTEND_ATTENTION = "jaxfire_cpu_extend_attention"
 DECODE_LAYER = "jaxfire_cpu_decode_layer"
 TOP_K = "jaxfire_cpu_top_k"
 _SOURCES = [
@@ -93,6 +94,7 @@ def _register() -> None:
         (MATMUL, lib.JaxfireMatmul),
         (ATTENTION, lib.JaxfireDecodeAttention),
         (PREFILL_ATTENTION, lib.JaxfirePrefillAttention),
+        (EXTEND_ATTENTION, lib.JaxfireExtendAttention),
         (DECODE_LAYER, lib.JaxfireDecodeLayer),
         (TOP_K, lib.JaxfireTopK),
     )
@@ -359,6 +361,48 @@ def prefill_attention(
         cos.astype(jnp.float32),
         sin.astype(jnp.float32),
         jnp.asarray(valid_rows, jnp.int32),
+        num_heads=np.int64(num_heads),
+        window=np.int64(window or 0),
+    )
+
+
+def extend_attention(
+    qkv: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    start: jax.Array,
+    valid: jax.Array,
+    slot: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    num_heads: int,
+    window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal attention of T new tokens of one sequence whose positions before `start` cache
+    row `slot` already holds: qkv f32[1, T, (H + 2K) D] as in prefill_attention, cos / sin
+    f32[T, D/2] of positions start .. start + T - 1, the first `valid` tokens real (int32
+    scalars, may be traced).
+
+    Their rotated keys and values are written into the float32 caches [slots, K, S, D] in
+    place (nothing past S), then the query at position p sees the slot's positions
+    max(0, p + 1 - window) .. p. Returns (out f32[1, T, H D], zeros for padding; keys; values)."""
+    _register()
+    out = (
+        jax.ShapeDtypeStruct(qkv.shape[:2] + (num_heads * keys.shape[-1],), jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
+        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(EXTEND_ATTENTION, out, input_output_aliases={6: 1, 7: 2})
+    scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(())  # noqa: E731
+    return call(
+        qkv.astype(jnp.float32),
+        cos.astype(jnp.float32),
+        sin.astype(jnp.float32),
+        scalar(start),
+        scalar(valid),
+        scalar(slot),
+        keys,
+        values,
         num_heads=np.int64(num_heads),
         window=np.int64(window or 0),
     )

@@ -11,6 +11,10 @@
 // embedding included, returning the keys and values in the cache's layout. Through XLA the
 // split, the rotations, the transposes to and from the heads-first layout and the batched
 // dots were a quarter of a 128-token prefill, nearly all of it copies and per-op overhead.
+//
+// Extend: the same for new tokens of a sequence whose earlier positions a cache slot already
+// holds (a prompt sharing a prefix with the slot's last one): keys and values written into
+// the slot in place, queries attending to the slot's rows.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -148,6 +152,76 @@ struct Token {
   }
 };
 
+// One sequence's new tokens for the two-pass attention of a prompt: token t of `len` sits at
+// position start + t; tokens from `valid` on are padding. Its keys and values go to the rows
+// [K][stride][D] at `keys` / `values` (position p of KV head h at (h * stride + p) * D):
+// a fresh prefill's own buffers (start 0, stride len) or a cache slot (stride S).
+struct Span {
+  const float* qkv;               // [len, (H + 2K) D]
+  const float *cos, *sin;         // [len, D / 2]
+  float *keys, *values, *out;     // out [len, H D]
+  int64_t start, len, valid, stride;
+};
+
+// Pass one writes every new token's rotated key and value (and its rotated query into out);
+// pass two, once all are written, attends: each query at position p sees the positions
+// max(0, p + 1 - window) .. p of its rows. Padding writes nothing to a cache; `zero_padding`
+// (fresh buffers) fills its keys, values and out with zeros.
+void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int64_t num_heads,
+                    int64_t kv_heads, int64_t dim, int64_t window, bool zero_padding) {
+  const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  const int64_t len = spans[0].len;  // the same for every span
+  jaxfire::parallel_for(pool, count * len, [=](int64_t u) {
+    const Span& s = spans[u / len];
+    const int64_t t = u % len, p = s.start + t;
+    const Token token{s.qkv + t * width, s.cos + t * (dim / 2), s.sin + t * (dim / 2),
+                      num_heads, kv_heads, dim};
+    float* o = s.out + t * num_heads * dim;
+    const bool real = t < s.valid;
+    for (int64_t h = 0; h < kv_heads && p < s.stride && (real || zero_padding); ++h) {
+      float* k = s.keys + (h * s.stride + p) * dim;
+      float* v = s.values + (h * s.stride + p) * dim;
+      if (!real) {
+        std::fill(k, k + dim, 0.0f);
+        std::fill(v, v + dim, 0.0f);
+        continue;
+      }
+      token.key(h, k);
+      token.value(h, v);
+    }
+    if (!real) return std::fill(o, o + num_heads * dim, 0.0f);
+    for (int64_t h = 0; h < num_heads; ++h) token.query(h, o + h * dim);
+  });
+
+  // (span, KV head, block of 8 queries) units: the scores, softmax and weighted sum of each
+  // query head of the group, in place of its rotated query.
+  constexpr int64_t kBlock = 8;
+  const int64_t blocks = (len + kBlock - 1) / kBlock;
+  jaxfire::parallel_for(pool, count * kv_heads * blocks, [=](int64_t u) {
+    const Span& s = spans[u / (kv_heads * blocks)];
+    const int64_t h = u / blocks % kv_heads, blk = u % blocks;
+    const float* k = s.keys + h * s.stride * dim;
+    const float* v = s.values + h * s.stride * dim;
+    thread_local std::vector<float> scores, query;
+    query.resize(dim);
+    for (int64_t t = blk * kBlock; t < std::min(s.valid, (blk + 1) * kBlock); ++t) {
+      const int64_t last = std::min(s.start + t, s.stride - 1);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
+      const int64_t seen = last + 1 - first;
+      scores.resize(seen);
+      for (int64_t g = 0; g < groups; ++g) {
+        float* o = s.out + (t * num_heads + h * groups + g) * dim;
+        for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
+        for (int64_t j = 0; j < seen; ++j) {
+          scores[j] = dot(query.data(), k + (first + j) * dim, dim);
+        }
+        attend(scores.data(), v + first * dim, seen, dim, o);
+      }
+    }
+  });
+}
+
 // qkv [B, T, (H + 2K) D] (queries, keys, values side by side, token t at position t),
 // cos / sin [T, D / 2], valid (tokens from this one on, over [B, T], are padding) ->
 // out [B, T, H D], keys and values [B, K, T, D] with the keys rotated. The query at position
@@ -163,67 +237,55 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     return ffi::Error::InvalidArgument("qkv must be [B, T, (H + 2K) D] and keys [B, K, T, D]");
   }
   const int64_t rows = xd[0], len = xd[1], kv_heads = kd[1], dim = kd[3];
-  const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
+  const int64_t width = (num_heads + 2 * kv_heads) * dim;
   if (xd[2] != width || kd[0] != rows || kd[2] != len || num_heads % kv_heads != 0 ||
       cos_table.element_count() != len * (dim / 2) || dim % 2 != 0) {
     return ffi::Error::InvalidArgument("qkv, cos/sin and keys shapes disagree");
   }
   const int64_t valid = std::clamp<int64_t>(valid_rows.typed_data()[0], 0, rows * len);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  const float* xp = qkv.typed_data();
-  const float* cp = cos_table.typed_data();
-  const float* sp = sin_table.typed_data();
-  float* op = out->typed_data();
-  float* kp = keys->typed_data();
-  float* vp = values->typed_data();
+  std::vector<Span> spans;
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t row_kv = b * kv_heads * len * dim;
+    spans.push_back(Span{qkv.typed_data() + b * len * width, cos_table.typed_data(),
+                         sin_table.typed_data(), keys->typed_data() + row_kv,
+                         values->typed_data() + row_kv, out->typed_data() + b * len * num_heads * dim,
+                         0, len, std::clamp<int64_t>(valid - b * len, 0, len), len});
+  }
+  span_attention(pool, spans.data(), rows, num_heads, kv_heads, dim, window, true);
+  return ffi::Error::Success();
+}
 
-  // Rotate the queries (into out, which the second pass overwrites) and the keys, and move
-  // keys and values into the heads-first layout, one token at a time.
-  jaxfire::parallel_for(pool, rows * len, [=](int64_t u) {
-    const int64_t b = u / len, t = u % len;
-    const Token token{xp + u * width, cp + t * (dim / 2), sp + t * (dim / 2), num_heads,
-                      kv_heads, dim};
-    float* o = op + u * num_heads * dim;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      float* k = kp + ((b * kv_heads + h) * len + t) * dim;
-      float* v = vp + ((b * kv_heads + h) * len + t) * dim;
-      if (u >= valid) {
-        std::fill(k, k + dim, 0.0f);
-        std::fill(v, v + dim, 0.0f);
-        continue;
-      }
-      token.key(h, k);
-      token.value(h, v);
-    }
-    if (u >= valid) return std::fill(o, o + num_heads * dim, 0.0f);
-    for (int64_t h = 0; h < num_heads; ++h) token.query(h, o + h * dim);
-  });
-
-  // Then (row, KV head, block of 8 queries) units: the scores, softmax and weighted sum of
-  // each query head of the group, in place of its rotated query.
-  constexpr int64_t kBlock = 8;
-  const int64_t blocks = (len + kBlock - 1) / kBlock;
-  jaxfire::parallel_for(pool, rows * kv_heads * blocks, [=](int64_t u) {
-    const int64_t b = u / (kv_heads * blocks), h = u / blocks % kv_heads, blk = u % blocks;
-    const float* k = kp + (b * kv_heads + h) * len * dim;
-    const float* v = vp + (b * kv_heads + h) * len * dim;
-    thread_local std::vector<float> scores, query;
-    scores.resize(len);
-    query.resize(dim);
-    for (int64_t t = blk * kBlock; t < std::min(len, (blk + 1) * kBlock); ++t) {
-      if (b * len + t >= valid) break;  // zeros already, from the first pass
-      const int64_t first = window > 0 ? std::max<int64_t>(0, t + 1 - window) : 0;
-      const int64_t seen = t + 1 - first;
-      for (int64_t g = 0; g < groups; ++g) {
-        float* o = op + ((b * len + t) * num_heads + h * groups + g) * dim;
-        for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
-        for (int64_t j = 0; j < seen; ++j) {
-          scores[j] = dot(query.data(), k + (first + j) * dim, dim);
-        }
-        attend(scores.data(), v + first * dim, seen, dim, o);
-      }
-    }
-  });
+// One sequence's T new tokens extending what cache row `slot` holds: qkv [1, T, (H + 2K) D],
+// cos / sin [T, D / 2] of their positions start .. start + T - 1, the first `valid` of them
+// real. Their rotated keys and values are written into the caches [slots, K, S, D] in place
+// (aliased to the results; nothing past S), then each query at position p attends to the
+// slot's positions max(0, p + 1 - window) .. p. -> out [1, T, H D] (zeros for padding).
+ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                           ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
+                           ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> valid,
+                           ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
+                           int64_t num_heads, int64_t window) {
+  const auto xd = qkv.dimensions();
+  const auto cd = keys->dimensions();
+  if (xd.size() != 3 || xd[0] != 1 || cd.size() != 4) {
+    return ffi::Error::InvalidArgument("qkv must be [1, T, (H + 2K) D] and caches [slots, K, S, D]");
+  }
+  const int64_t len = xd[1], slots = cd[0], kv_heads = cd[1], stride = cd[2], dim = cd[3];
+  if (kv_heads <= 0 || num_heads % kv_heads != 0 || dim % 2 != 0 ||
+      xd[2] != (num_heads + 2 * kv_heads) * dim || cos_table.element_count() != len * (dim / 2)) {
+    return ffi::Error::InvalidArgument("qkv, cos/sin and caches shapes disagree");
+  }
+  const int64_t row = slot.typed_data()[0], first = start.typed_data()[0];
+  if (row < 0 || row >= slots || first < 0) {
+    return ffi::Error::InvalidArgument("slot must be in [0, slots) and start >= 0");
+  }
+  const int64_t row_kv = row * kv_heads * stride * dim;
+  const Span span{qkv.typed_data(), cos_table.typed_data(), sin_table.typed_data(),
+                  keys->typed_data() + row_kv, values->typed_data() + row_kv, out->typed_data(),
+                  first, len, std::clamp<int64_t>(valid.typed_data()[0], 0, len), stride};
+  span_attention(pool, &span, 1, num_heads, kv_heads, dim, window, false);
   return ffi::Error::Success();
 }
 
@@ -332,6 +394,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfirePrefillAttention, PrefillAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireExtendAttention, ExtendAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
