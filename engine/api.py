@@ -245,10 +245,12 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------
     def warmup(self, background: bool = False) -> None:
         """Compile every program serving will use (each prefill bucket, insert, prompt
-        logprobs, slot start/stop, each decode geometry) before the first request.
+        logprobs, slot start/stop, each decode geometry, each bucket's extension of a cached
+        prefix) before the first request.
 
-        With `background`, the decode programs narrower than all slots compile on a
-        thread instead; until one is ready the scheduler uses the full-width program."""
+        With `background`, the decode programs narrower than all slots and the extensions
+        compile on a thread instead; until one is ready the scheduler uses the full-width
+        decode, and prefills prompts whole."""
         s, p = self.scheduler, self.programs
         for T in s.prefill_buckets:
             tokens = np.zeros((1, T), np.int32)
@@ -275,6 +277,10 @@ class Engine:
                 if self._closing.is_set():
                     return
                 p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
+            for T in s.prefill_buckets:
+                if self._closing.is_set():
+                    return
+                p.extender(*shapes[:2], T)
 
         if background:
             self._compiler = threading.Thread(target=compile_narrow, name="jaxfire-compile")

@@ -101,7 +101,7 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh):
+    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot):
         cfg = self.config
         B, T, _ = x.shape
         cos, sin = rotation  # rope_tables of positions, [B, T, D/2]
@@ -114,6 +114,19 @@ class Attention(nn.Module):
                 rows = B * T if valid_rows is None else valid_rows
                 out, *new_kv = cpu_kernels.prefill_attention(
                     qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
+                )
+                return o_proj(out, valid_rows), tuple(new_kv)
+            if slot is not None:  # one sequence extending what its cache row holds
+                out, *new_kv = cpu_kernels.extend_attention(
+                    qkv,
+                    cos[0],
+                    sin[0],
+                    positions[0, 0],
+                    T if valid_rows is None else valid_rows,
+                    slot,
+                    *cache_kv,
+                    cfg.num_heads,
+                    cfg.sliding_window,
                 )
                 return o_proj(out, valid_rows), tuple(new_kv)
             if T == 1:  # decode: the kernel writes the cache in place and attends
@@ -136,12 +149,17 @@ class Attention(nn.Module):
         k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
 
-        k_cache = write_positions(cache_kv[0], k, positions)
-        v_cache = write_positions(cache_kv[1], v, positions)
+        first_row = 0 if slot is None else slot  # batch row b is cache row first_row + b
+        k_cache = write_positions(cache_kv[0], k, positions, first_row)
+        v_cache = write_positions(cache_kv[1], v, positions, first_row)
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]  # XLA drops if unused
+        if slot is None:  # XLA drops the copies if unused
+            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
+        else:
+            keys = jax.lax.dynamic_slice_in_dim(k_cache, slot, B)[:, :, :kv_len]
+            values = jax.lax.dynamic_slice_in_dim(v_cache, slot, B)[:, :, :kv_len]
         if T == 1 and jax.default_backend() == "cpu":
             out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
@@ -177,9 +195,10 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh):
+    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot):
         cfg, eps = self.config, self.config.rms_norm_eps
-        if self.packed and x.shape[1] == 1 and not fresh and not cfg.attention_bias:
+        one_token = x.shape[1] == 1 and not fresh and slot is None
+        if self.packed and one_token and not cfg.attention_bias:
             # Decode: the whole layer in one kernel call (the same math as below).
             cos, sin = rotation
             y, *new_kv = cpu_kernels.decode_layer(
@@ -196,7 +215,7 @@ class DecoderLayer(nn.Module):
             return y[:, None].astype(self.dtype), tuple(new_kv)
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh
+            h, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -219,6 +238,9 @@ class Transformer(nn.Module):
     `fresh` (static) promises a prefill from empty rows: positions are 0 .. T-1 in every
     row and the cache holds nothing else. The CPU kernels then attend within the new tokens
     and return their K/V as the cache ([B, kv_heads, T, head_dim] per layer).
+    `slot` (int32 scalar, may be traced): the batch is one sequence (B = 1) continuing what
+    cache row `slot` holds at the positions before its own (a prompt sharing a prefix with
+    the slot's last one); its K/V go into that row.
     """
 
     config: ModelConfig
@@ -237,6 +259,7 @@ class Transformer(nn.Module):
         head: bool = True,
         valid_rows: jax.Array | None = None,
         fresh: bool = False,
+        slot: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
         kv_len = kv_len or cache[0][0].shape[2]
@@ -253,7 +276,7 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
             x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, rotation, cache[i], kv_len, valid_rows, fresh
+                x, positions, mask, rotation, cache[i], kv_len, valid_rows, fresh, slot
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

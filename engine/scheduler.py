@@ -1,7 +1,8 @@
 """Continuous batching: one sequential loop that admits, prefills, decodes and streams.
 
 The loop runs in one background thread and reads top to bottom: take cancellations,
-admit queued requests into free slots (prefill + insert), run k decode steps, turn the
+admit queued requests into free slots (prefill + insert, or only the part of the prompt
+past what a free slot's cache already holds), run k decode steps, turn the
 new tokens into text, stop strings and finish reasons, and hand the updates to each
 request's handle. The device programs (engine.step) are the only device work.
 """
@@ -123,6 +124,7 @@ class _Live:
     prefill_at: float = 0.0
     pending: list[int] = dataclasses.field(default_factory=list)  # choices not yet started
     rows: Any = None  # the prompt's prefilled K/V while choices are pending
+    slot: int | None = None  # a slot taken that already holds the prompt's K/V (reuse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,10 @@ class Scheduler:
         self.free = list(range(settings.max_slots))
         self.decode_width = 0  # slots the last decode computed
         self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
+        # Per slot, the token ids whose K/V its positions 0 .. len - 1 hold once its sequence
+        # has ended: a new prompt starting with some of them is prefilled from there on.
+        self.cached = [np.zeros(0, np.int32) for _ in range(settings.max_slots)]
+        self.reused_tokens = 0  # prompt tokens taken from a slot's cache rather than prefilled
         self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
         self.queue: collections.deque[RequestHandle] = collections.deque()
         self.waiting: collections.deque[_Live] = collections.deque()  # choices still pending
@@ -191,6 +197,7 @@ class Scheduler:
             "active_slots": self.s.max_slots - len(self.free),
             "max_slots": self.s.max_slots,
             "decode_width": self.decode_width,
+            "reused_prompt_tokens": self.reused_tokens,
         }
 
     def _check(self, r: GenerationRequest) -> int:
@@ -299,6 +306,8 @@ class Scheduler:
         owner = _Live(handle, [], prefill_at=time.perf_counter(), pending=list(range(r.n)))
         ids = np.asarray(r.prompt_ids, np.int32)
         P = len(ids)
+        if self._reuse(handle, owner, ids):
+            return owner
         if P > 1:
             T = bucket_for(P - 1, self.prefill_buckets)
             tokens = np.zeros((1, T), np.int32)
@@ -320,13 +329,57 @@ class Scheduler:
             return None
         return owner
 
+    def _reuse(self, handle: RequestHandle, owner: _Live, ids: np.ndarray) -> bool:
+        """Start a one-choice request in a free slot whose cache already holds a prefix of
+        its prompt (a shared system prompt, an earlier turn of the conversation): only the
+        rest is prefilled, straight into that slot. False if no slot holds enough of it.
+
+        Only slots that leave the decode width as it is are candidates, and only prefixes of
+        at least the smallest prompt bucket count; the rest of the prompt is prefilled only
+        once its program is compiled (Engine.warmup)."""
+        r = handle.request
+        if r.n != 1 or r.prompt_logprobs or handle.max_tokens == 0 or len(ids) < 2:
+            return False
+        prompt = ids[:-1]  # the last token is the first decode step's input
+        highest = max(self.live, default=-1) + 1
+        width = bucket_for(max(highest, self.free[0] + 1), self.slot_buckets)
+        best, slot = 0, None
+        for s in sorted(self.free):
+            cached = self.cached[s]
+            n = min(len(cached), len(prompt))
+            differ = np.flatnonzero(cached[:n] != prompt[:n])
+            match = int(differ[0]) if len(differ) else n
+            if s < width and match > best:
+                best, slot = match, s
+        rest = len(prompt) - best
+        if slot is None or best < self.s.min_prefill_bucket:
+            return False
+        if rest:
+            T = bucket_for(rest, self.prefill_buckets)
+            if not self.p.extend_ready(T):
+                return False
+            tokens = np.zeros((1, T), np.int32)
+            tokens[0, :rest] = prompt[best:]
+            extend = self.p.extender(self.params, self.cache, T)
+            self.cache = extend(
+                self.params, self.cache, tokens, np.int32(best), np.int32(rest), np.int32(slot)
+            )
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        owner.slot = slot
+        self.reused_tokens += best
+        return True
+
     def _place(self, owner: _Live) -> None:
         """Start pending choices of `owner` in free slots: its prompt K/V goes into the
         slot, and the choice gets its own sampling row (seed stream, counts, mirostat)."""
         r = owner.handle.request
         ids = np.asarray(r.prompt_ids, np.int32)
-        while owner.pending and self.free:
-            index, slot = owner.pending.pop(0), heapq.heappop(self.free)
+        while owner.pending and (self.free or owner.slot is not None):
+            if owner.slot is not None:  # taken by _reuse, its prompt K/V in place
+                index, slot, owner.slot = owner.pending.pop(0), owner.slot, None
+            else:
+                index, slot = owner.pending.pop(0), heapq.heappop(self.free)
             if owner.rows is not None:
                 self.cache = self.p.insert(self.cache, owner.rows, np.int32(slot))
             row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
@@ -434,6 +487,10 @@ class Scheduler:
 
     def _release(self, owner: _Live, choice: _Choice) -> None:
         choice.finished = True
+        # Positions 0 .. slot_pos - 1 hold the K/V of the prompt and of every generated token
+        # but the last (each is written when it is the step's input).
+        sequence = owner.handle.request.prompt_ids + tuple(choice.token_ids)
+        self.cached[choice.slot] = np.asarray(sequence[: self.slot_pos[choice.slot]], np.int32)
         del self.live[choice.slot]
         self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
         heapq.heappush(self.free, choice.slot)
@@ -456,3 +513,5 @@ class Scheduler:
                     self._release(owner, choice)
             owner.handle._push(error)
             owner.handle._push(_DONE)
+        # A failed program may have left the cache in any state: reuse none of it.
+        self.cached = [np.zeros(0, np.int32) for _ in self.cached]

@@ -1,4 +1,4 @@
-"""The device programs: prefill, insert, decode steps, and slot start/stop.
+"""The device programs: prefill, insert, extend, decode steps, and slot start/stop.
 
 Each is jitted once per static shape (prompt bucket, attended-cache bucket), with the
 cache and decode state donated so XLA updates them in place. The decode program runs
@@ -9,6 +9,10 @@ A slot holds one sequence. Its next input token and that token's position live i
 state; the prefill covers the prompt except its last token, which the first decode
 step consumes, so the first generated token is drawn by the same sampling program as
 every other.
+
+A prompt that begins with what a free slot's cache still holds skips the prefill and
+insert: `extend` runs only the rest of it, at its positions in that slot, attending to the
+cached prefix.
 
 Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
 scheduler keeping live sequences in the low slots), so idle slots cost nothing. Each
@@ -106,6 +110,8 @@ class Programs:
         self.prefill = jax.jit(self._prefill)
         self.insert = jax.jit(_insert, donate_argnums=0, **cache_out)
         self.prompt_logprobs = jax.jit(self._prompt_logprobs)
+        self.extend = jax.jit(self._extend, donate_argnums=1, **cache_out)
+        self._extenders: dict[int, Any] = {}
         self.decode = jax.jit(
             self._decode,
             static_argnames=("k", "kv_len", "rows"),
@@ -130,6 +136,38 @@ class Programs:
             lowered = self.decode.lower(params, cache, state, k=k, kv_len=kv_len, rows=rows)
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
+
+    def extend_ready(self, tokens: int) -> bool:
+        return tokens in self._extenders
+
+    def extender(self, params: Params, cache: KVCache, tokens: int) -> Any:
+        """The compiled program extending a slot by `tokens` (a prompt bucket), compiling it
+        on first use; params and cache may be arrays or their jax.ShapeDtypeStructs."""
+        if tokens not in self._extenders:
+            ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+            scalar = jax.ShapeDtypeStruct((), jnp.int32)
+            lowered = self.extend.lower(params, cache, ids, scalar, scalar, scalar)
+            self._extenders[tokens] = lowered.compile()
+        return self._extenders[tokens]
+
+    def _extend(
+        self,
+        params: Params,
+        cache: KVCache,
+        tokens: jax.Array,
+        start: jax.Array,
+        length: jax.Array,
+        slot: jax.Array,
+    ) -> KVCache:
+        """Prefill tokens i32[1, T] (the first `length` real, the rest padding) at positions
+        start .. start + T - 1 of cache row `slot`, whose positions before `start` hold the
+        same sequence already: the rest of a prompt that shares a prefix with what the slot
+        held last. Its K/V go straight into the slot."""
+        positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        _, cache = self.model.apply(
+            {"params": params}, tokens, positions, cache, head=False, valid_rows=length, slot=slot
+        )
+        return cache
 
     def _prefill(
         self, params: Params, tokens: jax.Array, length: jax.Array

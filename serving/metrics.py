@@ -148,4 +148,10 @@ class Metrics:
         )
         for name, help, value in gauges:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
+        reused = "jaxfire_prompt_tokens_reused_total"
+        lines += [
+            f"# HELP {reused} Prompt tokens a slot's cache already held, so not prefilled.",
+            f"# TYPE {reused} counter",
+            f"{reused} {_num(engine_stats.get('reused_prompt_tokens', 0))}",
+        ]
         return "\n".join(lines) + "\n"
