@@ -215,3 +215,27 @@ def test_disconnect_frees_the_slot(http):
         time.sleep(0.1)
     assert "jaxfire_active_slots 0" in text
     assert "jaxfire_requests_cancelled_total 1" in text
+
+
+def reused_tokens(http) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("jaxfire_prompt_tokens_reused_total "):
+            return float(line.split()[1])
+    raise AssertionError("no jaxfire_prompt_tokens_reused_total in /metrics")
+
+
+def test_chats_sharing_a_system_prompt_reuse_its_cache(http):
+    """The chat template's system prompt, ~30 tokens, is prefilled once; later chats start
+    from the slot's cache (once the engine's background compilation has made the program
+    for the rest of a prompt ready)."""
+    before = reused_tokens(http)
+    deadline = time.monotonic() + 300
+    question = 0
+    while reused_tokens(http) == before and time.monotonic() < deadline:
+        question += 1
+        messages = [{"role": "user", "content": f"Question {question}: name a colour."}]
+        r = http.post(
+            "/v1/chat/completions", json={"model": M, "messages": messages, "max_tokens": 2}
+        )
+        assert r.status_code == 200, r.text
+    assert reused_tokens(http) - before >= 20
