@@ -163,6 +163,20 @@ def rotate_half(x, cos, sin):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def attend_at(p, q, keys, values, window):
+    """Softmax attention, by its definition, of the query heads q [H, D] at position p over
+    keys / values [K, S, D] at positions max(0, p + 1 - window) .. p -> [H, D]."""
+    heads, kv_heads, dim = q.shape[0], keys.shape[0], q.shape[-1]
+    seen = slice(0 if window is None else max(0, p + 1 - window), p + 1)
+    out = np.zeros(q.shape)
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
+        scores = keys[kv, seen] @ q[h] / np.sqrt(dim)
+        e = np.exp(scores - scores.max())
+        out[h] = e / e.sum() @ values[kv, seen]
+    return out
+
+
 @pytest.mark.parametrize("head_dim", [4, 64, 68, 80])
 @pytest.mark.parametrize("window", [None, 8])
 # q_scale 30: scores spread over hundreds, so the kernel's exp meets arguments from 0 down
@@ -198,14 +212,9 @@ def test_decode_attention_writes_the_cache_and_attends_to_visible_positions(
         want_values[r, :, positions[r]] = x[r, heads + kv_heads :]
     np.testing.assert_allclose(new_keys, want_keys, atol=1e-6)
     np.testing.assert_array_equal(new_values, want_values.astype(np.float32))
-    want = np.zeros((rows, heads, head_dim))
-    for r in range(rows):
-        seen = slice(0 if window is None else max(0, positions[r] + 1 - window), positions[r] + 1)
-        for h in range(heads):
-            kv = h // (heads // kv_heads)
-            scores = want_keys[r, kv, seen] @ q[r, h] / np.sqrt(head_dim)
-            p = np.exp(scores - scores.max())
-            want[r, h] = p / p.sum() @ want_values[r, kv, seen]
+    want = np.stack(
+        [attend_at(positions[r], q[r], want_keys[r], want_values[r], window) for r in range(rows)]
+    )
     np.testing.assert_allclose(out, want.reshape(out.shape), atol=atol)
 
     # A position past the cache writes nothing and sees the whole cache.
@@ -261,12 +270,7 @@ def test_decode_layer_equals_the_llama_layer_from_its_definition(window):
     attn = np.zeros((rows, heads, dim))
     for r, p in enumerate(positions):
         want_keys[r, :, p], want_values[r, :, p] = k[r], qkv[r, heads + kv_heads :]
-        seen = slice(0 if window is None else max(0, p + 1 - window), p + 1)
-        for h in range(heads):
-            kv = h // (heads // kv_heads)
-            scores = want_keys[r, kv, seen] @ q[r, h] / np.sqrt(dim)
-            e = np.exp(scores - scores.max())
-            attn[r, h] = e / e.sum() @ want_values[r, kv, seen]
+        attn[r] = attend_at(p, q[r], want_keys[r], want_values[r], window)
     want = x + attn.reshape(rows, -1) @ f64["o"]
     gate, up = np.split(rms_norm(want, norms[1], eps) @ f64["gate_up"], 2, axis=-1)
     want = want + (gate / (1 + np.exp(-gate)) * up) @ f64["down"]
@@ -302,15 +306,10 @@ def test_prefill_attention_equals_rotary_causal_softmax(head_dim, window):
     )
     want = np.zeros((rows, length, heads, head_dim))
     for r in range(rows):
+        keys_r, values_r = k[r].transpose(1, 0, 2), v[r].transpose(1, 0, 2)
         for t in range(length):
-            if not real[r, t]:
-                continue
-            seen = slice(0 if window is None else max(0, t + 1 - window), t + 1)
-            for h in range(heads):
-                kv = h // (heads // kv_heads)
-                scores = k[r, seen, kv] @ q[r, t, h] / np.sqrt(head_dim)
-                p = np.exp(scores - scores.max())
-                want[r, t, h] = p / p.sum() @ v[r, seen, kv]
+            if real[r, t]:
+                want[r, t] = attend_at(t, q[r, t], keys_r, values_r, window)
     np.testing.assert_allclose(out, want.reshape(out.shape), atol=2e-6)
 
 
@@ -339,13 +338,8 @@ def test_extend_attention_writes_new_tokens_into_the_slot_and_attends_to_it(wind
     np.testing.assert_array_equal(new_values, want_values.astype(np.float32))
     want = np.zeros((new, heads, head_dim))
     for t in range(valid):
-        last = min(start + t, length - 1)
-        seen = slice(0 if window is None else max(0, last + 1 - window), last + 1)
-        for h in range(heads):
-            kv = h // (heads // kv_heads)
-            scores = want_keys[slot, kv, seen] @ q[t, h] / np.sqrt(head_dim)
-            p = np.exp(scores - scores.max())
-            want[t, h] = p / p.sum() @ want_values[slot, kv, seen]
+        last = min(start + t, length - 1)  # past the cache: sees all of it
+        want[t] = attend_at(last, q[t], want_keys[slot], want_values[slot], window)
     np.testing.assert_allclose(out[0], want.reshape(new, -1), atol=2e-6)
 
 

@@ -40,13 +40,19 @@ def forget(engine) -> None:
     sched.cached = [np.zeros(0, np.int32) for _ in sched.cached]
 
 
-def test_a_shared_prefix_is_not_prefilled_again(engine):
-    first, other = F.prompts(2, seed=41, lo=36, hi=36)
-    second = first[:28] + other[:14]
+def check_shared_prefix(engine, seed: int, shared: int) -> None:
+    """A prompt sharing its first `shared` tokens with the one before prefills only the
+    rest, and still generates HF's greedy tokens."""
+    first, other = F.prompts(2, seed=seed, lo=36, hi=36)
+    second = first[:shared] + other[:14]
     run(engine, first)
     out, reused = run(engine, second)
-    assert reused == 28
+    assert reused == shared
     assert out["ids"] == F.hf_greedy(second, 10)
+
+
+def test_a_shared_prefix_is_not_prefilled_again(engine):
+    check_shared_prefix(engine, seed=41, shared=28)
 
 
 def test_the_next_turn_reuses_the_whole_conversation(engine):
@@ -95,11 +101,6 @@ def test_xla_path_reuses_prefixes_too():
     """Without the CPU kernels (TPU, GPU, or a CPU that can't build them) the same."""
     engine = F.make_engine(max_slots=1, max_len=64, cpu_kernel=False, background_compile=False)
     try:
-        first, other = F.prompts(2, seed=48, lo=33, hi=33)
-        second = first[:25] + other[:10]
-        run(engine, first)
-        out, reused = run(engine, second)
-        assert reused == 25
-        assert out["ids"] == F.hf_greedy(second, 10)
+        check_shared_prefix(engine, seed=48, shared=25)
     finally:
         engine.close()
