@@ -185,6 +185,10 @@ class Scheduler:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         handle = RequestHandle(request, len(request.prompt_ids), self._check(request))
         with self.lock:
+            if len(self.queue) >= self.s.max_queue:  # cancelled requests hold no place
+                for h in [h for h in self.queue if h.cancelled]:
+                    self.queue.remove(h)
+                    h._push(_DONE)
             if len(self.queue) >= self.s.max_queue:
                 raise EngineOverloaded(f"the request queue is full ({self.s.max_queue})")
             self.queue.append(handle)
