@@ -63,6 +63,7 @@ class RequestHandle:
         self.max_tokens = max_tokens
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.timing: Timing | None = None
+        self.cached_tokens = 0  # prompt tokens a slot's cache held, not prefilled
         self.cancelled = False
         self.submitted = time.perf_counter()
         # Updates always go through one thread-safe queue, so a handle can be read with
@@ -371,6 +372,7 @@ class Scheduler:
         self.free.remove(slot)
         heapq.heapify(self.free)
         owner.slot = slot
+        handle.cached_tokens = best
         self.reused_tokens += best
         return True
 

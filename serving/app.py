@@ -475,18 +475,22 @@ class _RunState:
             self.metrics.in_flight -= 1
             self.metrics.duration.observe(time.perf_counter() - self.t0)
 
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from a slot's cache (set when each prompt is admitted)."""
+        return sum(int(h.cached_tokens) for h in self.handles)
+
     def usage(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens()},
         }
 
     def perf_metrics(self) -> dict:
         return {
             "prompt-tokens": str(self.prompt_tokens),
-            "cached-prompt-tokens": "0",
+            "cached-prompt-tokens": str(self.cached_tokens()),
             "server-time-to-first-token": f"{self.ttft or 0.0:.3f}",
             "server-processing-time": f"{time.perf_counter() - self.t0:.3f}",
         }

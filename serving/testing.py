@@ -88,6 +88,7 @@ class FakeHandle:
         self.engine = engine
         self.request = request
         self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0
         self.max_tokens = max_tokens
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.timing: Timing | None = None

@@ -234,8 +234,11 @@ def test_chats_sharing_a_system_prompt_reuse_its_cache(http):
     while reused_tokens(http) == before and time.monotonic() < deadline:
         question += 1
         messages = [{"role": "user", "content": f"Question {question}: name a colour."}]
-        r = http.post(
-            "/v1/chat/completions", json={"model": M, "messages": messages, "max_tokens": 2}
-        )
+        body = {"model": M, "messages": messages, "max_tokens": 2, "perf_metrics_in_response": True}
+        r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
-    assert reused_tokens(http) - before >= 20
+    reused = reused_tokens(http) - before
+    assert reused >= 20
+    # The request that reused them says so, as OpenAI's and Fireworks' usage do.
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
+    assert r.json()["perf_metrics"]["cached-prompt-tokens"] == str(int(reused))
