@@ -173,7 +173,8 @@ class Scheduler:
         self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
         # Per slot, the token ids whose K/V its positions 0 .. len - 1 hold once its sequence
         # has ended: a new prompt starting with some of them is prefilled from there on.
-        self.cached = [np.zeros(0, np.int32) for _ in range(settings.max_slots)]
+        self.cached: list[np.ndarray] = []
+        self._forget_cached()
         self.reused_tokens = 0  # prompt tokens taken from a slot's cache rather than prefilled
         self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
         self.queue: collections.deque[RequestHandle] = collections.deque()
@@ -350,11 +351,13 @@ class Scheduler:
         width = bucket_for(max(highest, self.free[0] + 1), self.slot_buckets)
         best, slot = 0, None
         for s in sorted(self.free):
+            if s >= width:
+                break
             cached = self.cached[s]
             n = min(len(cached), len(prompt))
             differ = np.flatnonzero(cached[:n] != prompt[:n])
             match = int(differ[0]) if len(differ) else n
-            if s < width and match > best:
+            if match > best:
                 best, slot = match, s
         rest = len(prompt) - best
         if slot is None or best < self.s.min_prefill_bucket:
@@ -519,5 +522,8 @@ class Scheduler:
                     self._release(owner, choice)
             owner.handle._push(error)
             owner.handle._push(_DONE)
-        # A failed program may have left the cache in any state: reuse none of it.
-        self.cached = [np.zeros(0, np.int32) for _ in self.cached]
+        self._forget_cached()  # a failed program may have left the cache in any state
+
+    def _forget_cached(self) -> None:
+        """No slot's cache is reused until a sequence ends in it again."""
+        self.cached = [np.zeros(0, np.int32) for _ in range(self.s.max_slots)]

@@ -7,7 +7,6 @@ seeded request repeats itself exactly, logprobs equal those of a whole prefill.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests import engine_fixtures as F
@@ -36,8 +35,7 @@ def run(engine, prompt, params=GREEDY, max_tokens=10, **kw) -> tuple[dict, int]:
 
 def forget(engine) -> None:
     """Make every slot's cache unusable, so the next prompt is prefilled whole."""
-    sched = engine.scheduler
-    sched.cached = [np.zeros(0, np.int32) for _ in sched.cached]
+    engine.scheduler._forget_cached()
 
 
 def check_shared_prefix(engine, seed: int, shared: int) -> None:
