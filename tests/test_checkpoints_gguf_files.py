@@ -195,6 +195,18 @@ def test_tokenizer_from_metadata(tmp_path):
     )
 
 
+def test_file_without_tokenizer_says_so_at_open(tmp_path):
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "m.gguf", hf_tensors()))
+    assert checkpoint.missing_tokenizer == "no tokenizer in the GGUF metadata"
+    with pytest.raises(CheckpointError, match="m.gguf: no tokenizer in the GGUF metadata"):
+        checkpoint.require_tokenizer()
+    with pytest.raises(CheckpointError, match="no tokenizer in the GGUF metadata"):
+        checkpoint.save_tokenizer(tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+    with_tokenizer = write_gguf(tmp_path / "t.gguf", hf_tensors(), tokenizer=True)
+    assert open_checkpoint(with_tokenizer).missing_tokenizer is None
+
+
 def test_unsupported_quant_type_is_named(tmp_path):
     block, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
     raw = np.zeros((HIDDEN, HIDDEN // block * size), np.uint8)

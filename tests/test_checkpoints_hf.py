@@ -110,6 +110,7 @@ def test_save_tokenizer_copies_files_and_chat_template(tmp_path):
     ).save_pretrained(src)
 
     checkpoint = open_checkpoint(src)
+    assert checkpoint.missing_tokenizer is None
     checkpoint.save_tokenizer(dst)
     assert json.loads((dst / "tokenizer_config.json").read_text())["chat_template"] == template
     tokenizer = AutoTokenizer.from_pretrained(dst)
@@ -117,10 +118,14 @@ def test_save_tokenizer_copies_files_and_chat_template(tmp_path):
     assert tokenizer.chat_template == template
 
 
-def test_folder_without_tokenizer_says_so(tmp_path):
+def test_folder_without_tokenizer_says_so_at_open(tmp_path):
     _llama().save_pretrained(tmp_path / "model")
+    checkpoint = open_checkpoint(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="model: no tokenizer files"):
+        checkpoint.require_tokenizer()
     with pytest.raises(CheckpointError, match="no tokenizer files"):
-        open_checkpoint(tmp_path / "model").save_tokenizer(tmp_path / "out")
+        checkpoint.save_tokenizer(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 _WITHOUT_TORCH = """

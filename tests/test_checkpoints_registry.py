@@ -1,8 +1,7 @@
-"""The registry finds the default GGUF without importing its package, and keys the cache."""
+"""The registry finds the default GGUF without importing its package, and resolves paths."""
 
 import importlib.metadata
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -32,29 +31,14 @@ def test_missing_package_names_the_pip_command(monkeypatch):
         registry.resolve(registry.DEFAULT_MODEL)
 
 
-def test_cache_dir_honours_jaxfire_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("JAXFIRE_CACHE_DIR", str(tmp_path / "cache"))
-    resolved = registry.resolve(registry.DEFAULT_MODEL)
-    assert resolved.cache_dir.parent == tmp_path / "cache"
-    assert resolved.cache_dir.name.startswith("smollm2-135m-instruct-")
-
-
-def test_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
-    monkeypatch.delenv("JAXFIRE_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert registry.cache_root() == tmp_path / "jaxfire"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert registry.cache_root() == Path.home() / ".cache" / "jaxfire"
-
-
-def test_paths_resolve_and_a_changed_file_gets_a_new_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("JAXFIRE_CACHE_DIR", str(tmp_path / "cache"))
+def test_paths_resolve(tmp_path):
     source = tmp_path / "tiny.gguf"
     source.write_bytes(b"one")
-    first = registry.resolve(str(source))
-    assert first.name == "tiny" and first.source == source and first.generation_config is None
-    source.write_bytes(b"three")
-    assert registry.resolve(str(source)).cache_dir != first.cache_dir
+    resolved = registry.resolve(str(source))
+    assert resolved.name == "tiny" and resolved.source == source
+    assert resolved.generation_config is None
+    (tmp_path / "folder").mkdir()
+    assert registry.resolve(str(tmp_path / "folder")).name == "folder"
 
 
 def test_unknown_name(tmp_path):
@@ -67,7 +51,7 @@ def test_open_fills_in_generation_config_only_when_missing(monkeypatch, tmp_path
         generation_config = None
 
     monkeypatch.setattr(registry, "open_checkpoint", lambda path: Opened())
-    resolved = registry.ResolvedModel("m", tmp_path, tmp_path, {"temperature": 0.2})
+    resolved = registry.ResolvedModel("m", tmp_path, {"temperature": 0.2})
     assert resolved.open().generation_config == {"temperature": 0.2}
     Opened.generation_config = {"temperature": 1.0}
     assert resolved.open().generation_config == {"temperature": 1.0}

@@ -25,7 +25,7 @@ def load_script():
 
 
 def test_shape_then_weights(tmp_path):
-    from checkpoints.source import open_checkpoint
+    from checkpoints import open_checkpoint
 
     script = load_script()
     like, shape, full = F.tiny_model_dir(), tmp_path / "shape", tmp_path / "random"

@@ -3,8 +3,8 @@ query token against the cache in place, a whole decoder layer for one token per 
 prompt's causal attention from its q/k/v projection, and the sampler's top_k.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `layer.cc`, `top_k.cc`) are built on first
-use with the system's C++ compiler into the jaxfire cache folder and registered as XLA FFI
-targets.
+use with the system's C++ compiler into the jaxfire cache folder (engine.disk_cache) and
+registered as XLA FFI targets.
 Weights are packed once at load time into 16-column panels the matmul streams contiguously,
 in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
 blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from checkpoints.registry import cache_root
+from engine.disk_cache import cache_root
 
 PANEL = 16  # output columns per panel; matmul.cc's kPanel
 QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
@@ -45,7 +45,7 @@ _SOURCES = [
     Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "layer.cc", "top_k.cc")
 ]
 _HEADERS = [Path(__file__).with_name(n) for n in ("parallel.h", "kernels.h", "vector_math.h")]
-log = logging.getLogger(__name__)
+log = logging.getLogger("jaxfire.cpu_kernels")
 
 
 class KernelUnavailable(RuntimeError):
