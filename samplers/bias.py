@@ -1,4 +1,4 @@
-"""logit_bias (SAMPLING.md 1.10): a sparse per-row additive bias."""
+"""logit_bias (docs/sampling.md 1.10): a sparse per-row additive bias."""
 
 import jax
 import jax.numpy as jnp

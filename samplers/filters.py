@@ -1,4 +1,4 @@
-"""Temperature and the truncation filters top_k, top_p, min_p, typical_p (SAMPLING.md 1.3-1.7).
+"""Temperature and the truncation filters top_k, top_p, min_p, typical_p (docs/sampling.md 1.3-1.7).
 
 The filters work on `Candidates`: the C highest logits of each row in descending order (ties:
 lower token id first) plus a summary of the V - C tokens left out (the "tail"). With C = V the
@@ -88,7 +88,7 @@ def min_p(c: Candidates, m: jax.Array) -> Candidates:
 
 
 def typical_p(c: Candidates, t: jax.Array) -> Candidates:
-    """Locally typical sampling, HF's definition (SAMPLING.md 1.7). t: f32[S]; 1 = off.
+    """Locally typical sampling, HF's definition (docs/sampling.md 1.7). t: f32[S]; 1 = off.
 
     score_i = |-ln p_i - H| = |z_i - centre| with centre = ln Z - H. Tokens are taken by
     ascending score until the mass reaches t; every token scoring <= that last one is kept.

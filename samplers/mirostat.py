@@ -1,4 +1,4 @@
-"""Mirostat 2.0 (SAMPLING.md 3.2) on the distribution the truncation filters left.
+"""Mirostat 2.0 (docs/sampling.md 3.2) on the distribution the truncation filters left.
 
 Truncation keeps the tokens whose surprise -log2 q is <= mu (at least the most probable one);
 after the draw of token x from the renormalised survivors, mu <- mu - lr * (-log2 q_x - target).

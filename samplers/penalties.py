@@ -1,4 +1,4 @@
-"""Repetition, frequency and presence penalties (SAMPLING.md 1.8, 1.9)."""
+"""Repetition, frequency and presence penalties (docs/sampling.md 1.8, 1.9)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """sample(): the composed sampling step, one XLA program for every mix of requests.
 
-Order (SAMPLING.md, binding decisions): repetition -> frequency/presence -> logit_bias ->
+Order (docs/sampling.md 2.1, binding decision 1): repetition -> frequency/presence -> logit_bias ->
 (greedy rows: argmax) -> / T -> top_k -> top_p -> min_p -> typical_p -> mirostat -> draw ->
 state update.
 

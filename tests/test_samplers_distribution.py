@@ -29,7 +29,7 @@ WIDE = (RNG.normal(size=VOCAB) * 1.5).astype(np.float32)
 # Zipf over 60 tokens (entropy 5.69 bits), so mirostat's set fits in the candidates.
 ZIPF = np.full(VOCAB, -np.inf, np.float32)
 ZIPF[:60] = -0.5 * np.log(np.arange(1, 61))
-CONFIGS = [  # (logits, params): order matters in the first two (SAMPLING.md tests 41-43)
+CONFIGS = [  # (logits, params): order matters in the first two (docs/sampling.md 2.2)
     (L, dict(min_p=0.2, temperature=2.0)),  # temperature first: all 4 tokens survive
     (L, dict(top_p=0.7)),  # [0.7311, 0.2689, 0, 0]
     (WIDE, dict()),  # untruncated: most draws come from outside the 64 candidates

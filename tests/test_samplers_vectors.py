@@ -1,4 +1,4 @@
-"""Worked vectors of SAMPLING.md 2.2 and 3.2, and the pinned order / logprob semantics.
+"""Worked vectors of docs/sampling.md 2.2 and 3.2, and the pinned order / logprob semantics.
 
 The 4-token mock logits are padded with -inf to the shared test vocabulary.
 """
@@ -165,7 +165,7 @@ def test_temperature_changes_sampling_logprob_not_logprob():
 
 
 def test_mirostat_worked_vector():
-    """SAMPLING.md 3.2 / test 69: mu0 = 2, mu1 = 2.1, mu2 = 2.1548 (token 0) or 2.0105 (token 1)."""
+    """docs/sampling.md 3.2: mu0 = 2, mu1 = 2.1, mu2 = 2.1548 (token 0) or 2.0105 (token 1)."""
     params = [SamplingParams(mirostat_target=1.0, mirostat_lr=0.1, seed=s) for s in range(SLOTS)]
     batch = batch_of(params, VOCAB, slots=SLOTS)
     np.testing.assert_allclose(batch.mirostat_mu, 2.0)

@@ -1,6 +1,6 @@
 """End to end: the HTTP server over the real engine and the default model (SmolLM2-135M).
 
-Effect tests — each field changes what the model produces the way SAMPLING.md says — through
+Effect tests — each field changes what the model produces the way docs/sampling.md says — through
 the official openai client and raw HTTP against a live uvicorn server. The model is loaded
 once for the module (slow: loads and compiles the default model).
 """
