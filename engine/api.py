@@ -22,6 +22,7 @@ import numpy as np
 import samplers
 from checkpoints import registry
 from engine import cpu_kernels
+from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.disk_cache import cache_root
 from engine.kv_cache import init_cache
@@ -68,8 +69,17 @@ class Engine:
         self.generation_config = model.generation_config
         self.vocab_size = model.config.vocab_size
         self.max_context = min(settings.max_len, model.config.max_position_embeddings)
+        if not 0 <= max_top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"max_top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}: {max_top_logprobs}"
+            )
         self.max_top_logprobs = max_top_logprobs
-        self.max_logit_bias = settings.max_bias  # logit_bias entries one request may set
+        self.limits = Limits(
+            vocab_size=self.vocab_size,
+            context_window=self.max_context,
+            max_top_logprobs=max_top_logprobs,
+            max_logit_bias=settings.max_bias,
+        )
         self.mesh = mesh or make_mesh()
         settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
@@ -94,8 +104,7 @@ class Engine:
             cache,
             self.tokenizer,
             settings,
-            self.vocab_size,
-            self.max_context,
+            self.limits,
         )
         sched = self.scheduler
         sched.state = jax.device_put(sched.state, slot_shardings(sched.state, self.mesh))
@@ -169,7 +178,9 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; iterate the handle (sync or async) for its ChoiceUpdates."""
+        """Queue a request; iterate the handle (sync or async) for its ChoiceUpdates.
+        Raises InvalidRequest / ContextLengthExceeded (naming the field) for a request this
+        engine cannot honour, EngineOverloaded when the queue is full."""
         return self.scheduler.submit(request)
 
     def stats(self) -> dict[str, int]:

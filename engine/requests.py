@@ -1,16 +1,21 @@
 """What goes into the engine and what comes out: the contract between engine and callers.
 
 A caller (serving/, a research script) builds a `GenerationRequest` from token ids and a
-validated `SamplingParams`, submits it, and reads `ChoiceUpdate`s until every choice has
-a finish_reason. Everything here is plain data; no device arrays cross this line.
+`SamplingParams`, submits it, and reads `ChoiceUpdate`s until every choice has a
+finish_reason. `ServingEngine` is all a server needs of an engine; the real `Engine` and the
+test fake both satisfy it. Everything here is plain data; no device arrays cross this line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
-from samplers import SamplingParams
+# Re-exported: a caller builds requests from these without reaching into samplers.
+from samplers import SamplingParams as SamplingParams
+from samplers import SamplingParamsError as SamplingParamsError
 
 DEFAULT_MAX_TOKENS = 2048
 
@@ -97,3 +102,55 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] | None
     prompt_tokens: int
     timing: Timing | None = None
+
+
+class RequestHandle(Protocol):
+    """One submitted request: `async for` yields its ChoiceUpdates; the counts are set at
+    submit (prompt_tokens, max_tokens as applied) and admission (cached_tokens)."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    max_tokens: int
+    cached_tokens: int
+    prompt_logprobs: tuple[TokenLogprob, ...] | None
+    timing: Timing | None
+
+    def cancel(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[ChoiceUpdate]: ...
+
+
+class ChatTokenizer(Protocol):
+    """The tokenizer calls a server makes."""
+
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+
+@runtime_checkable
+class ServingEngine(Protocol):
+    """What serving/ needs of an engine. `submit` raises only EngineError subclasses for a
+    request it refuses (engine.admission says which)."""
+
+    name: str
+    tokenizer: ChatTokenizer
+    generation_config: dict | None
+    vocab_size: int
+    max_context: int
+    max_top_logprobs: int
+
+    def submit(self, request: GenerationRequest) -> RequestHandle: ...
+
+    def stats(self) -> dict[str, Any]: ...

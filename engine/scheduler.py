@@ -13,6 +13,7 @@ import asyncio
 import collections
 import dataclasses
 import heapq
+import logging
 import queue
 import threading
 import time
@@ -22,13 +23,11 @@ import jax
 import numpy as np
 
 import samplers
+from engine.admission import Limits, check_request
 from engine.requests import (
     ChoiceUpdate,
-    ContextLengthExceeded,
-    ContextOverflow,
     EngineOverloaded,
     GenerationRequest,
-    InvalidRequest,
     Timing,
     TokenLogprob,
 )
@@ -37,7 +36,7 @@ from engine.stop import StopMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _DONE = object()
-MAX_N = 128  # choices per request (Fireworks' and OpenAI's limit)
+log = logging.getLogger("jaxfire.engine")
 
 
 def buckets(lo: int, hi: int, midpoints: bool = False) -> list[int]:
@@ -152,13 +151,12 @@ class Scheduler:
         cache: Any,
         tokenizer: Tokenizer,
         settings: SchedulerSettings,
-        vocab_size: int,
-        context_window: int,
+        limits: Limits,
     ):
         self.p, self.params, self.cache = programs, params, cache
-        self.tok, self.s = tokenizer, settings
-        self.vocab_size, self.context_window = vocab_size, context_window
-        self.state = DecodeState.empty(settings.max_slots, vocab_size, settings.max_bias)
+        self.tok, self.s, self.limits = tokenizer, settings, limits
+        self.vocab_size = limits.vocab_size
+        self.state = DecodeState.empty(settings.max_slots, self.vocab_size, settings.max_bias)
         # Prompts pad to the next bucket, and a prefill costs its padded length: with
         # midpoints a prompt pays less than half again its own length, not up to double.
         self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len, True)
@@ -185,7 +183,8 @@ class Scheduler:
 
     # ---- caller side (any thread) -------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle = RequestHandle(request, len(request.prompt_ids), self._check(request))
+        max_tokens = check_request(request, self.limits)
+        handle = RequestHandle(request, len(request.prompt_ids), max_tokens)
         with self.lock:
             if len(self.queue) >= self.s.max_queue:  # cancelled requests hold no place
                 for h in [h for h in self.queue if h.cancelled]:
@@ -205,31 +204,6 @@ class Scheduler:
             "decode_width": self.decode_width,
             "reused_prompt_tokens": self.reused_tokens,
         }
-
-    def _check(self, r: GenerationRequest) -> int:
-        """Validate against the model; return max_tokens as it will be applied."""
-        P, C = len(r.prompt_ids), self.context_window
-        if P == 0:
-            raise InvalidRequest("prompt", "the prompt is empty")
-        if not all(0 <= t < self.vocab_size for t in r.prompt_ids):
-            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {self.vocab_size})")
-        if not 1 <= r.n <= MAX_N:
-            raise InvalidRequest("n", f"n must be between 1 and {MAX_N}: {r.n}")
-        if len(r.params.logit_bias or {}) > self.s.max_bias:
-            raise InvalidRequest(
-                "logit_bias", f"logit_bias may hold at most {self.s.max_bias} entries"
-            )
-        if r.max_tokens < 0:
-            raise InvalidRequest("max_tokens", f"max_tokens must be at least 0: {r.max_tokens}")
-        r.params.validate(self.vocab_size)
-        too_long = P >= C if r.max_tokens > 0 else P > C
-        if too_long or (r.context_overflow is ContextOverflow.ERROR and P + r.max_tokens > C):
-            raise ContextLengthExceeded(
-                "prompt" if too_long else "max_tokens",
-                f"The prompt is too long: {P + r.max_tokens} tokens requested ({P} in the "
-                f"prompt, {r.max_tokens} for the completion), model maximum context length: {C}.",
-            )
-        return min(r.max_tokens, C - P)
 
     # ---- the loop (engine thread) -------------------------------------------------
     def start(self) -> None:
@@ -254,6 +228,8 @@ class Scheduler:
             try:
                 self.step()
             except Exception as e:  # fail every request in flight, keep serving
+                n = len(self._owners())
+                log.exception("engine step failed; ending the %d requests in flight", n)
                 self._fail_all(e)
 
     def step(self) -> None:
@@ -264,8 +240,7 @@ class Scheduler:
             self._decode()
 
     def _reap_cancelled(self) -> None:
-        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
-        for owner in owners.values():
+        for owner in self._owners():
             if not owner.handle.cancelled:
                 continue
             owner.pending.clear()
@@ -297,6 +272,7 @@ class Scheduler:
             try:
                 owner = self._prefill(handle)
             except Exception as e:  # this request alone fails; the others carry on
+                log.exception("prefill failed (%d prompt tokens)", len(handle.request.prompt_ids))
                 handle._push(e)
                 handle._push(_DONE)
                 continue
@@ -512,9 +488,9 @@ class Scheduler:
 
     def _fail_all(self, error: Exception) -> None:
         """A device program failed: end every request in flight with the error."""
-        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
+        owners = self._owners()
         self.waiting.clear()
-        for owner in owners.values():
+        for owner in owners:
             owner.pending.clear()
             owner.rows = None
             for choice in owner.choices:
@@ -523,6 +499,11 @@ class Scheduler:
             owner.handle._push(error)
             owner.handle._push(_DONE)
         self._forget_cached()  # a failed program may have left the cache in any state
+
+    def _owners(self) -> list[_Live]:
+        """Every request in flight: decoding, or prefilled with choices still to place."""
+        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
+        return list(owners.values())
 
     def _forget_cached(self) -> None:
         """No slot's cache is reused until a sequence ends in it again."""

@@ -1,39 +1,108 @@
-"""`jaxfire serve | generate | convert`: the command line."""
+"""`jaxfire serve | generate | convert`: the command line.
+
+A user's mistake (a flag value out of range, a model that cannot be found or used) ends the
+command with one line on stderr and exit status 2; anything else is a bug, logged with its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
-from checkpoints.registry import DEFAULT_MODEL
+from checkpoints import CheckpointError, registry
+from engine.admission import MAX_TOP_LOGPROBS
+from engine.config import ConfigError
+from engine.requests import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    SamplingParams,
+    SamplingParamsError,
+)
+
+log = logging.getLogger("jaxfire.cli")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# The project's typed errors that mean "the user asked for something impossible".
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    SamplingParamsError,
+    InvalidRequest,
+    ContextLengthExceeded,
+)
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]; argparse names the flag in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            rule = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise argparse.ArgumentTypeError(f"must be {rule}: {value}")
+        return value
+
+    return parse
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="jaxfire's (and uvicorn's)"
+    )
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, HF folder or .gguf")
-    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-len", type=int, default=2048, help="context window per sequence")
-    p.add_argument("--decode-steps", type=int, default=4, help="decode steps per host sync")
+    _common_args(p)
+    p.add_argument(
+        "--model", default=registry.DEFAULT_MODEL, help="registered name, HF folder or .gguf"
+    )
+    p.add_argument("--max-slots", type=_int_in(1), default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=_int_in(1), default=2048, help="context window per sequence")
+    p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
         "--prefill-budget",
-        type=int,
+        type=_int_in(1),
         default=4096,
         help="prompt tokens prefilled between two decode calls (lower: smoother streams)",
     )
-    p.add_argument("--max-top-logprobs", type=int, default=5, help="largest top_logprobs (<=20)")
+    p.add_argument(
+        "--max-top-logprobs",
+        type=_int_in(0, MAX_TOP_LOGPROBS),
+        default=5,
+        help=f"largest top_logprobs (0-{MAX_TOP_LOGPROBS})",
+    )
+
+
+def _configure_logging(level: str) -> None:
+    """--log-level sets jaxfire's own loggers; other libraries (jax, orbax) log warnings and
+    worse only, so `info` is jaxfire's progress, not theirs."""
+    chosen = getattr(logging, level.upper())
+    logging.basicConfig(
+        level=max(chosen, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,  # importing orbax already ran absl's own logging.basicConfig()
+    )
+    logging.getLogger("jaxfire").setLevel(chosen)
 
 
 def _load(args: argparse.Namespace, warmup: bool = True):
     """The engine; `warmup=False` compiles only what the first requests use (a one-shot
     `generate`), instead of every program a server needs."""
+    registry.resolve(args.model)  # a wrong --model fails now, not after the kernels build
     from engine.api import Engine
 
-    print(
-        f"loading {args.model} and compiling (first start converts and compiles; "
-        "later starts reuse the cache)...",
-        file=sys.stderr,
-        flush=True,
+    log.info(
+        "loading %s and compiling (first start converts and compiles; later starts reuse "
+        "the cache)...",
+        args.model,
     )
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
@@ -45,7 +114,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         max_top_logprobs=args.max_top_logprobs,
         warmup=warmup,
     )
-    print(f"ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    log.info("ready in %.1fs", time.perf_counter() - t0)
     return engine
 
 
@@ -59,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             engine,
             args.host,
             args.port,
+            log_level=args.log_level,
             api_key=args.api_key or os.environ.get("JAXFIRE_API_KEY") or None,
             max_body_bytes=args.max_body_bytes,
         )
@@ -67,17 +137,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from samplers import SamplingParams
-
-    engine = _load(args, warmup=False)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     request = dict(max_tokens=args.max_tokens)
-    if args.chat:
-        [out] = engine.chat([{"role": "user", "content": args.prompt}], params, **request)
-    else:
-        [out] = engine.generate([args.prompt], params, **request)
+    engine = _load(args, warmup=False)
+    try:
+        if args.chat:
+            [out] = engine.chat([{"role": "user", "content": args.prompt}], params, **request)
+        else:
+            [out] = engine.generate([args.prompt], params, **request)
+    finally:
+        engine.close()
     print(out.text)
-    engine.close()
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -86,35 +156,48 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(convert(args.src, args.dst))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxfire", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI/Fireworks-compatible HTTP API")
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     serve.add_argument("--api-key", help="require this Bearer key (or set JAXFIRE_API_KEY)")
-    serve.add_argument("--max-body-bytes", type=int, default=2_000_000)
+    serve.add_argument("--max-body-bytes", type=_int_in(1), default=2_000_000)
     serve.set_defaults(run=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
     _engine_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--max-tokens", type=_int_in(0), default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.set_defaults(run=cmd_generate, max_slots=1, max_len=1024)
 
     conv = sub.add_parser("convert", help="convert weights into a jaxfire (orbax) checkpoint")
+    _common_args(conv)
     conv.add_argument("src", help="registered name, HF folder or .gguf file")
     conv.add_argument("dst", help="output folder")
     conv.set_defaults(run=cmd_convert)
+    return parser
 
-    args = parser.parse_args(argv)
-    args.run(args)
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).splitlines())  # one line, whatever the message holds
+        print(f"jaxfire {args.command}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:
+        log.exception("jaxfire %s failed unexpectedly (a bug)", args.command)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from engine.admission import Limits, check_request
 from engine.requests import (
     ChoiceUpdate,
-    ContextLengthExceeded,
-    ContextOverflow,
     EngineError,
     EngineOverloaded,
     GenerationRequest,
@@ -208,7 +207,7 @@ class FakeEngine:
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_top_logprobs = 5
-        self.max_logit_bias = 64
+        self.limits = Limits(self.vocab_size, max_context, self.max_top_logprobs, 64)
         self.token_delay_s = token_delay_s
         self.generation_config = (
             {"temperature": 0.2, "top_p": 0.9, "eos_token_id": EOS}
@@ -219,24 +218,9 @@ class FakeEngine:
         self.submitted: list[GenerationRequest] = []
 
     def submit(self, request: GenerationRequest) -> FakeHandle:
-        prompt, window = len(request.prompt_ids), self.max_context
+        max_tokens = check_request(request, self.limits)  # the real engine's admission
         if sum(h.active for h in self.handles) + request.n > self.max_queue:
             raise EngineOverloaded("the request queue is full; retry later")
-        if prompt >= window:
-            raise ContextLengthExceeded(
-                "prompt",
-                f"The prompt is too long: {prompt} tokens, model maximum context length: {window}.",
-            )
-        max_tokens = request.max_tokens
-        if prompt + max_tokens > window:
-            if request.context_overflow is ContextOverflow.ERROR:
-                raise ContextLengthExceeded(
-                    "max_tokens",
-                    f"The prompt is too long: {prompt + max_tokens} tokens requested "
-                    f"({prompt} in the prompt, {max_tokens} for the completion), model "
-                    f"maximum context length: {window}.",
-                )
-            max_tokens = window - prompt
         self.submitted.append(request)
         handle = FakeHandle(self, request, max_tokens)
         self.handles.add(handle)

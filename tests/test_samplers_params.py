@@ -1,4 +1,4 @@
-"""SamplingParams validation (SAMPLING.md section 1) and the SamplingBatch row functions."""
+"""SamplingParams validation (docs/sampling.md section 1) and the SamplingBatch row functions."""
 
 import math
 
@@ -66,6 +66,7 @@ BAD = [
     ("logit_bias", {"10": True}),
     ("logit_bias", [1, 2]),
     ("logit_bias", {"7": 1, 7: 2}),
+    ("logit_bias", {"9" * 5000: 1}),  # more digits than int() converts
 ]
 
 
@@ -110,23 +111,6 @@ def test_values_are_normalised():
     p = SamplingParams(temperature=1, top_k=np.int64(3), logit_bias={"42": 1, 7: -2})
     assert isinstance(p.temperature, float) and type(p.top_k) is int
     assert p.logit_bias == {42: 1.0, 7: -2.0}
-
-
-def test_logit_bias_ids_checked_against_vocab():
-    with pytest.raises(SamplingParamsError) as err:
-        SamplingParams(logit_bias={"64": 1.0}).validate(vocab_size=64)
-    assert err.value.field == "logit_bias"
-    with pytest.raises(SamplingParamsError):
-        make_row(SamplingParams(logit_bias={64: 1.0}), 64, 4)
-    with pytest.raises(SamplingParamsError, match="at most 2"):
-        make_row(SamplingParams(logit_bias={1: 1, 2: 1, 3: 1}), 64, 2)
-    SamplingParams(logit_bias={"63": 1.0}).validate(vocab_size=64)
-
-
-def test_prompt_ids_checked_against_vocab():
-    with pytest.raises(SamplingParamsError) as err:
-        make_row(SamplingParams(), 64, 4, prompt_ids=[3, 64])
-    assert err.value.field == "prompt"
 
 
 def test_make_row_fixed_shapes_and_seed_key():

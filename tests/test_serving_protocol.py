@@ -1,5 +1,5 @@
 """Response shapes, streaming, headers, logprobs, echo, auth, overload and cancellation over
-HTTP (SAMPLING.md section 4), against a live uvicorn server over the FakeEngine.
+HTTP (docs/sampling.md section 4), against a live uvicorn server over the FakeEngine.
 
 The fake replays "Hello! I am a fake café model." (one byte-level token per byte, then EOS),
 so texts and token counts below are exact.
@@ -400,6 +400,27 @@ def test_stream_include_usage_and_n(client):
     assert finishes == {0: 1, 1: 1}
     finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finishing[-1]["usage"] == last["usage"]
+
+
+def test_stream_continuous_usage_stats(client):
+    """vLLM's continuous_usage_stats: every chunk carries the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"model": M, "messages": HI, "stream": True, "max_tokens": 7, "stream_options": options}
+    _, _, chunks, _ = sse(client, "/v1/chat/completions", body)
+    assert all(c["usage"] is not None for c in chunks)
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 7
+    assert all(c["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] for c in chunks)
+
+
+def test_stream_obfuscation(client):
+    """include_obfuscation pads each streamed choice chunk with a random field (OpenAI)."""
+    body = {"model": M, "messages": HI, "stream": True, "max_tokens": 7}
+    padded = {**body, "stream_options": {"include_obfuscation": True}}
+    _, _, chunks, _ = sse(client, "/v1/chat/completions", padded)
+    assert all(isinstance(c["obfuscation"], str) and c["obfuscation"] for c in chunks)
+    _, _, plain, _ = sse(client, "/v1/chat/completions", body)
+    assert not any("obfuscation" in c for c in plain)
 
 
 def test_stream_stop_string_never_leaks(client):

@@ -1,4 +1,4 @@
-"""Request validation over HTTP (SAMPLING.md section 6, tests 1-30) and hostile bodies.
+"""Request validation over HTTP (docs/sampling.md section 1) and hostile bodies.
 
 Runs against a real uvicorn server over the FakeEngine: every case answers the documented
 status with the error envelope of section 5.1, and no body — truncated, huge, deep, badly
@@ -244,6 +244,101 @@ def test_29_prompt_truncate_len_is_chat_only(client):
 
 def test_30_thinking_and_reasoning_effort(client):
     assert_400(chat(client, thinking={"type": "enabled"}, reasoning_effort="low"), "thinking")
+
+
+# ------------------------------------------------- every field at and just past its limit
+
+C = 512  # the fake engine's context window
+IDS = [7] * 10  # a completion prompt of 10 token ids
+BIAS_64 = {str(i): 1 for i in range(64)}
+# (endpoint, fields at the limit: must succeed, fields just past it: 400 naming `param`)
+LIMITS = [
+    ("chat", dict(temperature=0.0), dict(temperature=-0.001), "temperature"),
+    ("chat", dict(temperature=2.0), dict(temperature=2.001), "temperature"),
+    ("chat", dict(top_p=0.0), dict(top_p=-0.001), "top_p"),
+    ("chat", dict(top_p=1.0), dict(top_p=1.001), "top_p"),
+    ("chat", dict(top_k=0), dict(top_k=-1), "top_k"),
+    ("chat", dict(top_k=100), dict(top_k=101), "top_k"),
+    ("chat", dict(min_p=0.0), dict(min_p=-0.001), "min_p"),
+    ("chat", dict(min_p=1.0), dict(min_p=1.001), "min_p"),
+    ("chat", dict(typical_p=0.0), dict(typical_p=-0.001), "typical_p"),
+    ("chat", dict(typical_p=1.0), dict(typical_p=1.001), "typical_p"),
+    ("chat", dict(frequency_penalty=-2.0), dict(frequency_penalty=-2.001), "frequency_penalty"),
+    ("chat", dict(frequency_penalty=2.0), dict(frequency_penalty=2.001), "frequency_penalty"),
+    ("chat", dict(presence_penalty=-2.0), dict(presence_penalty=-2.001), "presence_penalty"),
+    ("chat", dict(presence_penalty=2.0), dict(presence_penalty=2.001), "presence_penalty"),
+    ("chat", dict(repetition_penalty=1e-6), dict(repetition_penalty=0.0), "repetition_penalty"),
+    ("chat", dict(repetition_penalty=2.0), dict(repetition_penalty=2.001), "repetition_penalty"),
+    ("chat", dict(mirostat_target=1e-6), dict(mirostat_target=0.0), "mirostat_target"),
+    (
+        "chat",
+        dict(mirostat_target=3.0, mirostat_lr=0.0),
+        dict(mirostat_target=3.0, mirostat_lr=-0.001),
+        "mirostat_lr",
+    ),
+    ("chat", dict(seed=-(2**63)), dict(seed=-(2**63) - 1), "seed"),
+    ("chat", dict(seed=2**64 - 1), dict(seed=2**64), "seed"),
+    ("chat", dict(logit_bias={"0": -100}), dict(logit_bias={"0": -100.01}), "logit_bias"),
+    ("chat", dict(logit_bias={str(V - 1): 100}), dict(logit_bias={str(V): 100}), "logit_bias"),
+    ("chat", dict(logit_bias={"0": 1}), dict(logit_bias={"-1": 1}), "logit_bias"),
+    ("chat", dict(logit_bias=BIAS_64), dict(logit_bias={**BIAS_64, "64": 1}), "logit_bias"),
+    ("chat", dict(n=1), dict(n=0), "n"),
+    ("chat", dict(n=128, max_tokens=1), dict(n=129, max_tokens=1), "n"),
+    ("chat", dict(max_tokens=0), dict(max_tokens=-1), "max_tokens"),
+    (
+        "chat",
+        dict(max_tokens=None, max_completion_tokens=0),
+        dict(max_tokens=None, max_completion_tokens=-1),
+        "max_completion_tokens",
+    ),
+    ("chat", dict(stop=["a", "b", "c", "d"]), dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("chat", dict(stop=["a"]), dict(stop=[]), "stop"),
+    ("chat", dict(stop="a"), dict(stop=""), "stop"),
+    (
+        "chat",
+        dict(logprobs=True, top_logprobs=5),
+        dict(logprobs=True, top_logprobs=6),
+        "top_logprobs",
+    ),
+    (
+        "chat",
+        dict(logprobs=True, top_logprobs=0),
+        dict(logprobs=True, top_logprobs=-1),
+        "top_logprobs",
+    ),
+    ("cmpl", dict(logprobs=5), dict(logprobs=6), "logprobs"),
+    ("cmpl", dict(logprobs=0), dict(logprobs=-1), "logprobs"),
+    ("cmpl", dict(echo_last=0), dict(echo_last=-1), "echo_last"),
+    ("chat", dict(prompt_truncate_len=1), dict(prompt_truncate_len=0), "prompt_truncate_len"),
+    ("cmpl", dict(prompt=[V - 1]), dict(prompt=[V]), "prompt"),
+    ("cmpl", dict(prompt=[0]), dict(prompt=[-1]), "prompt"),
+    ("cmpl", dict(prompt=[7] * (C - 1)), dict(prompt=[7] * C), "prompt"),
+    (
+        "cmpl",
+        dict(max_tokens=C - len(IDS), context_length_exceeded_behavior="error"),
+        dict(max_tokens=C - len(IDS) + 1, context_length_exceeded_behavior="error"),
+        "max_tokens",
+    ),
+    ("chat", dict(verbosity="medium"), dict(verbosity="low"), "verbosity"),
+    ("chat", dict(store=False), dict(store=True), "store"),
+    (
+        "chat",
+        dict(stream=True, stream_options={"include_usage": True}),
+        dict(stream=False, stream_options={"include_usage": True}),
+        "stream_options",
+    ),
+]
+
+
+@pytest.mark.parametrize("endpoint, ok, bad, param", LIMITS)
+def test_every_field_at_and_past_its_limit(client, endpoint, ok, bad, param):
+    send = chat if endpoint == "chat" else cmpl
+    base = {"max_tokens": 1} if endpoint == "chat" else {"prompt": IDS, "max_tokens": 1}
+    r = send(client, **{**base, **ok})
+    assert r.status_code == 200, r.text
+    err = assert_400(send(client, **{**base, **bad}), param)
+    if err["code"] != "context_length_exceeded":  # that message gives the token counts
+        assert param in err["message"], err
 
 
 # ------------------------------------------------------- neighbours of the section 6 cases
