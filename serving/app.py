@@ -45,10 +45,13 @@ def error_response(e: APIError) -> Response:
     return _JSON(e.body(), status_code=e.status, headers=e.headers)
 
 
-def _log_access(path: str, status: int, reply: Reply | None = None, t0: float = 0.0) -> None:
+def _log_access(
+    path: str, status: int, reply: Reply | None = None, t0: float = 0.0, param: str | None = None
+) -> None:
     """One line per completion request, with the engine's figures when it got that far."""
     if reply is None:
-        access_log.info("%s %d total=%.3fs", path, status, time.perf_counter() - t0)
+        field = f" param={param}" if param else ""
+        access_log.info("%s %d total=%.3fs%s", path, status, time.perf_counter() - t0, field)
         return
     user = f" user={reply.p.user!r}" if reply.p.user else ""
     access_log.info(
@@ -158,7 +161,7 @@ class _Server:
             handles = self._submit(prepared)
         except APIError as e:
             response = error_response(e)
-            _log_access(path, e.status, t0=t0)
+            _log_access(path, e.status, t0=t0, param=e.param)
         else:
             reply = Reply(
                 prepared,
