@@ -27,7 +27,7 @@ from engine.config import ModelConfig
 from engine.disk_cache import cache_root
 from engine.kv_cache import init_cache
 from engine.loading import LoadedModel, load_model
-from engine.requests import ChoiceUpdate, Completion, GenerationRequest
+from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
 from engine.step import DecodeState, Programs
@@ -213,7 +213,10 @@ class Engine:
         **request: Any,
     ) -> list[Completion]:
         """One chat turn through the model's own template; n completions."""
-        ids = tuple(self.tokenizer.encode_chat(messages))
+        try:
+            ids = tuple(self.tokenizer.encode_chat(messages))
+        except Exception as e:  # noqa: BLE001 - a template raises whatever its author wrote
+            raise InvalidRequest("messages", f"could not apply the chat template: {e}") from e
         handle = self.submit(GenerationRequest(ids, params or samplers.SamplingParams(), **request))
         return self._collect(handle, iter(handle))
 

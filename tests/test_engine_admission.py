@@ -76,3 +76,12 @@ def test_python_api_refuses_what_http_refuses():
         assert err.value.field == "top_logprobs"
     [out] = engine.generate([5, 6, 7], top_logprobs=engine.max_top_logprobs, max_tokens=2)
     assert all(len(lp.top) == engine.max_top_logprobs for lp in out.logprobs)
+
+
+def test_chat_template_errors_name_messages():
+    """A conversation the model's template refuses is the request's fault, not a crash."""
+    pytest.importorskip("torch")
+    engine = F.shared_engine()
+    with pytest.raises(InvalidRequest) as err:
+        engine.chat([{"role": "user", "content": {"not": "text"}}], max_tokens=1)
+    assert err.value.field == "messages"
