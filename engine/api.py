@@ -25,10 +25,11 @@ from engine import cpu_kernels
 from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.disk_cache import cache_root
+from engine.handle import Handle
 from engine.kv_cache import init_cache
 from engine.loading import LoadedModel, load_model
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
-from engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
+from engine.scheduler import Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
 from engine.step import DecodeState, Programs
 from engine.tokenizer import Tokenizer
@@ -126,6 +127,7 @@ class Engine:
         decode_steps: int = 4,
         max_queue: int = 256,
         prefill_budget: int = 4096,
+        prefill_chunk: int = 512,
         max_top_logprobs: int = 5,
         warmup: bool = True,
         background_compile: bool = True,
@@ -138,7 +140,10 @@ class Engine:
         burst of new requests stalls running ones at most that long. The default admits a
         burst whole (prefill first, as vLLM schedules), so decoding runs on full batches: at
         32 clients, a 512-token budget left a sixth of the slots idle on average and cost
-        15% of the throughput; lower it for smoother streams. `distributed=True`
+        15% of the throughput; lower it for smoother streams. A one-choice prompt longer
+        than `prefill_chunk` tokens is prefilled that many tokens at a time, with decode
+        steps of the running sequences between two chunks (so a long document no longer
+        freezes every stream for its whole prefill). `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
         uses them wherever they apply: float32 on one CPU device that can build them."""
@@ -166,6 +171,7 @@ class Engine:
             decode_steps=decode_steps,
             max_queue=max_queue,
             prefill_budget=prefill_budget,
+            prefill_chunk=prefill_chunk,
         )
         return cls(
             model,
@@ -177,7 +183,7 @@ class Engine:
         )
 
     # ---- requests ---------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest) -> Handle:
         """Queue a request; iterate the handle (sync or async) for its ChoiceUpdates.
         Raises InvalidRequest / ContextLengthExceeded (naming the field) for a request this
         engine cannot honour, EngineOverloaded when the queue is full."""
@@ -233,7 +239,7 @@ class Engine:
         finally:
             handle.cancel()
 
-    def _collect(self, handle: RequestHandle, updates) -> list[Completion]:
+    def _collect(self, handle: Handle, updates) -> list[Completion]:
         n = handle.request.n
         text, ids, logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         reasons: list[str] = [""] * n
@@ -259,15 +265,17 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------
     def warmup(self, background: bool = False) -> None:
-        """Compile every program serving will use (each prefill bucket, insert, prompt
-        logprobs, slot start/stop, each decode geometry, each bucket's extension of a cached
-        prefix) before the first request.
+        """Compile every program serving will use (each prefill bucket up to a chunk, insert,
+        prompt logprobs, slot start/stop/park, each decode geometry, each bucket's extension
+        of a cached prefix) before the first request. Longer prompts are prefilled in chunks;
+        only a prompt of several choices or with prompt logprobs needs a larger bucket,
+        compiled when such a request first comes.
 
         With `background`, the decode programs narrower than all slots and the extensions
-        compile on a thread instead; until one is ready the scheduler uses the full-width
-        decode, and prefills prompts whole."""
+        shorter than a chunk compile on a thread instead; until one is ready the scheduler
+        uses the full-width decode, and prefills prompts whole."""
         s, p = self.scheduler, self.programs
-        for T in s.prefill_buckets:
+        for T in (b for b in s.prefill_buckets if b <= s.chunk_bucket):
             tokens = np.zeros((1, T), np.int32)
             rows, hidden = p.prefill(s.params, tokens, np.int32(T))
             s.cache = p.insert(s.cache, rows, np.int32(0))
@@ -277,6 +285,7 @@ class Engine:
         yes = np.bool_(True)
         s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
         s.state = p.stop_slot(s.state, zero)
+        s.state = p.park_slot(s.state, zero, zero)
         jax.block_until_ready(s.state)
         shapes = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -286,6 +295,7 @@ class Engine:
         narrow = [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
         for kv_len in s.kv_buckets:
             p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
+        p.extender(*shapes[:2], s.chunk_bucket)  # a long prompt's chunks
 
         def compile_narrow() -> None:
             for kv_len, rows in narrow:
@@ -293,7 +303,7 @@ class Engine:
                     return
                 p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
             for T in s.prefill_buckets:
-                if self._closing.is_set():
+                if T >= s.chunk_bucket or self._closing.is_set():
                     return
                 p.extender(*shapes[:2], T)
 

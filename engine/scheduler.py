@@ -1,20 +1,19 @@
 """Continuous batching: one sequential loop that admits, prefills, decodes and streams.
 
 The loop runs in one background thread and reads top to bottom: take cancellations,
-admit queued requests into free slots (prefill + insert, or only the part of the prompt
-past what a free slot's cache already holds), run k decode steps, turn the
-new tokens into text, stop strings and finish reasons, and hand the updates to each
-request's handle. The device programs (engine.step) are the only device work.
+prefill one chunk of a long prompt, admit queued requests into free slots (prefill +
+insert, or straight into a slot from where its cache stops matching the prompt), run k
+decode steps, turn the new tokens into text, stop strings and finish reasons, and hand
+the updates to each request's handle. The device programs (engine.step) are the only
+device work.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import heapq
 import logging
-import queue
 import threading
 import time
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 import samplers
 from engine.admission import Limits, check_request
+from engine.handle import DONE, Handle
 from engine.requests import (
     ChoiceUpdate,
     EngineOverloaded,
@@ -35,7 +35,6 @@ from engine.step import DecodeState, Programs, StepOutput
 from engine.stop import StopMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
-_DONE = object()
 log = logging.getLogger("jaxfire.engine")
 
 
@@ -53,59 +52,6 @@ def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
 
 
-class RequestHandle:
-    """The caller's side of one request: iterate (sync or async) over ChoiceUpdates."""
-
-    def __init__(self, request: GenerationRequest, prompt_tokens: int, max_tokens: int):
-        self.request = request
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-        self.timing: Timing | None = None
-        self.cached_tokens = 0  # prompt tokens a slot's cache held, not prefilled
-        self.cancelled = False
-        self.submitted = time.perf_counter()
-        # Updates always go through one thread-safe queue, so a handle can be read with
-        # `for` or `async for` whatever thread made it (a sync generate() inside a running
-        # event loop, as in a notebook, included); an async reader also gets woken up.
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def _push(self, item: Any) -> None:  # called from the engine thread
-        self._q.put(item)
-        if self._waker is not None:
-            loop, event = self._waker
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the caller's loop is gone; nobody is listening
-                self.cancelled = True
-
-    def __iter__(self):
-        while (item := self._q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def __aiter__(self):
-        event = asyncio.Event()
-        self._waker = (asyncio.get_running_loop(), event)
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                await event.wait()  # set after every put, so nothing is missed
-                event.clear()
-                continue
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
 @dataclasses.dataclass
 class _Choice:
     index: int
@@ -118,13 +64,14 @@ class _Choice:
 
 @dataclasses.dataclass
 class _Live:
-    handle: RequestHandle
+    handle: Handle
     choices: list[_Choice]
     first_token_at: float | None = None
     prefill_at: float = 0.0
     pending: list[int] = dataclasses.field(default_factory=list)  # choices not yet started
     rows: Any = None  # the prompt's prefilled K/V while choices are pending
-    slot: int | None = None  # a slot taken that already holds the prompt's K/V (reuse)
+    slot: int | None = None  # a slot taken whose cache holds (or is being given) the prompt
+    prefilled: int = 0  # prompt tokens (all but the last) whose K/V that slot holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +88,9 @@ class SchedulerSettings:
     # a burst of new requests stalls the sequences already decoding (Engine.from_pretrained
     # says why the default is large).
     prefill_budget: int = 4096
+    # A one-choice prompt longer than this is prefilled into its slot this many tokens per
+    # loop iteration, so the sequences already decoding get k tokens between two chunks.
+    prefill_chunk: int = 512
 
 
 class Scheduler:
@@ -160,6 +110,10 @@ class Scheduler:
         # Prompts pad to the next bucket, and a prefill costs its padded length: with
         # midpoints a prompt pays less than half again its own length, not up to double.
         self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len, True)
+        # The largest program a prompt of one choice needs; warm-up compiles up to it only.
+        self.chunk_bucket = bucket_for(
+            min(settings.prefill_chunk, settings.max_len), self.prefill_buckets
+        )
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(
             min(settings.min_slot_bucket, settings.max_slots), settings.max_slots
@@ -175,21 +129,22 @@ class Scheduler:
         self._forget_cached()
         self.reused_tokens = 0  # prompt tokens taken from a slot's cache rather than prefilled
         self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
-        self.queue: collections.deque[RequestHandle] = collections.deque()
+        self.queue: collections.deque[Handle] = collections.deque()
         self.waiting: collections.deque[_Live] = collections.deque()  # choices still pending
+        self.prefilling: collections.deque[_Live] = collections.deque()  # long prompts, FIFO
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
 
     # ---- caller side (any thread) -------------------------------------------------
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest) -> Handle:
         max_tokens = check_request(request, self.limits)
-        handle = RequestHandle(request, len(request.prompt_ids), max_tokens)
+        handle = Handle(request, len(request.prompt_ids), max_tokens)
         with self.lock:
             if len(self.queue) >= self.s.max_queue:  # cancelled requests hold no place
                 for h in [h for h in self.queue if h.cancelled]:
                     self.queue.remove(h)
-                    h._push(_DONE)
+                    h._push(DONE)
             if len(self.queue) >= self.s.max_queue:
                 raise EngineOverloaded(f"the request queue is full ({self.s.max_queue})")
             self.queue.append(handle)
@@ -221,7 +176,9 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while self.running and not (self.queue or self.live or self.waiting):
+                while self.running and not (
+                    self.queue or self.live or self.waiting or self.prefilling
+                ):
                     self.lock.wait()
                 if not self.running:
                     return
@@ -233,8 +190,9 @@ class Scheduler:
                 self._fail_all(e)
 
     def step(self) -> None:
-        """One iteration: cancellations, admissions, k decode steps, outputs."""
+        """One iteration: cancellations, a prompt chunk, admissions, k decode steps."""
         self._reap_cancelled()
+        self._prefill_chunk()
         self._admit()
         if self.live:
             self._decode()
@@ -247,6 +205,7 @@ class Scheduler:
             owner.rows = None
             if owner in self.waiting:
                 self.waiting.remove(owner)
+            self._drop_prefilling(owner)
             for choice in owner.choices:
                 if not choice.finished:
                     self._release(owner, choice)
@@ -264,7 +223,7 @@ class Scheduler:
         while self.free and not self.waiting and spent < self.s.prefill_budget:
             with self.lock:
                 while self.queue and self.queue[0].cancelled:
-                    self.queue.popleft()._push(_DONE)
+                    self.queue.popleft()._push(DONE)
                 if not self.queue:
                     return
                 handle = self.queue.popleft()
@@ -274,21 +233,21 @@ class Scheduler:
             except Exception as e:  # this request alone fails; the others carry on
                 log.exception("prefill failed (%d prompt tokens)", len(handle.request.prompt_ids))
                 handle._push(e)
-                handle._push(_DONE)
+                handle._push(DONE)
                 continue
-            if owner is not None:
+            if owner is not None and owner not in self.prefilling:  # else placed once prefilled
                 self._place(owner)
                 if owner.pending:
                     self.waiting.append(owner)
 
-    def _prefill(self, handle: RequestHandle) -> _Live | None:
+    def _prefill(self, handle: Handle) -> _Live | None:
         """Run the prompt (all but its last token) once for every choice; None if the
         request needs no decoding (max_tokens = 0)."""
         r = handle.request
         owner = _Live(handle, [], prefill_at=time.perf_counter(), pending=list(range(r.n)))
         ids = np.asarray(r.prompt_ids, np.int32)
         P = len(ids)
-        if self._reuse(handle, owner, ids):
+        if self._into_slot(handle, owner, ids):
             return owner
         if P > 1:
             T = bucket_for(P - 1, self.prefill_buckets)
@@ -307,22 +266,51 @@ class Scheduler:
             handle.timing = Timing(owner.prefill_at - handle.submitted, 0.0, 0.0)
             for i in range(r.n):
                 handle._push(ChoiceUpdate(i, (), "", (), "length"))
-            handle._push(_DONE)
+            handle._push(DONE)
             return None
         return owner
 
-    def _reuse(self, handle: RequestHandle, owner: _Live, ids: np.ndarray) -> bool:
-        """Start a one-choice request in a free slot whose cache already holds a prefix of
-        its prompt (a shared system prompt, an earlier turn of the conversation): only the
-        rest is prefilled, straight into that slot. False if no slot holds enough of it.
+    def _into_slot(self, handle: Handle, owner: _Live, ids: np.ndarray) -> bool:
+        """Prefill a one-choice request straight into a slot: from where a free slot's cache
+        stops matching its prompt (a shared system prompt, an earlier turn of the
+        conversation), and a prompt longer than one chunk a chunk per loop iteration
+        (`_prefill_chunk`). False: prefill it whole, then insert it (`_prefill`).
 
-        Only slots that leave the decode width as it is are candidates, and only prefixes of
-        at least the smallest prompt bucket count; the rest of the prompt is prefilled only
+        Only slots that leave the decode width as it is are reuse candidates, and only
+        prefixes of at least the smallest prompt bucket count; a short rest is prefilled only
         once its program is compiled (Engine.warmup)."""
         r = handle.request
         if r.n != 1 or r.prompt_logprobs or handle.max_tokens == 0 or len(ids) < 2:
             return False
         prompt = ids[:-1]  # the last token is the first decode step's input
+        best, slot = self._longest_cached(prompt)
+        if best < self.s.min_prefill_bucket:
+            best, slot = 0, None
+        rest = len(prompt) - best
+        chunked = rest > self.s.prefill_chunk
+        if not chunked and (
+            slot is None
+            or (rest and not self.p.extend_ready(bucket_for(rest, self.prefill_buckets)))
+        ):
+            return False
+        slot = self.free[0] if slot is None else slot  # the lowest free slot, for a fresh prompt
+        self.free.remove(slot)
+        heapq.heapify(self.free)
+        owner.slot, owner.prefilled = slot, best
+        handle.cached_tokens = best
+        self.reused_tokens += best
+        if chunked:
+            # Decode steps write each row's K/V at its position, inactive rows included: aim
+            # this one's at the prompt's end, which its first decode step overwrites.
+            self.state = self.p.park_slot(self.state, np.int32(slot), np.int32(len(prompt)))
+            self.prefilling.append(owner)
+        elif rest:
+            self._extend(owner, prompt, rest)
+        return True
+
+    def _longest_cached(self, prompt: np.ndarray) -> tuple[int, int | None]:
+        """(tokens, slot): the free slot within the decode width whose cache holds the
+        longest prefix of `prompt`."""
         highest = max(self.live, default=-1) + 1
         width = bucket_for(max(highest, self.free[0] + 1), self.slot_buckets)
         best, slot = 0, None
@@ -335,25 +323,44 @@ class Scheduler:
             match = int(differ[0]) if len(differ) else n
             if match > best:
                 best, slot = match, s
-        rest = len(prompt) - best
-        if slot is None or best < self.s.min_prefill_bucket:
-            return False
-        if rest:
-            T = bucket_for(rest, self.prefill_buckets)
-            if not self.p.extend_ready(T):
-                return False
-            tokens = np.zeros((1, T), np.int32)
-            tokens[0, :rest] = prompt[best:]
-            extend = self.p.extender(self.params, self.cache, T)
-            self.cache = extend(
-                self.params, self.cache, tokens, np.int32(best), np.int32(rest), np.int32(slot)
-            )
-        self.free.remove(slot)
-        heapq.heapify(self.free)
-        owner.slot = slot
-        handle.cached_tokens = best
-        self.reused_tokens += best
-        return True
+        return best, slot
+
+    def _extend(self, owner: _Live, prompt: np.ndarray, n: int) -> None:
+        """Prefill the next `n` prompt tokens into the owner's slot, after what it holds."""
+        start = owner.prefilled
+        T = bucket_for(n, self.prefill_buckets)
+        if not self.p.extend_ready(T):
+            T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = prompt[start : start + n]
+        extend = self.p.extender(self.params, self.cache, T)
+        self.cache = extend(
+            self.params, self.cache, tokens, np.int32(start), np.int32(n), np.int32(owner.slot)
+        )
+        owner.prefilled += n
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the oldest prompt being prefilled in chunks; after its last
+        one, its choice starts decoding."""
+        if not self.prefilling:
+            return
+        owner = self.prefilling[0]
+        prompt = np.asarray(owner.handle.request.prompt_ids[:-1], np.int32)
+        self._extend(owner, prompt, min(self.s.prefill_chunk, len(prompt) - owner.prefilled))
+        if owner.prefilled == len(prompt):
+            self.prefilling.popleft()
+            self._place(owner)
+
+    def _drop_prefilling(self, owner: _Live) -> None:
+        """A request ended while its prompt was being prefilled: its slot is free again, its
+        cache holding the part of the prompt prefilled so far."""
+        if owner not in self.prefilling:
+            return
+        self.prefilling.remove(owner)
+        prompt = owner.handle.request.prompt_ids
+        self.cached[owner.slot] = np.asarray(prompt[: owner.prefilled], np.int32)
+        heapq.heappush(self.free, owner.slot)
+        owner.slot = None
 
     def _place(self, owner: _Live) -> None:
         """Start pending choices of `owner` in free slots: its prompt K/V goes into the
@@ -361,7 +368,7 @@ class Scheduler:
         r = owner.handle.request
         ids = np.asarray(r.prompt_ids, np.int32)
         while owner.pending and (self.free or owner.slot is not None):
-            if owner.slot is not None:  # taken by _reuse, its prompt K/V in place
+            if owner.slot is not None:  # taken by _into_slot, its prompt K/V in place
                 index, slot, owner.slot = owner.pending.pop(0), owner.slot, None
             else:
                 index, slot = owner.pending.pop(0), heapq.heappop(self.free)
@@ -484,25 +491,28 @@ class Scheduler:
         h = owner.handle
         first = owner.first_token_at or now
         h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
-        h._push(_DONE)
+        h._push(DONE)
 
     def _fail_all(self, error: Exception) -> None:
         """A device program failed: end every request in flight with the error."""
         owners = self._owners()
         self.waiting.clear()
         for owner in owners:
+            self._drop_prefilling(owner)
             owner.pending.clear()
             owner.rows = None
             for choice in owner.choices:
                 if not choice.finished:
                     self._release(owner, choice)
             owner.handle._push(error)
-            owner.handle._push(_DONE)
+            owner.handle._push(DONE)
         self._forget_cached()  # a failed program may have left the cache in any state
 
     def _owners(self) -> list[_Live]:
-        """Every request in flight: decoding, or prefilled with choices still to place."""
-        owners = {id(o): o for o, _ in self.live.values()} | {id(o): o for o in self.waiting}
+        """Every request in flight: decoding, being prefilled in chunks, or prefilled with
+        choices still to place."""
+        owners = {id(o): o for o, _ in self.live.values()}
+        owners |= {id(o): o for o in (*self.waiting, *self.prefilling)}
         return list(owners.values())
 
     def _forget_cached(self) -> None:

@@ -121,6 +121,7 @@ class Programs:
         self._decoders: dict[tuple[int, int, int], Any] = {}
         self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
         self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
+        self.park_slot = jax.jit(_park_slot, donate_argnums=0, **state_out)
 
     def decode_ready(self, k: int, kv_len: int, rows: int) -> bool:
         return (k, kv_len, rows) in self._decoders
@@ -292,3 +293,9 @@ def _stop_slot(state: DecodeState, slot: jax.Array) -> DecodeState:
         active=state.active.at[slot].set(False),
         sampling=samplers.clear_row(state.sampling, slot),
     )
+
+
+def _park_slot(state: DecodeState, slot: jax.Array, position: jax.Array) -> DecodeState:
+    """Aim an inactive slot's decode writes (every step writes each row's K/V at its
+    position) at `position`, past what is being prefilled into it."""
+    return state.replace(positions=state.positions.at[slot].set(position))

@@ -73,6 +73,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="prompt tokens prefilled between two decode calls (lower: smoother streams)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=_int_in(1),
+        default=512,
+        help="a longer prompt is prefilled this many tokens at a time, decoding between",
+    )
+    p.add_argument(
         "--max-top-logprobs",
         type=_int_in(0, MAX_TOP_LOGPROBS),
         default=5,
@@ -111,6 +117,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         max_len=args.max_len,
         decode_steps=args.decode_steps,
         prefill_budget=args.prefill_budget,
+        prefill_chunk=args.prefill_chunk,
         max_top_logprobs=args.max_top_logprobs,
         warmup=warmup,
     )

@@ -86,7 +86,9 @@ def test_top_k_1_min_p_1_top_p_0_equal_greedy(http):
     assert ids(cmpl(http, top_k=1, **fields)) == g
     assert ids(cmpl(http, min_p=1.0, **fields)) == g
     assert ids(cmpl(http, top_p=0, **fields)) == g
-    assert ids(cmpl(http, top_k=1, mirostat_target=3.0, **fields)) == g  # docs/sampling.md, binding decision 2
+    assert (
+        ids(cmpl(http, top_k=1, mirostat_target=3.0, **fields)) == g
+    )  # docs/sampling.md, binding decision 2
 
 
 def test_seeds_reproduce(http):

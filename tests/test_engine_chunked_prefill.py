@@ -1,0 +1,133 @@
+"""A prompt longer than the prefill chunk is prefilled into its slot a chunk per loop
+iteration, and the sequences already decoding get tokens between two chunks.
+
+Chunking must change nothing a caller sees: greedy tokens equal HF transformers', a seeded
+request's tokens and logprobs equal those of a whole prefill; a request cancelled halfway
+through its prefill frees its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+import pytest
+
+from tests import engine_fixtures as F
+
+pytest.importorskip("torch")
+
+from engine.requests import GenerationRequest  # noqa: E402
+from samplers import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0)
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return F.shared_engine()
+
+
+@contextlib.contextmanager
+def chunk(engine, size: int):
+    settings = engine.scheduler.s
+    engine.scheduler.s = dataclasses.replace(settings, prefill_chunk=size)
+    try:
+        yield
+    finally:
+        engine.scheduler.s = settings
+
+
+def run(engine, prompt, params=GREEDY, **kw) -> dict:
+    F.wait_idle(engine)
+    engine.scheduler._forget_cached()  # no prefix reuse: the whole prompt is prefilled
+    request = GenerationRequest(tuple(prompt), params, ignore_eos=True, **kw)
+    return F.collect(engine.submit(request))[0]
+
+
+def test_chunked_prompt_gives_hf_greedy_tokens(engine):
+    [prompt] = F.prompts(1, seed=61, lo=50, hi=50)  # 49 prefilled: chunks of 16, 16, 16, 1
+    with chunk(engine, CHUNK):
+        out = run(engine, prompt, max_tokens=8)
+    assert out["ids"] == F.hf_greedy(prompt, 8)
+
+
+def test_chunked_equals_whole_prefill(engine):
+    [prompt] = F.prompts(1, seed=62, lo=45, hi=45)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=5)
+    whole = run(engine, prompt, seeded, max_tokens=10, top_logprobs=3)
+    with chunk(engine, CHUNK):
+        chunked = run(engine, prompt, seeded, max_tokens=10, top_logprobs=3)
+    assert chunked["ids"] == whole["ids"]
+    for a, b in zip(chunked["logprobs"], whole["logprobs"], strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_running_streams_decode_between_chunks(engine, monkeypatch):
+    """The scheduler's device calls, in order: while a long prompt is prefilled chunk by
+    chunk, a decode call of the running sequence comes between every two chunks."""
+    sched = engine.scheduler
+    calls: list[str] = []
+    extend, decode = sched._extend, sched._decode
+    monkeypatch.setattr(sched, "_extend", lambda *a: (calls.append("chunk"), extend(*a))[1])
+    monkeypatch.setattr(sched, "_decode", lambda: (calls.append("decode"), decode())[1])
+    [short, long] = F.prompts(2, seed=63, lo=5, hi=60)
+    F.wait_idle(engine)
+    with chunk(engine, CHUNK):
+        running = engine.submit(
+            GenerationRequest(tuple(short), GREEDY, max_tokens=56, ignore_eos=True)
+        )
+        first = next(iter(running))  # decoding has started
+        assert first.token_ids
+        long_out = F.collect(engine.submit(GenerationRequest(tuple(long), GREEDY, max_tokens=4)))
+        F.collect(running)
+    assert long_out[0]["ids"] == F.hf_greedy(long, 4)
+    chunks = [i for i, c in enumerate(calls) if c == "chunk"]
+    assert len(chunks) == 4  # 59 prompt tokens before the last: 16 + 16 + 16 + 11
+    assert all("decode" in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))
+
+
+def test_cancel_while_prefilling_frees_the_slot(engine):
+    [prompt] = F.prompts(1, seed=64, lo=60, hi=60)
+    F.wait_idle(engine)
+    sched = engine.scheduler
+    started = threading.Event()
+    extend = sched._extend
+
+    def slow_extend(owner, ids, n):
+        started.set()
+        owner.handle.cancel()  # the client goes away after the first chunk
+        extend(owner, ids, n)
+
+    sched._extend = slow_extend
+    try:
+        with chunk(engine, CHUNK):
+            handle = engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=4))
+            assert F.collect(handle) == {}
+    finally:
+        del sched._extend
+    assert started.is_set()
+    stats = F.wait_idle(engine)
+    assert stats["active_slots"] == 0 and not sched.prefilling
+    # The slot's cache holds the chunk that was prefilled: the same prompt reuses it.
+    before = engine.stats()["reused_prompt_tokens"]
+    request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=4, ignore_eos=True)
+    out = F.collect(engine.submit(request))[0]
+    assert engine.stats()["reused_prompt_tokens"] - before == CHUNK
+    assert out["ids"] == F.hf_greedy(prompt, 4)
+
+
+def test_xla_path_chunks_too():
+    """Without the CPU kernels (TPU, GPU, or a CPU that can't build them) the same."""
+    engine = F.make_engine(
+        max_slots=2, max_len=64, cpu_kernel=False, background_compile=False, prefill_chunk=CHUNK
+    )
+    try:
+        [prompt] = F.prompts(1, seed=65, lo=40, hi=40)
+        request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=6, ignore_eos=True)
+        assert F.collect(engine.submit(request))[0]["ids"] == F.hf_greedy(prompt, 6)
+    finally:
+        engine.close()
