@@ -268,12 +268,13 @@ class Engine:
         """Compile every program serving will use (each prefill bucket up to a chunk, insert,
         prompt logprobs, slot start/stop/park, each decode geometry, each bucket's extension
         of a cached prefix) before the first request. Longer prompts are prefilled in chunks;
-        only a prompt of several choices or with prompt logprobs needs a larger bucket,
-        compiled when such a request first comes.
+        only a long prompt of several choices, with prompt logprobs or max_tokens = 0 is
+        prefilled whole, in a larger bucket: those are compiled last, without running them.
 
-        With `background`, the decode programs narrower than all slots and the extensions
-        shorter than a chunk compile on a thread instead; until one is ready the scheduler
-        uses the full-width decode, and prefills prompts whole."""
+        With `background`, the decode programs narrower than all slots, the extensions
+        shorter than a chunk and the larger prefill buckets compile on a thread instead;
+        until one is ready the scheduler uses the full-width decode, and prefills prompts
+        whole (the larger buckets then compile on their first use)."""
         s, p = self.scheduler, self.programs
         for T in (b for b in s.prefill_buckets if b <= s.chunk_bucket):
             tokens = np.zeros((1, T), np.int32)
@@ -303,9 +304,12 @@ class Engine:
                     return
                 p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
             for T in s.prefill_buckets:
-                if T >= s.chunk_bucket or self._closing.is_set():
+                if self._closing.is_set():
                     return
-                p.extender(*shapes[:2], T)
+                if T < s.chunk_bucket:
+                    p.extender(*shapes[:2], T)
+                elif T > s.chunk_bucket:  # a whole prompt of several choices, or scored
+                    p.compile_prefill(*shapes[:2], T)
 
         if background:
             self._compiler = threading.Thread(target=compile_narrow, name="jaxfire-compile")

@@ -62,6 +62,13 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (echo with logprobs)
     context_overflow: ContextOverflow = ContextOverflow.TRUNCATE
 
+    def __post_init__(self) -> None:
+        # A list (what a tokenizer returns) or one stop string is what a caller means: store
+        # them as the tuples the engine works with.
+        object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
@@ -147,9 +154,7 @@ class ServingEngine(Protocol):
     name: str
     tokenizer: ChatTokenizer
     generation_config: dict | None
-    vocab_size: int
     max_context: int
-    max_top_logprobs: int
 
     def submit(self, request: GenerationRequest) -> RequestHandle: ...
 

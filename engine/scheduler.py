@@ -92,6 +92,13 @@ class SchedulerSettings:
     # loop iteration, so the sequences already decoding get k tokens between two chunks.
     prefill_chunk: int = 512
 
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "max_len", "decode_steps", "max_queue", "prefill_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1: {getattr(self, name)}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1: {self.prefill_chunk}")
+
 
 class Scheduler:
     def __init__(
@@ -227,18 +234,19 @@ class Scheduler:
                 if not self.queue:
                     return
                 handle = self.queue.popleft()
-            spent += len(handle.request.prompt_ids)
+            owner = None
             try:
                 owner = self._prefill(handle)
+                if owner is not None and owner in self.prefilling:
+                    continue  # placed once its last chunk is in; nothing prefilled yet
+                spent += len(handle.request.prompt_ids)
+                if owner is not None:
+                    self._place(owner)
+                    if owner.pending:
+                        self.waiting.append(owner)
             except Exception as e:  # this request alone fails; the others carry on
                 log.exception("prefill failed (%d prompt tokens)", len(handle.request.prompt_ids))
-                handle._push(e)
-                handle._push(DONE)
-                continue
-            if owner is not None and owner not in self.prefilling:  # else placed once prefilled
-                self._place(owner)
-                if owner.pending:
-                    self.waiting.append(owner)
+                self._fail(owner, handle, e)
 
     def _prefill(self, handle: Handle) -> _Live | None:
         """Run the prompt (all but its last token) once for every choice; None if the
@@ -294,18 +302,19 @@ class Scheduler:
         ):
             return False
         slot = self.free[0] if slot is None else slot  # the lowest free slot, for a fresh prompt
-        self.free.remove(slot)
-        heapq.heapify(self.free)
         owner.slot, owner.prefilled = slot, best
-        handle.cached_tokens = best
-        self.reused_tokens += best
         if chunked:
             # Decode steps write each row's K/V at its position, inactive rows included: aim
             # this one's at the prompt's end, which its first decode step overwrites.
             self.state = self.p.park_slot(self.state, np.int32(slot), np.int32(len(prompt)))
-            self.prefilling.append(owner)
         elif rest:
             self._extend(owner, prompt, rest)
+        self.free.remove(slot)  # only now: a failed program above leaves the slot free
+        heapq.heapify(self.free)
+        handle.cached_tokens = best
+        self.reused_tokens += best
+        if chunked:
+            self.prefilling.append(owner)
         return True
 
     def _longest_cached(self, prompt: np.ndarray) -> tuple[int, int | None]:
@@ -329,7 +338,7 @@ class Scheduler:
         """Prefill the next `n` prompt tokens into the owner's slot, after what it holds."""
         start = owner.prefilled
         T = bucket_for(n, self.prefill_buckets)
-        if not self.p.extend_ready(T):
+        if not self.p.extend_ready(T) and n <= self.chunk_bucket:
             T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = prompt[start : start + n]
@@ -348,8 +357,8 @@ class Scheduler:
         prompt = np.asarray(owner.handle.request.prompt_ids[:-1], np.int32)
         self._extend(owner, prompt, min(self.s.prefill_chunk, len(prompt) - owner.prefilled))
         if owner.prefilled == len(prompt):
+            self._place(owner)  # a failure leaves it in `prefilling`, for _fail_all
             self.prefilling.popleft()
-            self._place(owner)
 
     def _drop_prefilling(self, owner: _Live) -> None:
         """A request ended while its prompt was being prefilled: its slot is free again, its
@@ -357,10 +366,11 @@ class Scheduler:
         if owner not in self.prefilling:
             return
         self.prefilling.remove(owner)
-        prompt = owner.handle.request.prompt_ids
-        self.cached[owner.slot] = np.asarray(prompt[: owner.prefilled], np.int32)
-        heapq.heappush(self.free, owner.slot)
-        owner.slot = None
+        if owner.slot is not None:
+            prompt = owner.handle.request.prompt_ids
+            self.cached[owner.slot] = np.asarray(prompt[: owner.prefilled], np.int32)
+            heapq.heappush(self.free, owner.slot)
+            owner.slot = None
 
     def _place(self, owner: _Live) -> None:
         """Start pending choices of `owner` in free slots: its prompt K/V goes into the
@@ -368,10 +378,9 @@ class Scheduler:
         r = owner.handle.request
         ids = np.asarray(r.prompt_ids, np.int32)
         while owner.pending and (self.free or owner.slot is not None):
-            if owner.slot is not None:  # taken by _into_slot, its prompt K/V in place
-                index, slot, owner.slot = owner.pending.pop(0), owner.slot, None
-            else:
-                index, slot = owner.pending.pop(0), heapq.heappop(self.free)
+            # The slot _into_slot took (its prompt K/V in place), else the lowest free one.
+            slot = owner.slot if owner.slot is not None else self.free[0]
+            index = owner.pending[0]
             if owner.rows is not None:
                 self.cache = self.p.insert(self.cache, owner.rows, np.int32(slot))
             row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
@@ -385,6 +394,11 @@ class Scheduler:
                 np.bool_(r.top_logprobs is not None),
                 row,
             )
+            owner.pending.pop(0)
+            if owner.slot is not None:
+                owner.slot = None
+            else:
+                heapq.heappop(self.free)
             choice = _Choice(
                 index,
                 slot,
@@ -484,8 +498,8 @@ class Scheduler:
         sequence = owner.handle.request.prompt_ids + tuple(choice.token_ids)
         self.cached[choice.slot] = np.asarray(sequence[: self.slot_pos[choice.slot]], np.int32)
         del self.live[choice.slot]
-        self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
         heapq.heappush(self.free, choice.slot)
+        self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
 
     def _finish(self, owner: _Live, now: float) -> None:
         h = owner.handle
@@ -493,19 +507,30 @@ class Scheduler:
         h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
         h._push(DONE)
 
-    def _fail_all(self, error: Exception) -> None:
-        """A device program failed: end every request in flight with the error."""
-        owners = self._owners()
-        self.waiting.clear()
-        for owner in owners:
+    def _fail(self, owner: _Live | None, handle: Handle, error: Exception) -> None:
+        """End one request with `error`: every slot it holds is free again."""
+        if owner is not None:
+            if owner in self.waiting:
+                self.waiting.remove(owner)
             self._drop_prefilling(owner)
             owner.pending.clear()
             owner.rows = None
+            if owner.slot is not None:  # taken, but no choice started in it
+                heapq.heappush(self.free, owner.slot)
+                owner.slot = None
             for choice in owner.choices:
-                if not choice.finished:
+                if self.live.get(choice.slot, (None, None))[1] is choice:
                     self._release(owner, choice)
-            owner.handle._push(error)
-            owner.handle._push(DONE)
+        handle._push(error)
+        handle._push(DONE)
+
+    def _fail_all(self, error: Exception) -> None:
+        """A device program failed: end every request in flight with the error."""
+        for owner in self._owners():
+            try:
+                self._fail(owner, owner.handle, error)
+            except Exception:  # noqa: BLE001 - the device is failing: end the others all the same
+                log.exception("could not stop a failed request's slots cleanly")
         self._forget_cached()  # a failed program may have left the cache in any state
 
     def _owners(self) -> list[_Live]:

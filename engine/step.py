@@ -1,4 +1,4 @@
-"""The device programs: prefill, insert, extend, decode steps, and slot start/stop.
+"""The device programs: prefill, insert, extend, decode steps, and slot start/stop/park.
 
 Each is jitted once per static shape (prompt bucket, attended-cache bucket), with the
 cache and decode state donated so XLA updates them in place. The decode program runs
@@ -10,9 +10,10 @@ state; the prefill covers the prompt except its last token, which the first deco
 step consumes, so the first generated token is drawn by the same sampling program as
 every other.
 
-A prompt that begins with what a free slot's cache still holds skips the prefill and
-insert: `extend` runs only the rest of it, at its positions in that slot, attending to the
-cached prefix.
+`extend` prefills tokens of a sequence at their positions in its slot, attending to what
+the slot already holds: the rest of a prompt that begins with what a free slot's cache
+still holds (no prefill and insert of the shared part), and a long prompt chunk by chunk.
+`park_slot` aims an inactive slot's decode writes past the prompt being prefilled into it.
 
 Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
 scheduler keeping live sequences in the low slots), so idle slots cost nothing. Each
@@ -138,6 +139,17 @@ class Programs:
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
 
+    def compile_prefill(self, params: Params, cache: KVCache, tokens: int) -> None:
+        """Compile, without running, what a whole prefill of a `tokens` bucket uses (prefill,
+        insert, prompt logprobs); the persistent compilation cache serves their first call.
+        params and cache may be arrays or their jax.ShapeDtypeStructs."""
+        ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self.prefill.lower(params, ids, scalar).compile()
+        rows, hidden = jax.eval_shape(self._prefill, params, ids, scalar)
+        self.insert.lower(cache, rows, scalar).compile()
+        self.prompt_logprobs.lower(params, hidden, ids).compile()
+
     def extend_ready(self, tokens: int) -> bool:
         return tokens in self._extenders
 
@@ -162,8 +174,8 @@ class Programs:
     ) -> KVCache:
         """Prefill tokens i32[1, T] (the first `length` real, the rest padding) at positions
         start .. start + T - 1 of cache row `slot`, whose positions before `start` hold the
-        same sequence already: the rest of a prompt that shares a prefix with what the slot
-        held last. Its K/V go straight into the slot."""
+        same sequence already (a cached prefix, or the chunks before). Its K/V go straight
+        into the slot."""
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         _, cache = self.model.apply(
             {"params": params}, tokens, positions, cache, head=False, valid_rows=length, slot=slot

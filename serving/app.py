@@ -25,7 +25,7 @@ from starlette.routing import Route
 from engine.requests import ChoiceUpdate, RequestHandle, ServingEngine
 from serving import prepare, protocol
 from serving.body import parse_json
-from serving.errors import APIError, internal_error, refusal
+from serving.errors import APIError, internal_error, refusal, show
 from serving.logprobs import LogprobRenderer
 from serving.metrics import Metrics
 from serving.prepare import Prepared
@@ -53,7 +53,7 @@ def _log_access(
         field = f" param={param}" if param else ""
         access_log.info("%s %d total=%.3fs%s", path, status, time.perf_counter() - t0, field)
         return
-    user = f" user={reply.p.user!r}" if reply.p.user else ""
+    user = f" user={show(reply.p.user)}" if reply.p.user else ""
     access_log.info(
         "%s %d id=%s prompt=%d cached=%d completion=%d ttft=%.3fs total=%.3fs%s",
         path,
@@ -125,8 +125,9 @@ class _Server:
             for h in handles:
                 h.cancel()
             error = refusal(e, prepared.field_names)
-            if error is None:
-                raise  # not the client's fault: a bug, logged by the app's error handler
+            if error is None:  # not the client's fault: logged once, answered with a 500
+                log.exception("submitting a request failed")
+                error = internal_error(f"internal error: {e}")
             raise error from None
         return handles
 
@@ -231,9 +232,10 @@ class _Server:
                 return self._failed(reply, failure_error(e))
             reply.first_token()
             if reply.p.stream:
-                handed_over = True
                 events = reply.sse(_prepend(first, stream))
-                return SSEResponse(events, reply.headers(streaming=True), on_close=cleanup)
+                response = SSEResponse(events, reply.headers(streaming=True), on_close=cleanup)
+                handed_over = True  # the response's close runs cleanup from now on
+                return response
             try:
                 async for item in _prepend(first, stream):
                     reply.add(*item)

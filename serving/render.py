@@ -130,7 +130,8 @@ class Reply:
 
     def headers(self, streaming: bool) -> dict[str, str]:
         """Sent before the body: a streamed request's counts are those known at its first
-        token (every prompt has been admitted by then, so the cached count is final)."""
+        token (with several prompts, one still queued then has no cached count yet; the
+        usage in the last chunk has the final one)."""
         options = dict(self.p.options)
         options["max_tokens"] = min(int(h.max_tokens) for h in self.handles)
         headers = {

@@ -85,3 +85,10 @@ def test_chat_template_errors_name_messages():
     with pytest.raises(InvalidRequest) as err:
         engine.chat([{"role": "user", "content": {"not": "text"}}], max_tokens=1)
     assert err.value.field == "messages"
+
+
+def test_requests_normalise_lists_and_one_stop_string():
+    """A tokenizer's list of ids and a bare stop string mean what they say."""
+    r = GenerationRequest(prompt_ids=[1, 2, 3], stop="END")
+    assert r.prompt_ids == (1, 2, 3) and r.stop == ("END",)
+    assert check_request(r, LIMITS) == 50 - 3  # max_tokens lowered to fit the window

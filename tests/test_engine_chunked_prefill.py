@@ -131,3 +131,50 @@ def test_xla_path_chunks_too():
         assert F.collect(engine.submit(request))[0]["ids"] == F.hf_greedy(prompt, 6)
     finally:
         engine.close()
+
+
+def test_a_parked_slot_inside_the_decode_width_keeps_its_prefill(engine):
+    """A long prompt reusing slot 0's cache is chunked while another sequence decodes in
+    slot 1: slot 0 is inside the decode width, and without parking, each decode step would
+    write that row's K/V over the positions being prefilled."""
+    [a, b, fresh] = F.prompts(3, seed=66, lo=24, hi=30)
+    F.wait_idle(engine)
+    engine.scheduler._forget_cached()
+    with chunk(engine, CHUNK):
+        first = engine.submit(GenerationRequest(tuple(a), GREEDY, max_tokens=2, ignore_eos=True))
+        running = engine.submit(GenerationRequest(tuple(b), GREEDY, max_tokens=30, ignore_eos=True))
+        F.collect(first)  # slot 0 is free again, its cache holding a's tokens
+        prompt = a[:20] + fresh  # reuses 20, then 29 more tokens: two chunks
+        before = engine.stats()["reused_prompt_tokens"]
+        out = F.collect(engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=6)))
+        assert engine.stats()["reused_prompt_tokens"] - before == 20
+        assert F.collect(running)[0]["ids"] == F.hf_greedy(b, 30)
+    assert out[0]["ids"] == F.hf_greedy(prompt, 6)
+
+
+def test_failed_programs_leave_no_slot_taken(engine, monkeypatch):
+    """A program that fails while a prompt goes into its slot ends that request with the
+    error and gives every slot back."""
+    sched = engine.scheduler
+    [prompt] = F.prompts(1, seed=67, lo=40, hi=40)
+    for name in ("park_slot", "start_slot"):
+        F.wait_idle(engine)
+        real = getattr(sched.p, name)
+        calls = []
+
+        def failing(*args, real=real, calls=calls, name=name):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError(f"injected {name} fault")
+            return real(*args)
+
+        monkeypatch.setattr(sched.p, name, failing)
+        with chunk(engine, CHUNK):
+            handle = engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=3))
+            with pytest.raises(RuntimeError, match="injected"):
+                F.collect(handle)
+        monkeypatch.undo()
+        stats = F.wait_idle(engine)
+        assert stats["active_slots"] == 0 and not sched.prefilling and not sched.live
+        out = F.collect(engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=3)))
+        assert out[0]["ids"] == F.hf_greedy(prompt, 3)

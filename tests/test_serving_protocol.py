@@ -604,3 +604,26 @@ def test_models_health_metrics(client):
     assert metric(client, "jaxfire_generation_tokens_total") > 0
     assert metric(client, "jaxfire_inter_token_latency_seconds_count") > 0
     assert 'jaxfire_requests_total{endpoint="chat",status="200"}' in text
+
+
+def test_a_failing_submit_is_a_logged_counted_500(caplog):
+    """An engine that raises something other than a refusal: one traceback in the log, a
+    500 envelope, an access line and the request counted (not a crash of the app)."""
+    import logging
+
+    class Broken(FakeEngine):
+        def submit(self, request):
+            raise RuntimeError("injected submit fault")
+
+    caplog.set_level(logging.INFO)
+    app = create_app(Broken(name=M))
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json={"model": M, "messages": HI})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "internal_error"
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and tracebacks[0].name == "jaxfire.server"
+    assert any(
+        " 500 " in rec.getMessage() for rec in caplog.records if rec.name == "jaxfire.access"
+    )
+    assert 'jaxfire_requests_total{endpoint="chat",status="500"} 1' in app.state.metrics.render({})
