@@ -26,7 +26,7 @@ from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.disk_cache import cache_root
 from engine.handle import Handle
-from engine.kv_cache import init_cache
+from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import LoadedModel, load_model
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
@@ -84,17 +84,21 @@ class Engine:
         self.mesh = mesh or make_mesh()
         settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
+        # One page of max_len positions per slot, page s for slot s: the paged programs and
+        # kernels on the memory layout of an unpaged cache.
+        page_table = one_page_per_slot(settings.max_slots)
         cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
         cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
         cache = jax.device_put(cache, cache_shardings)
         empty_state = jax.eval_shape(
-            lambda: DecodeState.empty(settings.max_slots, self.vocab_size, settings.max_bias)
+            lambda: DecodeState.empty(page_table, self.vocab_size, settings.max_bias)
         )
         self.programs = Programs(
             model.config,
             dtype,
             max(1, max_top_logprobs),
             sorted(self.tokenizer.eos_token_ids),
+            pages_per_seq=page_table.shape[1],
             packed=model.packed,
             cache_shardings=cache_shardings,
             state_shardings=slot_shardings(empty_state, self.mesh),
@@ -103,6 +107,7 @@ class Engine:
             self.programs,
             model.params,
             cache,
+            page_table,
             self.tokenizer,
             settings,
             self.limits,
@@ -279,12 +284,12 @@ class Engine:
         for T in (b for b in s.prefill_buckets if b <= s.chunk_bucket):
             tokens = np.zeros((1, T), np.int32)
             rows, hidden = p.prefill(s.params, tokens, np.int32(T))
-            s.cache = p.insert(s.cache, rows, np.int32(0))
+            s.cache = p.insert(s.cache, rows, s.page_table[0])
             jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
         row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
         zero = np.int32(0)
         yes = np.bool_(True)
-        s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
+        s.state = p.start_slot(s.state, zero, s.page_table[0], zero, zero, zero, yes, yes, row)
         s.state = p.stop_slot(s.state, zero)
         s.state = p.park_slot(s.state, zero, zero)
         jax.block_until_ready(s.state)

@@ -1,40 +1,83 @@
-"""The preallocated KV cache: one K and one V buffer per layer.
+"""The preallocated KV cache as a pool of pages, and its reads and writes through page tables.
 
-Each buffer is laid out [slots, kv_heads, max_len, head_dim]. Separate per-layer buffers
-(rather than one stacked [layers, ...] array) let XLA update each layer in place; a
-stacked cache made it copy every layer's K and V each decode step.
+Per layer one K and one V buffer, each [num_pages, kv_heads, page_size, head_dim]: head-major
+within a page, so one head's positions in a page are contiguous (the CPU kernels stream them).
+A sequence's page-table row (int32 [pages_per_seq]) names its pages in order: its position p
+lives in page row[p // page_size] at offset p % page_size. A table [B, pages_per_seq] holds
+one such row per batch row. With one page of page_size = max_len per slot and table[s] = [s]
+(`one_page_per_slot`, what the engine runs today) page s is exactly slot s of an unpaged
+[slots, kv_heads, max_len, head_dim] cache.
+
+Separate per-layer buffers (rather than one stacked [layers, ...] array) let XLA update each
+layer in place; a stacked cache made it copy every layer's K and V each decode step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engine.config import ModelConfig
 
-# One (k, v) pair per layer, each Float[slots, kv_heads, max_len, head_dim].
+# One (k, v) pair per layer, each Float[num_pages, kv_heads, page_size, head_dim].
 KVCache = list[tuple[jax.Array, jax.Array]]
 
 
-def init_cache(config: ModelConfig, slots: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    shape = (slots, config.num_kv_heads, max_len, config.head_dim)
+def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
+    shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
 
 
-def write_positions(
-    buf: jax.Array, new: jax.Array, positions: jax.Array, first_row: jax.Array | int = 0
-) -> jax.Array:
-    """Scatter new[b, t] (Float[B, T, kv_heads, head_dim]) into
-    buf[first_row + b, :, positions[b, t]]: the batch's B rows are the buffer's rows from
-    `first_row` (an int32 scalar, may be traced) on.
+def one_page_per_slot(slots: int) -> np.ndarray:
+    """The page table i32[slots, 1] giving slot s the page s (of page_size = max_len)."""
+    return np.arange(slots, dtype=np.int32)[:, None]
 
-    Positions past max_len (bucket padding) are dropped by the scatter.
+
+def write_pages(
+    buf: jax.Array, new: jax.Array, positions: jax.Array, page_table: jax.Array
+) -> jax.Array:
+    """Scatter new[b, t] (Float[B, T, kv_heads, head_dim]) to position positions[b, t] of the
+    sequence whose pages are page_table[b] (i32[B, pages_per_seq]).
+
+    Positions outside its pages (bucket padding past the last) are dropped by the scatter.
     """
-    # One extra row aimed past the buffer (dropped) keeps the write a scatter, updated in
+    num_pages, page_size = buf.shape[0], buf.shape[2]
+    index = positions // page_size
+    inside = (positions >= 0) & (index < page_table.shape[1])
+    pages = jnp.take_along_axis(page_table, jnp.clip(index, 0, page_table.shape[1] - 1), axis=1)
+    pages = jnp.where(inside, pages, num_pages)  # past the pool: dropped
+    offsets = positions % page_size
+    # One extra row aimed past the pool (dropped) keeps the write a scatter, updated in
     # place: XLA turned a one-row write into a dynamic-update-slice and fused a copy of it
     # into the attention's read of the cache, which then forced a copy of every layer's K
     # and V each step.
-    rows = jnp.append(first_row + jnp.arange(new.shape[0]), buf.shape[0])[:, None]
+    pages = jnp.concatenate([pages, jnp.full_like(pages[:1], num_pages)])
+    offsets = jnp.concatenate([offsets, offsets[:1]])
     new = jnp.concatenate([new, new[:1]]).astype(buf.dtype)
-    positions = jnp.concatenate([positions, positions[:1]])
-    return buf.at[rows, :, positions].set(new, mode="drop")
+    return buf.at[pages, :, offsets].set(new, mode="drop")
+
+
+def read_pages(buf: jax.Array, page_table: jax.Array, kv_len: int) -> jax.Array:
+    """Positions 0 .. kv_len - 1 of each row's sequence, contiguous: [B, kv_heads, kv_len,
+    head_dim]. Only the pages covering kv_len are gathered, and of a page longer than kv_len
+    only its first kv_len positions (one page per slot: a slice of the slot, as before)."""
+    page_size = buf.shape[2]
+    width = min(kv_len, page_size)
+    used = -(-kv_len // page_size)
+    pages = jnp.take(buf[:, :, :width], page_table[:, :used], axis=0, mode="clip")
+    B, _, K, _, D = pages.shape  # [B, used, K, width, D]
+    return pages.transpose(0, 2, 1, 3, 4).reshape(B, K, used * width, D)[:, :, :kv_len]
+
+
+def write_prefix(buf: jax.Array, rows: jax.Array, pages: jax.Array) -> jax.Array:
+    """Write rows Float[1, kv_heads, T, head_dim] (a prefilled sequence's K or V) to positions
+    0 .. T-1 of the sequence whose pages are `pages` (i32[pages_per_seq]), a page at a time:
+    a prefix shorter than a page is one write of T positions (one page per slot: the slot's
+    first T, as before), a last partial page is written whole, zeros past T."""
+    _, K, T, D = rows.shape
+    chunk = min(T, buf.shape[2])
+    used = -(-T // chunk)
+    rows = jnp.pad(rows[0], ((0, 0), (0, used * chunk - T), (0, 0)))
+    chunks = rows.reshape(K, used, chunk, D).transpose(1, 0, 2, 3).astype(buf.dtype)
+    return buf.at[pages[:used], :, :chunk].set(chunks, mode="drop")

@@ -1,9 +1,10 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax.
 
 One forward serves prefill (T tokens per row) and decode (T = 1 for every slot): it
-writes the new K/V at explicit `positions` into the preallocated cache, then each query
-attends to the cache positions at or before its own. Rows are independent, which is
-what lets the engine batch sequences of different lengths slot by slot.
+writes the new K/V at explicit `positions` into the preallocated cache, a pool of pages that
+each row reaches through its page-table row (engine.kv_cache), then each query attends to the
+row's positions at or before its own. Rows are independent, which is what lets the engine
+batch sequences of different lengths slot by slot.
 
 Parameter names follow HF's module names (`layers_3/self_attn/q_proj/kernel`), with
 kernels stored [in, out], so loading is a transpose per matrix.
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from engine import cpu_kernels
 from engine.config import ModelConfig
-from engine.kv_cache import KVCache, write_positions
+from engine.kv_cache import KVCache, read_pages, write_pages
 
 F32 = jnp.float32
 
@@ -101,7 +102,9 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot):
+    def __call__(
+        self, x, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
+    ):
         cfg = self.config
         B, T, _ = x.shape
         cos, sin = rotation  # rope_tables of positions, [B, T, D/2]
@@ -116,30 +119,31 @@ class Attention(nn.Module):
                     qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
                 )
                 return o_proj(out, valid_rows), tuple(new_kv)
-            if slot is not None:  # one sequence extending what its cache row holds
-                out, *new_kv = cpu_kernels.extend_attention(
-                    qkv,
-                    cos[0],
-                    sin[0],
-                    positions[0, 0],
-                    T if valid_rows is None else valid_rows,
-                    slot,
-                    *cache_kv,
-                    cfg.num_heads,
-                    cfg.sliding_window,
-                )
-                return o_proj(out, valid_rows), tuple(new_kv)
             if T == 1:  # decode: the kernel writes the cache in place and attends
                 out, *new_kv = cpu_kernels.decode_attention(
                     qkv[:, 0],
                     cos[:, 0],
                     sin[:, 0],
                     positions[:, 0],
+                    page_table,
                     *cache_kv,
                     cfg.num_heads,
                     cfg.sliding_window,
                 )
                 return o_proj(out[:, None]), tuple(new_kv)
+            if B == 1:  # one sequence's next T positions, after what its pages hold
+                out, *new_kv = cpu_kernels.extend_attention(
+                    qkv,
+                    cos[0],
+                    sin[0],
+                    positions[0, 0],
+                    T if valid_rows is None else valid_rows,
+                    page_table[0],
+                    *cache_kv,
+                    cfg.num_heads,
+                    cfg.sliding_window,
+                )
+                return o_proj(out, valid_rows), tuple(new_kv)
             q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
@@ -149,17 +153,13 @@ class Attention(nn.Module):
         k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
 
-        first_row = 0 if slot is None else slot  # batch row b is cache row first_row + b
-        k_cache = write_positions(cache_kv[0], k, positions, first_row)
-        v_cache = write_positions(cache_kv[1], v, positions, first_row)
+        k_cache = write_pages(cache_kv[0], k, positions, page_table)
+        v_cache = write_pages(cache_kv[1], v, positions, page_table)
 
         # Grouped-query attention: queries grouped per KV head, no K/V repetition.
         q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        if slot is None:  # XLA drops the copies if unused
-            keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
-        else:
-            keys = jax.lax.dynamic_slice_in_dim(k_cache, slot, B)[:, :, :kv_len]
-            values = jax.lax.dynamic_slice_in_dim(v_cache, slot, B)[:, :, :kv_len]
+        keys = read_pages(k_cache, page_table, kv_len)
+        values = read_pages(v_cache, page_table, kv_len)
         if T == 1 and jax.default_backend() == "cpu":
             out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
         else:
@@ -195,10 +195,11 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(self, x, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot):
+    def __call__(
+        self, x, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
+    ):
         cfg, eps = self.config, self.config.rms_norm_eps
-        one_token = x.shape[1] == 1 and not fresh and slot is None
-        if self.packed and one_token and not cfg.attention_bias:
+        if self.packed and x.shape[1] == 1 and not fresh and not cfg.attention_bias:
             # Decode: the whole layer in one kernel call (the same math as below).
             cos, sin = rotation
             y, *new_kv = cpu_kernels.decode_layer(
@@ -207,6 +208,7 @@ class DecoderLayer(nn.Module):
                 cos[:, 0],
                 sin[:, 0],
                 positions[:, 0],
+                page_table,
                 *cache_kv,
                 cfg.num_heads,
                 cfg.sliding_window,
@@ -215,7 +217,7 @@ class DecoderLayer(nn.Module):
             return y[:, None].astype(self.dtype), tuple(new_kv)
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, rotation, cache_kv, kv_len, valid_rows, fresh, slot
+            h, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -224,23 +226,28 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """forward(tokens [B, T], positions [B, T], cache) -> (logits f32[B, T, V], cache).
+    """forward(tokens [B, T], positions [B, T], cache, page_table [B, pages_per_seq])
+    -> (logits f32[B, T, V], cache).
 
-    Batch row b is cache row b: a batch of B rows uses the cache's first B slots, so
-    decoding only the low slots that are live costs nothing for the idle ones above.
-    `kv_len` (static) bounds how much of the cache is attended to: the engine passes
-    a bucket above the longest live position so short sequences don't pay for max_len.
+    Batch row b is the sequence whose pages are page_table[b] (engine.kv_cache): the engine
+    decodes its first B slots with their B table rows, so the idle slots above cost nothing,
+    and extends one slot by a prompt chunk as a batch of one row, that slot's table row.
+    `kv_len` (static) bounds how many positions are attended to (default: all a table row
+    holds): the engine passes a bucket above the longest live position so short sequences
+    don't pay for max_len.
     `head=False` returns the final normed hidden states [B, T, D] instead of logits, so
     a prefill that needs no prompt logprobs skips the vocabulary projection.
     `valid_rows` (int32 scalar, may be traced): tokens from this one on, counted over
     [B, T] flattened, are padding; the CPU kernels skip their matrix rows (left zero),
     XLA's ops compute them. Either way no query before it sees them.
     `fresh` (static) promises a prefill from empty rows: positions are 0 .. T-1 in every
-    row and the cache holds nothing else. The CPU kernels then attend within the new tokens
-    and return their K/V as the cache ([B, kv_heads, T, head_dim] per layer).
-    `slot` (int32 scalar, may be traced): the batch is one sequence (B = 1) continuing what
-    cache row `slot` holds at the positions before its own (a prompt sharing a prefix with
-    the slot's last one); its K/V go into that row.
+    row and the cache holds nothing else (a page of T positions per row, page_table [[0],
+    [1], ...]). The CPU kernels then attend within the new tokens and return their K/V as the
+    cache ([B, kv_heads, T, head_dim] per layer).
+    A row's T tokens sit at consecutive positions. With the CPU kernels, one token per row is
+    decode, and one row of several tokens, not fresh, is one sequence continuing what its
+    pages hold at the positions before its own (the rest of a prompt sharing a prefix with
+    the slot's last one, or a chunk of a long prompt).
     """
 
     config: ModelConfig
@@ -255,14 +262,14 @@ class Transformer(nn.Module):
         tokens: jax.Array,
         positions: jax.Array,
         cache: KVCache,
+        page_table: jax.Array,
         kv_len: int | None = None,
         head: bool = True,
         valid_rows: jax.Array | None = None,
         fresh: bool = False,
-        slot: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         cfg = self.config
-        kv_len = kv_len or cache[0][0].shape[2]
+        kv_len = kv_len or page_table.shape[1] * cache[0][0].shape[2]
         embed = self.param(
             "embed_tokens",
             nn.initializers.normal(0.02),
@@ -276,7 +283,7 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
             x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, rotation, cache[i], kv_len, valid_rows, fresh, slot
+                x, positions, mask, rotation, cache[i], page_table, kv_len, valid_rows, fresh
             )
             new_cache.append(kv)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

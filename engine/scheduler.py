@@ -106,14 +106,16 @@ class Scheduler:
         programs: Programs,
         params: Any,
         cache: Any,
+        page_table: np.ndarray,
         tokenizer: Tokenizer,
         settings: SchedulerSettings,
         limits: Limits,
     ):
         self.p, self.params, self.cache = programs, params, cache
+        self.page_table = page_table  # i32[slots, pages_per_seq]: row s, the pages of slot s
         self.tok, self.s, self.limits = tokenizer, settings, limits
         self.vocab_size = limits.vocab_size
-        self.state = DecodeState.empty(settings.max_slots, self.vocab_size, settings.max_bias)
+        self.state = DecodeState.empty(page_table, self.vocab_size, settings.max_bias)
         # Prompts pad to the next bucket, and a prefill costs its padded length: with
         # midpoints a prompt pays less than half again its own length, not up to double.
         self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len, True)
@@ -343,9 +345,8 @@ class Scheduler:
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = prompt[start : start + n]
         extend = self.p.extender(self.params, self.cache, T)
-        self.cache = extend(
-            self.params, self.cache, tokens, np.int32(start), np.int32(n), np.int32(owner.slot)
-        )
+        pages = self.page_table[owner.slot]
+        self.cache = extend(self.params, self.cache, tokens, np.int32(start), np.int32(n), pages)
         owner.prefilled += n
 
     def _prefill_chunk(self) -> None:
@@ -382,11 +383,12 @@ class Scheduler:
             slot = owner.slot if owner.slot is not None else self.free[0]
             index = owner.pending[0]
             if owner.rows is not None:
-                self.cache = self.p.insert(self.cache, owner.rows, np.int32(slot))
+                self.cache = self.p.insert(self.cache, owner.rows, self.page_table[slot])
             row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
             self.state = self.p.start_slot(
                 self.state,
                 np.int32(slot),
+                self.page_table[slot],
                 np.int32(ids[-1]),
                 np.int32(len(ids) - 1),
                 np.int32(owner.handle.max_tokens),

@@ -66,7 +66,9 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
 
 def cache_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """KV buffers [slots, kv_heads, max_len, head_dim]: slots over data, heads over model."""
+    """KV page pools [num_pages, kv_heads, page_size, head_dim]: pages over data, heads over
+    model. With one page per slot (page s for slot s) a slot's page lies on the data shard
+    of its row of the decode state, as its cache row did."""
     return _fit(mesh, shape, ("data", "model", None, None))
 
 

@@ -5,14 +5,14 @@ cache and decode state donated so XLA updates them in place. The decode program 
 `k` steps of model forward + `samplers.sample` in one `lax.scan`, detecting EOS and
 token limits on the device, so the host syncs once per k tokens.
 
-A slot holds one sequence. Its next input token and that token's position live in the
-state; the prefill covers the prompt except its last token, which the first decode
-step consumes, so the first generated token is drawn by the same sampling program as
-every other.
+A slot holds one sequence. Its next input token, that token's position and the sequence's
+page-table row (engine.kv_cache: which pages of the cache hold its positions) live in the
+state; the prefill covers the prompt except its last token, which the first decode step
+consumes, so the first generated token is drawn by the same sampling program as every other.
 
-`extend` prefills tokens of a sequence at their positions in its slot, attending to what
-the slot already holds: the rest of a prompt that begins with what a free slot's cache
-still holds (no prefill and insert of the shared part), and a long prompt chunk by chunk.
+`extend` prefills tokens of a sequence at their positions in its pages, attending to what
+they already hold: the rest of a prompt that begins with what a free slot's cache still
+holds (no prefill and insert of the shared part), and a long prompt chunk by chunk.
 `park_slot` aims an inactive slot's decode writes past the prompt being prefilled into it.
 
 Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
@@ -29,11 +29,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import samplers
 from engine import cpu_kernels
 from engine.config import ModelConfig
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, write_prefix
 from engine.model import Transformer, logits_from_hidden
 from samplers.pipeline import sample
 
@@ -48,10 +49,16 @@ class DecodeState:
     remaining: jax.Array  # i32[S] tokens the slot may still generate
     stop_on_eos: jax.Array  # bool[S] false under ignore_eos
     logprobs: jax.Array  # bool[S] the request reads its tokens' logprobs
+    # i32[S, pages_per_seq] the pages of each slot's sequence. Kept with the other per-slot
+    # rows: sharded as they are, updated in place, nothing sent from the host per step.
+    page_table: jax.Array
     sampling: samplers.SamplingBatch
 
     @staticmethod
-    def empty(slots: int, vocab_size: int, max_bias: int) -> DecodeState:
+    def empty(page_table: np.ndarray, vocab_size: int, max_bias: int) -> DecodeState:
+        """No slot active; `page_table` [S, pages_per_seq] is where each idle slot's decode
+        writes land (every step writes each row's K/V at its position)."""
+        slots = page_table.shape[0]
         # Separate buffers: the state is donated, and one buffer may be donated only once.
         zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731
         return DecodeState(
@@ -61,6 +68,7 @@ class DecodeState:
             remaining=zeros(),
             stop_on_eos=jnp.ones((slots,), bool),
             logprobs=jnp.zeros((slots,), bool),
+            page_table=jnp.array(page_table, jnp.int32),
             sampling=samplers.SamplingBatch.empty(slots, vocab_size, max_bias),
         )
 
@@ -87,6 +95,7 @@ class Programs:
         dtype: jnp.dtype,
         num_top: int,
         eos_ids: list[int],
+        pages_per_seq: int,
         cache_shardings: Any = None,
         state_shardings: Any = None,
         packed: bool = False,
@@ -96,6 +105,7 @@ class Programs:
         may come back laid out differently from the input, and the next program called on
         it compiles again for the new layout (on a mesh, in the middle of serving)."""
         self.config = config
+        self.pages_per_seq = pages_per_seq  # the length of a page-table row
         self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
         # The packed model runs on engine.cpu_kernels, which has the sampler's top_k too.
@@ -147,7 +157,8 @@ class Programs:
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         self.prefill.lower(params, ids, scalar).compile()
         rows, hidden = jax.eval_shape(self._prefill, params, ids, scalar)
-        self.insert.lower(cache, rows, scalar).compile()
+        pages = jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32)
+        self.insert.lower(cache, rows, pages).compile()
         self.prompt_logprobs.lower(params, hidden, ids).compile()
 
     def extend_ready(self, tokens: int) -> bool:
@@ -159,7 +170,8 @@ class Programs:
         if tokens not in self._extenders:
             ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
             scalar = jax.ShapeDtypeStruct((), jnp.int32)
-            lowered = self.extend.lower(params, cache, ids, scalar, scalar, scalar)
+            pages = jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32)
+            lowered = self.extend.lower(params, cache, ids, scalar, scalar, pages)
             self._extenders[tokens] = lowered.compile()
         return self._extenders[tokens]
 
@@ -170,15 +182,15 @@ class Programs:
         tokens: jax.Array,
         start: jax.Array,
         length: jax.Array,
-        slot: jax.Array,
+        pages: jax.Array,
     ) -> KVCache:
         """Prefill tokens i32[1, T] (the first `length` real, the rest padding) at positions
-        start .. start + T - 1 of cache row `slot`, whose positions before `start` hold the
-        same sequence already (a cached prefix, or the chunks before). Its K/V go straight
-        into the slot."""
+        start .. start + T - 1 of the sequence whose pages are `pages` (a page-table row,
+        i32[pages_per_seq]), whose positions before `start` hold the same sequence already
+        (a cached prefix, or the chunks before). Its K/V go straight into those pages."""
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
         _, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, head=False, valid_rows=length, slot=slot
+            {"params": params}, tokens, positions, cache, pages[None], head=False, valid_rows=length
         )
         return cache
 
@@ -188,15 +200,24 @@ class Programs:
         """tokens i32[1, T] → (K/V rows [1, kv_heads, T, head_dim] per layer, hidden [1, T, D]).
 
         T is the prompt bucket; tokens from `length` on are padding, whose K/V lands at
-        positions no later query can see (and whose matrix rows the CPU kernels skip)."""
+        positions no later query can see (and whose matrix rows the CPU kernels skip). The
+        rows are a pool of one page of T positions, the sequence's only page."""
         cfg, T = self.config, tokens.shape[1]
         rows = [
             (jnp.zeros((1, cfg.num_kv_heads, T, cfg.head_dim), self.model.dtype),) * 2
             for _ in range(cfg.num_layers)
         ]
         positions = jnp.arange(T, dtype=jnp.int32)[None]
+        page = jnp.zeros((1, 1), jnp.int32)
         hidden, rows = self.model.apply(
-            {"params": params}, tokens, positions, rows, head=False, valid_rows=length, fresh=True
+            {"params": params},
+            tokens,
+            positions,
+            rows,
+            page,
+            head=False,
+            valid_rows=length,
+            fresh=True,
         )
         return rows, hidden
 
@@ -225,7 +246,12 @@ class Programs:
         def step(carry, _):
             cache, st = carry
             logits, cache = self.model.apply(
-                {"params": params}, st.tokens[:, None], st.positions[:, None], cache, kv_len=kv_len
+                {"params": params},
+                st.tokens[:, None],
+                st.positions[:, None],
+                cache,
+                st.page_table,
+                kv_len=kv_len,
             )
             batch = dataclasses.replace(st.sampling, active=st.active)
             tokens, info, batch = sample(
@@ -267,14 +293,11 @@ class Programs:
         return cache, state, outputs
 
 
-def _insert(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
-    """Write a prefilled sequence's K/V rows into positions [0, T) of `slot`."""
-    at = (slot, 0, 0, 0)
+def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:
+    """Write a prefilled sequence's K/V rows into positions [0, T) of the sequence whose
+    pages are `pages` (a page-table row, i32[pages_per_seq])."""
     return [
-        (
-            jax.lax.dynamic_update_slice(k, rk.astype(k.dtype), at),
-            jax.lax.dynamic_update_slice(v, rv.astype(v.dtype), at),
-        )
+        (write_prefix(k, rk, pages), write_prefix(v, rv, pages))
         for (k, v), (rk, rv) in zip(cache, rows, strict=True)
     ]
 
@@ -282,6 +305,7 @@ def _insert(cache: KVCache, rows: KVCache, slot: jax.Array) -> KVCache:
 def _start_slot(
     state: DecodeState,
     slot: jax.Array,
+    pages: jax.Array,
     token: jax.Array,
     position: jax.Array,
     remaining: jax.Array,
@@ -296,6 +320,7 @@ def _start_slot(
         remaining=state.remaining.at[slot].set(remaining),
         stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
         logprobs=state.logprobs.at[slot].set(logprobs),
+        page_table=state.page_table.at[slot].set(pages),
         sampling=samplers.write_row(state.sampling, slot, row),
     )
 

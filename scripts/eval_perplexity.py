@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from engine.kv_cache import init_cache
+from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import LoadedModel, load_model
 from engine.model import Transformer
 
@@ -26,7 +26,8 @@ def window_losses(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
     net = Transformer(model.config, model.dtype)
     cache = init_cache(model.config, 1, len(ids), model.dtype)
     positions = np.arange(len(ids))[None]
-    logits, _ = jax.jit(net.apply)({"params": model.params}, ids[None], positions, cache)
+    table = one_page_per_slot(1)
+    logits, _ = jax.jit(net.apply)({"params": model.params}, ids[None], positions, cache, table)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], jnp.asarray(ids[1:]))
     return np.asarray(losses)
 

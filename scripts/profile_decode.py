@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from bench_sampling import median_ms  # scripts/ is on sys.path when run as a script
 
 from engine import cpu_kernels
-from engine.kv_cache import init_cache
+from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import load_model
 from engine.model import Transformer, logits_from_hidden
 
@@ -38,6 +38,7 @@ def main() -> None:
     cache = init_cache(config, batch, 1024, jnp.float32)
     tokens = jnp.ones((batch, 1), jnp.int32)
     positions = jnp.full((batch, 1), 150, jnp.int32)
+    table = one_page_per_slot(batch)
 
     def loop(head: bool) -> Callable:
         @jax.jit
@@ -45,7 +46,7 @@ def main() -> None:
             def body(i, carry):
                 cache, tokens = carry
                 out, cache = net.apply(
-                    {"params": params}, tokens, positions + i, cache, kv_len=256, head=head
+                    {"params": params}, tokens, positions + i, cache, table, kv_len=256, head=head
                 )
                 # The next token depends on this step's output, as in decoding.
                 nxt = jnp.argmax(out[:, 0], axis=-1)[:, None].astype(jnp.int32)

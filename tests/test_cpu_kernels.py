@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine import cpu_kernels
+from engine.kv_cache import one_page_per_slot
 from samplers import SamplingParams
 from samplers.pipeline import sample
 from tests.test_samplers_support import batch_of
@@ -195,11 +196,20 @@ def test_decode_attention_writes_the_cache_and_attends_to_visible_positions(
     qkv[:, : heads * head_dim] *= q_scale
     angles = RNG.uniform(0, 6, (5, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    call = jax.jit(cpu_kernels.decode_attention, static_argnums=(6, 7))
+    call = jax.jit(cpu_kernels.decode_attention, static_argnums=(7, 8))
+    table = one_page_per_slot(slots)  # row b in cache row (page) b
     out, new_keys, new_values = (
         np.asarray(a)
         for a in call(
-            qkv[:rows], cos[:rows], sin[:rows], positions[:rows], keys, values, heads, window
+            qkv[:rows],
+            cos[:rows],
+            sin[:rows],
+            positions[:rows],
+            table[:rows],
+            keys,
+            values,
+            heads,
+            window,
         )
     )
 
@@ -218,7 +228,9 @@ def test_decode_attention_writes_the_cache_and_attends_to_visible_positions(
     np.testing.assert_allclose(out, want.reshape(out.shape), atol=atol)
 
     # A position past the cache writes nothing and sees the whole cache.
-    out, new_keys, _ = call(qkv[4:], cos[4:], sin[4:], positions[4:], keys, values, heads, None)
+    out, new_keys, _ = call(
+        qkv[4:], cos[4:], sin[4:], positions[4:], table[4:], keys, values, heads, None
+    )
     np.testing.assert_array_equal(np.asarray(new_keys), keys)
     assert np.isfinite(np.asarray(out)).all()
 
@@ -258,8 +270,9 @@ def test_decode_layer_equals_the_llama_layer_from_its_definition(window):
     x = RNG.standard_normal((rows, d)).astype(np.float32)
     angles = RNG.uniform(0, 6, (rows, dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    call = jax.jit(cpu_kernels.decode_layer, static_argnums=(7, 8, 9))
-    got = call(x, weights, cos, sin, positions, keys, values, heads, window, eps)
+    call = jax.jit(cpu_kernels.decode_layer, static_argnums=(8, 9, 10))
+    table = one_page_per_slot(rows)
+    got = call(x, weights, cos, sin, positions, table, keys, values, heads, window, eps)
     y, new_keys, new_values = (np.asarray(a) for a in got)
 
     f64 = {name: m.astype(np.float64) for name, m in w.items()}
@@ -323,7 +336,7 @@ def test_extend_attention_writes_new_tokens_into_the_slot_and_attends_to_it(wind
     angles = RNG.uniform(0, 6, (new, head_dim // 2))
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     call = jax.jit(cpu_kernels.extend_attention, static_argnums=(8, 9))
-    got = call(qkv, cos, sin, start, valid, slot, keys, values, heads, window)
+    got = call(qkv, cos, sin, start, valid, np.array([slot]), keys, values, heads, window)
     out, new_keys, new_values = (np.asarray(a) for a in got)
 
     x = qkv[0].astype(np.float64).reshape(new, heads + 2 * kv_heads, head_dim)
@@ -359,7 +372,7 @@ def test_extend_attention_matches_prefill_attention_bitwise():
         c[1, :, :split] = np.asarray(part)[0]
     rest = slice(split, length)
     ext_out, ext_k, ext_v = cpu_kernels.extend_attention(
-        qkv[:, rest], cos[rest], sin[rest], split, length - split, 1, *cache, heads, None
+        qkv[:, rest], cos[rest], sin[rest], split, length - split, [1], *cache, heads, None
     )
     np.testing.assert_array_equal(np.asarray(ext_out)[0], np.asarray(out)[0, rest])
     np.testing.assert_array_equal(np.asarray(ext_k)[1, :, :length], np.asarray(keys)[0])

@@ -13,7 +13,7 @@ import pytest
 
 from checkpoints.registry import resolve
 from engine import cpu_kernels
-from engine.kv_cache import init_cache
+from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import load_model
 from engine.model import Transformer
 from engine.weights import pack_for_cpu_kernels
@@ -65,7 +65,8 @@ def apply(ours, request):
             assert params[f"layers_{i}"]["mlp"]["gate_up_proj"]["kernel"].shape[-1] == 320
         assert params["lm_head"].shape[-1] == 544  # the Q8_0 embedding: f16 scales, 8-bit codes
     net = Transformer(ours.config, ours.dtype, packed)
-    return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c))
+    table = one_page_per_slot(1)
+    return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c, table))
 
 
 def greedy(model, apply, ids: list[int], steps: int) -> list[int]:

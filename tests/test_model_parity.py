@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.config import ConfigError, ModelConfig
-from engine.kv_cache import init_cache
+from engine.kv_cache import init_cache, one_page_per_slot
 from engine.model import Transformer
 from engine.weights import params_from_hf
 
@@ -76,9 +76,9 @@ def test_prefill_matches_hf(case):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, config.vocab_size, size=(3, 11))
     model = Transformer(config)
-    cache = init_cache(config, slots=3, max_len=32, dtype=jnp.float32)
+    cache = init_cache(config, num_pages=3, page_size=32, dtype=jnp.float32)
     positions = np.broadcast_to(np.arange(11), (3, 11))
-    logits, _ = model.apply({"params": params}, ids, positions, cache)
+    logits, _ = model.apply({"params": params}, ids, positions, cache, one_page_per_slot(3))
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), hf_logits(hf, ids), atol=1e-4, rtol=0)
 
@@ -93,8 +93,9 @@ def test_stepwise_decode_with_cache_matches_hf(case):
     ids = rng.integers(0, config.vocab_size, size=(2, total))
     expected = hf_logits(hf, ids)
     model = Transformer(config)
-    apply = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, c, kv_len=16))
-    cache = init_cache(config, slots=2, max_len=24, dtype=jnp.float32)
+    table = one_page_per_slot(2)
+    apply = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, c, table, kv_len=16))
+    cache = init_cache(config, num_pages=2, page_size=24, dtype=jnp.float32)
     # Row 0 prefills 5 tokens, row 1 prefills 8 (padded with garbage past its length,
     # which must never be seen: it sits beyond every later query's position).
     prompt_lens = [5, 8]

@@ -1,6 +1,11 @@
 """Kernels for XLA CPU: a float32-accumulating matmul over packed weights, attention of one
-query token against the cache in place, a whole decoder layer for one token per row, a
-prompt's causal attention from its q/k/v projection, and the sampler's top_k.
+query token against the paged cache in place, a whole decoder layer for one token per row, a
+prompt's causal attention from its q/k/v projection (fresh, or extending a sequence in the
+cache), and the sampler's top_k.
+
+The cache is engine.kv_cache's page pool: per layer K and V each float32
+[num_pages, kv_heads, page_size, head_dim], a sequence's position p in page
+pages[p // page_size] at offset p % page_size of its page-table row `pages`.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `layer.cc`, `top_k.cc`) are built on first
 use with the system's C++ compiler into the jaxfire cache folder (engine.disk_cache) and
@@ -259,6 +264,7 @@ def decode_attention(
     cos: jax.Array,
     sin: jax.Array,
     positions: jax.Array,
+    page_table: jax.Array,
     keys: jax.Array,
     values: jax.Array,
     num_heads: int,
@@ -267,21 +273,23 @@ def decode_attention(
     """One token per row from its fused projection qkv f32[B, (H + 2K) D] (queries, keys,
     values side by side), with HF's rotate-half rotary embedding by cos / sin f32[B, D/2].
 
-    Row b's rotated key and its value are written at position p = positions[b] of cache row b
-    (the float32 caches [slots, K, S, D], updated in place; nothing past S), then its query
-    sees positions max(0, p + 1 - window) .. p. Returns (out f32[B, H D], keys, values)."""
+    Row b's rotated key and its value are written at position p = positions[b] of the sequence
+    whose pages are page_table[b] (i32[B, pages_per_seq]; the page pools updated in place;
+    nothing past its last page), then its query sees positions max(0, p + 1 - window) .. p.
+    Returns (out f32[B, H D], keys, values)."""
     _register()
     out = (
         jax.ShapeDtypeStruct((qkv.shape[0], num_heads * keys.shape[-1]), jnp.float32),
         jax.ShapeDtypeStruct(keys.shape, jnp.float32),
         jax.ShapeDtypeStruct(values.shape, jnp.float32),
     )
-    call = jax.ffi.ffi_call(ATTENTION, out, input_output_aliases={4: 1, 5: 2})
+    call = jax.ffi.ffi_call(ATTENTION, out, input_output_aliases={5: 1, 6: 2})
     return call(
         qkv.astype(jnp.float32),
         cos.astype(jnp.float32),
         sin.astype(jnp.float32),
         positions.astype(jnp.int32),
+        page_table.astype(jnp.int32),
         keys,
         values,
         num_heads=np.int64(num_heads),
@@ -295,15 +303,17 @@ def decode_layer(
     cos: jax.Array,
     sin: jax.Array,
     positions: jax.Array,
+    page_table: jax.Array,
     keys: jax.Array,
     values: jax.Array,
     num_heads: int,
     window: int | None,
     eps: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One Llama decoder layer (no biases) for one token per row x f32[B, D] at `positions`,
-    in one call: RMSNorm, q/k/v, attention as decode_attention (the caches updated in place),
-    o_proj + residual, RMSNorm, gate/up, SiLU(gate) * up, down_proj + residual.
+    """One Llama decoder layer (no biases) for one token per row x f32[B, D] at `positions`
+    of the sequences whose pages are page_table i32[B, pages_per_seq], in one call: RMSNorm,
+    q/k/v, attention as decode_attention (the page pools updated in place), o_proj +
+    residual, RMSNorm, gate/up, SiLU(gate) * up, down_proj + residual.
 
     `weights`: the layer's packed parameters, engine.model's names (`input_layernorm`,
     `self_attn/qkv_proj`, `self_attn/o_proj`, `post_attention_layernorm`,
@@ -315,7 +325,7 @@ def decode_layer(
         jax.ShapeDtypeStruct(keys.shape, jnp.float32),
         jax.ShapeDtypeStruct(values.shape, jnp.float32),
     )
-    call = jax.ffi.ffi_call(DECODE_LAYER, out, input_output_aliases={6: 1, 7: 2})
+    call = jax.ffi.ffi_call(DECODE_LAYER, out, input_output_aliases={7: 1, 8: 2})
     return call(
         x.astype(jnp.float32),
         weights["input_layernorm"]["weight"],
@@ -323,6 +333,7 @@ def decode_layer(
         cos.astype(jnp.float32),
         sin.astype(jnp.float32),
         positions.astype(jnp.int32),
+        page_table.astype(jnp.int32),
         keys,
         values,
         attn["o_proj"]["kernel"],
@@ -372,19 +383,19 @@ def extend_attention(
     sin: jax.Array,
     start: jax.Array,
     valid: jax.Array,
-    slot: jax.Array,
+    pages: jax.Array,
     keys: jax.Array,
     values: jax.Array,
     num_heads: int,
     window: int | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Causal attention of T new tokens of one sequence whose positions before `start` cache
-    row `slot` already holds: qkv f32[1, T, (H + 2K) D] as in prefill_attention, cos / sin
-    f32[T, D/2] of positions start .. start + T - 1, the first `valid` tokens real (int32
-    scalars, may be traced).
+    """Causal attention of T new tokens of one sequence whose positions before `start` its
+    pages (page-table row i32[pages_per_seq]) already hold: qkv f32[1, T, (H + 2K) D] as in
+    prefill_attention, cos / sin f32[T, D/2] of positions start .. start + T - 1, the first
+    `valid` tokens real (int32 scalars, may be traced).
 
-    Their rotated keys and values are written into the float32 caches [slots, K, S, D] in
-    place (nothing past S), then the query at position p sees the slot's positions
+    Their rotated keys and values are written into its pages of the pools in place (nothing
+    past its last page), then the query at position p sees the sequence's positions
     max(0, p + 1 - window) .. p. Returns (out f32[1, T, H D], zeros for padding; keys; values)."""
     _register()
     out = (
@@ -400,7 +411,7 @@ def extend_attention(
         sin.astype(jnp.float32),
         scalar(start),
         scalar(valid),
-        scalar(slot),
+        jnp.asarray(pages, jnp.int32).reshape(-1),
         keys,
         values,
         num_heads=np.int64(num_heads),

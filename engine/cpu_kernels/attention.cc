@@ -1,8 +1,12 @@
 // Attention for XLA CPU.
 //
+// The cache is a pool of pages per layer, K and V each [num_pages, kv_heads, page_size, dim];
+// a sequence reaches its positions through its page-table row (kernels.h's PagedRows), and
+// every loop over cached positions walks them page by page.
+//
 // Decode: one token per row, straight from its fused q/k/v projection: the rotary embedding,
-// the new key and value written into the preallocated cache in place, and attention over
-// the row's own cached positions. XLA sliced every layer's K and V out of the cache each step
+// the new key and value written into the row's page in place, and attention over the row's
+// own cached positions. XLA sliced every layer's K and V out of the cache each step
 // (a copy of the whole attended window) and ran the per-row scores and weighted sums as
 // generic fusions; at batch 32 that was over half the decode step. Here each (row, KV head)
 // reads only the positions its query can see, once, for all the query heads of its group.
@@ -12,9 +16,9 @@
 // split, the rotations, the transposes to and from the heads-first layout and the batched
 // dots were a quarter of a 128-token prefill, nearly all of it copies and per-op overhead.
 //
-// Extend: the same for new tokens of a sequence whose earlier positions a cache slot already
-// holds (a prompt sharing a prefix with the slot's last one): keys and values written into
-// the slot in place, queries attending to the slot's rows.
+// Extend: the same for new tokens of a sequence whose earlier positions its pages already
+// hold (a prompt sharing a prefix with the slot's last one): keys and values written into
+// its pages in place, queries attending to the sequence's positions through its pages.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -77,49 +81,64 @@ float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// o[d] = sum_t p[t] * v[t][d], 64 columns at a time held in registers over all positions:
-// an axpy per position stored the output and loaded it back, a chain through memory.
-void weighted_sum(const float* p, const float* v, int64_t seen, int64_t dim, float* o) {
+// o[d] = sum_t p[t] * v[t][d] over the value rows of positions first .. first + seen - 1 of KV
+// head h, read through `rows` from the pool `values`. 64 columns at a time held in registers
+// over all positions, page after page: an axpy per position stored the output and loaded it
+// back, a chain through memory.
+void weighted_sum(const float* p, const float* values, const jaxfire::PagedRows& rows, int64_t h,
+                  int64_t first, int64_t seen, float* o) {
+  const int64_t dim = rows.dim;
   int64_t d = 0;
   for (; d + 64 <= dim; d += 64) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
            a7 = a0;
-    for (int64_t t = 0; t < seen; ++t) {
-      const __m256 w = _mm256_broadcast_ss(p + t);
-      const float* vt = v + t * dim + d;
-      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
-      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
-      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
-      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
-      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
-      a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
-      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
-      a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
-    }
+    rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
+      const float* v = values + offset + d;
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 w = _mm256_broadcast_ss(p + t0 + t);
+        const float* vt = v + t * dim;
+        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
+        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
+        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
+        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
+        a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
+        a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
+        a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
+        a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+      }
+    });
     const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
     for (int i = 0; i < 8; ++i) _mm256_storeu_ps(o + d + 8 * i, acc[i]);
   }
   for (; d + 8 <= dim; d += 8) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t t = 0; t < seen; ++t) {
-      a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t), _mm256_loadu_ps(v + t * dim + d), a);
-    }
+    rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
+      const float* v = values + offset + d;
+      for (int64_t t = 0; t < n; ++t) {
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t0 + t), _mm256_loadu_ps(v + t * dim), a);
+      }
+    });
     _mm256_storeu_ps(o + d, a);
   }
   for (; d < dim; ++d) {
     float sum = 0.0f;
-    for (int64_t t = 0; t < seen; ++t) sum = std::fma(p[t], v[t * dim + d], sum);
+    rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
+      const float* v = values + offset + d;
+      for (int64_t t = 0; t < n; ++t) sum = std::fma(p[t0 + t], v[t * dim], sum);
+    });
     o[d] = sum;
   }
 }
 
-// o = the softmax of the scores s (overwritten) weighting the value rows v, seen > 0.
-void attend(float* s, const float* v, int64_t seen, int64_t dim, float* o) {
+// o = the softmax of the scores s (overwritten) weighting the value rows of positions
+// first .. first + seen - 1 (seen > 0), as weighted_sum reads them.
+void attend(float* s, const float* values, const jaxfire::PagedRows& rows, int64_t h,
+            int64_t first, int64_t seen, float* o) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
   const float inv = 1.0f / exp_shifted(s, seen, top);
   for (int64_t t = 0; t < seen; ++t) s[t] *= inv;
-  weighted_sum(s, v, seen, dim, o);
+  weighted_sum(s, values, rows, h, first, seen, o);
 }
 
 // y = rotate-half rotary embedding of x [dim]: (x1 cos - x2 sin, x2 cos + x1 sin).
@@ -153,20 +172,22 @@ struct Token {
 };
 
 // One sequence's new tokens for the two-pass attention of a prompt: token t of `len` sits at
-// position start + t; tokens from `valid` on are padding. Its keys and values go to the rows
-// [K][stride][D] at `keys` / `values` (position p of KV head h at (h * stride + p) * D):
-// a fresh prefill's own buffers (start 0, stride len) or a cache slot (stride S).
+// position start + t; tokens from `valid` on are padding. Its keys and values go to the pools
+// `keys` / `values` through `rows`: a fresh prefill's own buffers [B, K, len, D] (row b one
+// page of len positions) or the cache's pages. Positions from `capacity` on (its pages' end)
+// are not stored.
 struct Span {
-  const float* qkv;               // [len, (H + 2K) D]
-  const float *cos, *sin;         // [len, D / 2]
-  float *keys, *values, *out;     // out [len, H D]
-  int64_t start, len, valid, stride;
+  const float* qkv;            // [len, (H + 2K) D]
+  const float *cos, *sin;      // [len, D / 2]
+  float *keys, *values, *out;  // out [len, H D]
+  jaxfire::PagedRows rows;
+  int64_t start, len, valid, capacity;
 };
 
 // Pass one writes every new token's rotated key and value (and its rotated query into out);
 // pass two, once all are written, attends: each query at position p sees the positions
-// max(0, p + 1 - window) .. p of its rows. Padding writes nothing to a cache; `zero_padding`
-// (fresh buffers) fills its keys, values and out with zeros.
+// max(0, p + 1 - window) .. p of its sequence. Padding writes nothing to a cache;
+// `zero_padding` (fresh buffers) fills its keys, values and out with zeros.
 void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int64_t num_heads,
                     int64_t kv_heads, int64_t dim, int64_t window, bool zero_padding) {
   const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
@@ -179,9 +200,9 @@ void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int
                       num_heads, kv_heads, dim};
     float* o = s.out + t * num_heads * dim;
     const bool real = t < s.valid;
-    for (int64_t h = 0; h < kv_heads && p < s.stride && (real || zero_padding); ++h) {
-      float* k = s.keys + (h * s.stride + p) * dim;
-      float* v = s.values + (h * s.stride + p) * dim;
+    for (int64_t h = 0; h < kv_heads && p < s.capacity && (real || zero_padding); ++h) {
+      float* k = s.keys + s.rows.at(h, p);
+      float* v = s.values + s.rows.at(h, p);
       if (!real) {
         std::fill(k, k + dim, 0.0f);
         std::fill(v, v + dim, 0.0f);
@@ -201,22 +222,21 @@ void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int
   jaxfire::parallel_for(pool, count * kv_heads * blocks, [=](int64_t u) {
     const Span& s = spans[u / (kv_heads * blocks)];
     const int64_t h = u / blocks % kv_heads, blk = u % blocks;
-    const float* k = s.keys + h * s.stride * dim;
-    const float* v = s.values + h * s.stride * dim;
     thread_local std::vector<float> scores, query;
     query.resize(dim);
     for (int64_t t = blk * kBlock; t < std::min(s.valid, (blk + 1) * kBlock); ++t) {
-      const int64_t last = std::min(s.start + t, s.stride - 1);
+      const int64_t last = std::min(s.start + t, s.capacity - 1);
       const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
       const int64_t seen = last + 1 - first;
       scores.resize(seen);
       for (int64_t g = 0; g < groups; ++g) {
         float* o = s.out + (t * num_heads + h * groups + g) * dim;
         for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
-        for (int64_t j = 0; j < seen; ++j) {
-          scores[j] = dot(query.data(), k + (first + j) * dim, dim);
-        }
-        attend(scores.data(), v + first * dim, seen, dim, o);
+        s.rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
+          const float* k = s.keys + offset;
+          for (int64_t j = 0; j < n; ++j) scores[t0 + j] = dot(query.data(), k + j * dim, dim);
+        });
+        attend(scores.data(), s.values, s.rows, h, first, seen, o);
       }
     }
   });
@@ -243,48 +263,54 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     return ffi::Error::InvalidArgument("qkv, cos/sin and keys shapes disagree");
   }
   const int64_t valid = std::clamp<int64_t>(valid_rows.typed_data()[0], 0, rows * len);
+  std::vector<int32_t> page(rows);  // row b's buffers are page b of len positions
   std::vector<Span> spans;
   for (int64_t b = 0; b < rows; ++b) {
-    const int64_t row_kv = b * kv_heads * len * dim;
+    page[b] = static_cast<int32_t>(b);
     spans.push_back(Span{qkv.typed_data() + b * len * width, cos_table.typed_data(),
-                         sin_table.typed_data(), keys->typed_data() + row_kv,
-                         values->typed_data() + row_kv, out->typed_data() + b * len * num_heads * dim,
-                         0, len, std::clamp<int64_t>(valid - b * len, 0, len), len});
+                         sin_table.typed_data(), keys->typed_data(), values->typed_data(),
+                         out->typed_data() + b * len * num_heads * dim,
+                         jaxfire::PagedRows{page.data() + b, len, kv_heads, dim}, 0, len,
+                         std::clamp<int64_t>(valid - b * len, 0, len), len});
   }
   span_attention(pool, spans.data(), rows, num_heads, kv_heads, dim, window, true);
   return ffi::Error::Success();
 }
 
-// One sequence's T new tokens extending what cache row `slot` holds: qkv [1, T, (H + 2K) D],
+// One sequence's T new tokens extending what its pages hold: qkv [1, T, (H + 2K) D],
 // cos / sin [T, D / 2] of their positions start .. start + T - 1, the first `valid` of them
-// real. Their rotated keys and values are written into the caches [slots, K, S, D] in place
-// (aliased to the results; nothing past S), then each query at position p attends to the
-// slot's positions max(0, p + 1 - window) .. p. -> out [1, T, H D] (zeros for padding).
+// real, pages [pages_per_seq] its page-table row. Their rotated keys and values are written
+// into the pools [num_pages, K, page_size, D] in place (aliased to the results; nothing past
+// its last page), then each query at position p attends to the sequence's positions
+// max(0, p + 1 - window) .. p. -> out [1, T, H D] (zeros for padding).
 ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> valid,
-                           ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::F32>,
+                           ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::F32>,
                            ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
                            ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
                            int64_t num_heads, int64_t window) {
   const auto xd = qkv.dimensions();
   const auto cd = keys->dimensions();
   if (xd.size() != 3 || xd[0] != 1 || cd.size() != 4) {
-    return ffi::Error::InvalidArgument("qkv must be [1, T, (H + 2K) D] and caches [slots, K, S, D]");
+    return ffi::Error::InvalidArgument(
+        "qkv must be [1, T, (H + 2K) D] and caches [num_pages, K, page_size, D]");
   }
-  const int64_t len = xd[1], slots = cd[0], kv_heads = cd[1], stride = cd[2], dim = cd[3];
-  if (kv_heads <= 0 || num_heads % kv_heads != 0 || dim % 2 != 0 ||
+  const int64_t len = xd[1], num_pages = cd[0], kv_heads = cd[1], page_size = cd[2],
+                dim = cd[3], pages_per_seq = pages.element_count();
+  if (kv_heads <= 0 || num_heads % kv_heads != 0 || dim % 2 != 0 || pages_per_seq == 0 ||
       xd[2] != (num_heads + 2 * kv_heads) * dim || cos_table.element_count() != len * (dim / 2)) {
-    return ffi::Error::InvalidArgument("qkv, cos/sin and caches shapes disagree");
+    return ffi::Error::InvalidArgument("qkv, cos/sin, pages and caches shapes disagree");
   }
-  const int64_t row = slot.typed_data()[0], first = start.typed_data()[0];
-  if (row < 0 || row >= slots || first < 0) {
-    return ffi::Error::InvalidArgument("slot must be in [0, slots) and start >= 0");
+  const int64_t first = start.typed_data()[0];
+  if (first < 0) return ffi::Error::InvalidArgument("start must be >= 0");
+  if (const char* error = jaxfire::check_pages(pages.typed_data(), pages_per_seq, num_pages)) {
+    return ffi::Error::InvalidArgument(error);
   }
-  const int64_t row_kv = row * kv_heads * stride * dim;
   const Span span{qkv.typed_data(), cos_table.typed_data(), sin_table.typed_data(),
-                  keys->typed_data() + row_kv, values->typed_data() + row_kv, out->typed_data(),
-                  first, len, std::clamp<int64_t>(valid.typed_data()[0], 0, len), stride};
+                  keys->typed_data(), values->typed_data(), out->typed_data(),
+                  jaxfire::PagedRows{pages.typed_data(), page_size, kv_heads, dim}, first, len,
+                  std::clamp<int64_t>(valid.typed_data()[0], 0, len), pages_per_seq * page_size};
   span_attention(pool, &span, 1, num_heads, kv_heads, dim, window, false);
   return ffi::Error::Success();
 }
@@ -293,20 +319,29 @@ ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 
 namespace jaxfire {
 
-const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, int64_t slots,
-                                  int64_t positions, int64_t cos_elements) {
-  if (g.kv_heads <= 0 || g.heads % g.kv_heads != 0 || g.dim % 2 != 0 || slots < g.rows ||
-      qkv_width != (g.heads + 2 * g.kv_heads) * g.dim || positions != g.rows ||
-      cos_elements != g.rows * (g.dim / 2)) {
-    return "qkv, cos/sin, positions and caches shapes disagree";
+const char* check_pages(const int32_t* pages, int64_t count, int64_t num_pages) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (pages[i] < 0 || pages[i] >= num_pages) return "a page id is outside the page pool";
   }
   return nullptr;
 }
 
+const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, int64_t positions,
+                                  int64_t cos_elements, const int32_t* table,
+                                  int64_t table_elements) {
+  if (g.kv_heads <= 0 || g.heads % g.kv_heads != 0 || g.dim % 2 != 0 || g.pages_per_seq <= 0 ||
+      qkv_width != (g.heads + 2 * g.kv_heads) * g.dim || positions != g.rows ||
+      cos_elements != g.rows * (g.dim / 2) || table_elements != g.rows * g.pages_per_seq) {
+    return "qkv, cos/sin, positions, page table and caches shapes disagree";
+  }
+  return check_pages(table, table_elements, g.num_pages);
+}
+
 void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const float* xp,
-                      const float* cp, const float* sp, const int32_t* pos, float* kp, float* vp,
-                      float* op) {
-  const int64_t kv_heads = geo.kv_heads, len = geo.len, dim = geo.dim, window = geo.window;
+                      const float* cp, const float* sp, const int32_t* pos, const int32_t* table,
+                      float* kp, float* vp, float* op) {
+  const int64_t kv_heads = geo.kv_heads, dim = geo.dim, window = geo.window;
+  const int64_t capacity = geo.pages_per_seq * geo.page_size;
   const int64_t num_heads = geo.heads, groups = num_heads / kv_heads;
   const int64_t width = (num_heads + 2 * kv_heads) * dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
@@ -314,17 +349,14 @@ void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const fl
     const int64_t b = u / kv_heads, h = u % kv_heads;
     const Token token{xp + b * width, cp + b * (dim / 2), sp + b * (dim / 2), num_heads,
                       kv_heads, dim};
-    float* k = kp + (b * kv_heads + h) * len * dim;
-    float* v = vp + (b * kv_heads + h) * len * dim;
-    if (pos[b] >= 0 && pos[b] < len) {
-      token.key(h, k + pos[b] * dim);
-      token.value(h, v + pos[b] * dim);
+    const PagedRows rows{table + b * geo.pages_per_seq, geo.page_size, kv_heads, dim};
+    if (pos[b] >= 0 && pos[b] < capacity) {
+      token.key(h, kp + rows.at(h, pos[b]));
+      token.value(h, vp + rows.at(h, pos[b]));
     }
-    const int64_t last = std::min<int64_t>(pos[b], len - 1);
+    const int64_t last = std::min<int64_t>(pos[b], capacity - 1);
     const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
     const int64_t seen = std::max<int64_t>(0, last + 1 - first);
-    k += first * dim;
-    v += first * dim;
     // Scores position by position for every query of the group (a key row is read once for
     // the group), then each query's weighted sum of the values, its output in registers.
     thread_local std::vector<float> scores, query;
@@ -340,15 +372,20 @@ void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const fl
       token.query(h * groups + g, qg);
       for (int64_t i = 0; i < dim; ++i) qg[i] *= scale;
     }
-    for (int64_t t = 0; t < seen; ++t) {
-      prefetch_row(k + (t + kAhead) * dim, dim);
-      prefetch_row(v + t * dim, dim);  // read by the weighted sums next
-      for (int64_t g = 0; g < groups; ++g) {
-        scores[g * seen + t] = dot(query.data() + g * dim, k + t * dim, dim);
+    rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t next) {
+      const float *k = kp + offset, *v = vp + offset;
+      for (int64_t t = 0; t < n; ++t) {
+        // kAhead rows on, into the next page once this one ends.
+        prefetch_row(t + kAhead < n ? k + (t + kAhead) * dim : kp + next + (t + kAhead - n) * dim,
+                     dim);
+        prefetch_row(v + t * dim, dim);  // read by the weighted sums next
+        for (int64_t g = 0; g < groups; ++g) {
+          scores[g * seen + t0 + t] = dot(query.data() + g * dim, k + t * dim, dim);
+        }
       }
-    }
+    });
     for (int64_t g = 0; g < groups; ++g) {
-      attend(scores.data() + g * seen, v, seen, dim, oh + g * dim);
+      attend(scores.data() + g * seen, vp, rows, h, first, seen, oh + g * dim);
     }
   });
 }
@@ -358,29 +395,35 @@ void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const fl
 namespace {
 
 // qkv [B, (H + 2K) D] (one token per row: queries, keys, values side by side), cos / sin
-// [B, D / 2], positions [B], caches [slots, K, S, D] updated in place (aliased to the
-// results) -> out [B, H D]. Row b's key (rotated) and value go to position p = positions[b]
-// of cache row b (none past S); its query at p sees positions max(0, p + 1 - window) .. p
-// (window 0: no window).
+// [B, D / 2], positions [B], page table [B, pages_per_seq], pools [num_pages, K, page_size, D]
+// updated in place (aliased to the results) -> out [B, H D]. Row b's key (rotated) and value
+// go to position p = positions[b] of its sequence, in page table[b, p / page_size] (none past
+// its last page); its query at p sees positions max(0, p + 1 - window) .. p (window 0: no
+// window).
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
-                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32>,
-                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
-                           int64_t num_heads, int64_t window) {
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> table,
+                           ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> keys,
+                           ffi::ResultBuffer<ffi::F32> values, int64_t num_heads, int64_t window) {
   const auto xd = qkv.dimensions();
   const auto cd = keys->dimensions();
   const auto vd = values->dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || !std::equal(cd.begin(), cd.end(), vd.begin())) {
-    return ffi::Error::InvalidArgument("qkv must be [B, (H + 2K) D] and caches [slots, K, S, D]");
+  const auto td = table.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || td.size() != 2 ||
+      !std::equal(cd.begin(), cd.end(), vd.begin())) {
+    return ffi::Error::InvalidArgument(
+        "qkv must be [B, (H + 2K) D], the page table [B, pages] and caches "
+        "[num_pages, K, page_size, D]");
   }
-  const jaxfire::DecodeGeometry geo{xd[0], num_heads, cd[1], cd[2], cd[3], window};
-  if (const char* error = jaxfire::check_decode_geometry(geo, xd[1], cd[0], positions.element_count(),
-                                cos_table.element_count())) {
+  const jaxfire::DecodeGeometry geo{xd[0], num_heads, cd[1], cd[0], cd[2], td[1], cd[3], window};
+  if (const char* error = jaxfire::check_decode_geometry(
+          geo, xd[1], positions.element_count(), cos_table.element_count(), table.typed_data(),
+          table.element_count())) {
     return ffi::Error::InvalidArgument(error);
   }
   jaxfire::decode_attention(pool, geo, qkv.typed_data(), cos_table.typed_data(),
-                            sin_table.typed_data(), positions.typed_data(),
+                            sin_table.typed_data(), positions.typed_data(), table.typed_data(),
                             keys->typed_data(), values->typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
@@ -424,6 +467,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page table
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -1,8 +1,10 @@
 // The kernels' building blocks that more than one FFI handler runs: the packed-weight matmul
-// (matmul.cc) and one-token attention on the cache (attention.cc), called by their own
-// handlers and by the fused decoder layer (layer.cc).
+// (matmul.cc) and one-token attention on the paged cache (attention.cc), called by their own
+// handlers and by the fused decoder layer (layer.cc); the page-table addressing every
+// attention kernel shares.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
@@ -31,21 +33,58 @@ const char* describe_packed(xla::ffi::AnyBuffer w, Packed* out);
 void matmul(xla::ffi::ThreadPool& pool, const float* x, int64_t m, const Packed& w, float* y,
             int64_t n);
 
-// The geometry of one-token attention: caches [slots, kv_heads, len, dim].
-struct DecodeGeometry {
-  int64_t rows, heads, kv_heads, len, dim, window;
+// Where a sequence's keys (or values) lie in a layer's page pool [pages][kv_heads][page_size]
+// [dim]: position p of KV head h is row p % page_size of page pages[p / page_size]. Within a
+// page one head's positions are contiguous, so ranges are walked page by page (`runs`), each
+// run a plain stream of rows as a slot of the unpaged cache was.
+struct PagedRows {
+  const int32_t* pages;  // the sequence's page-table row
+  int64_t page_size, kv_heads, dim;
+
+  // Offset in floats from the pool's start of position p of KV head h.
+  int64_t at(int64_t h, int64_t p) const {
+    return ((pages[p / page_size] * kv_heads + h) * page_size + p % page_size) * dim;
+  }
+
+  // f(t, offset, n, next) for each run of positions first .. first + count - 1 within one page:
+  // the n rows from position first + t lie contiguous from `offset`; `next` is where the
+  // following run starts (for prefetching across the page boundary), or offset + n * dim
+  // after the last run.
+  template <class F>
+  void runs(int64_t h, int64_t first, int64_t count, F&& f) const {
+    if (count <= 0) return;
+    int64_t offset = at(h, first);
+    for (int64_t t = 0; t < count;) {
+      const int64_t n = std::min(count - t, page_size - (first + t) % page_size);
+      const int64_t next = t + n < count ? at(h, first + t + n) : offset + n * dim;
+      f(t, offset, n, next);
+      t += n;
+      offset = next;
+    }
+  }
 };
 
-// An error message when qkv's width, the cache's slots, the positions' and cos table's
-// sizes do not fit g; else nullptr.
-const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, int64_t slots,
-                                  int64_t positions, int64_t cos_elements);
+// An error message unless every page id in pages [count] is a page of a pool of num_pages.
+const char* check_pages(const int32_t* pages, int64_t count, int64_t num_pages);
+
+// The geometry of one-token attention: pools [num_pages, kv_heads, page_size, dim], a page
+// table [rows, pages_per_seq].
+struct DecodeGeometry {
+  int64_t rows, heads, kv_heads, num_pages, page_size, pages_per_seq, dim, window;
+};
+
+// An error message when qkv's width, the positions', cos table's and page table's sizes do
+// not fit g, or a page id is out of the pool; else nullptr.
+const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, int64_t positions,
+                                  int64_t cos_elements, const int32_t* table,
+                                  int64_t table_elements);
 
 // One token per row from its fused projection qkv [rows, (H + 2K) D] with cos / sin
-// [rows, D / 2]: the rotated key and the value written at positions[b] of cache row b,
-// the query attending to the row's visible positions; out [rows, H D].
+// [rows, D / 2]: the rotated key and the value written at positions[b] of sequence row b
+// (through its page-table row table[b]), the query attending to the row's visible positions;
+// out [rows, H D].
 void decode_attention(xla::ffi::ThreadPool& pool, const DecodeGeometry& g, const float* qkv,
-                      const float* cos, const float* sin, const int32_t* positions, float* keys,
-                      float* values, float* out);
+                      const float* cos, const float* sin, const int32_t* positions,
+                      const int32_t* table, float* keys, float* values, float* out);
 
 }  // namespace jaxfire

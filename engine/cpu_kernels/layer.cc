@@ -1,5 +1,5 @@
 // One Llama decoder layer for one token per row, in one call: RMSNorm, the fused q/k/v
-// projection, attention on the cache in place, the output projection and its residual,
+// projection, attention on the paged cache in place, the output projection and its residual,
 // RMSNorm, the fused gate/up projection, SiLU(gate) * up, the down projection and its
 // residual.
 //
@@ -63,23 +63,27 @@ void add_into(float* y, const float* x, int64_t n) {
 
 // x [B, D] -> y [B, D]: the layer's output for one token per row at positions [B]. Weights
 // are packed (cpu_kernels.pack): wqkv [D -> (H + 2K) Dh], wo [H Dh -> D], wgu [D -> 2 I]
-// (gate then up), wdown [I -> D]; norms f32[D]; cos / sin [B, Dh / 2]; the caches
-// [slots, K, S, Dh] are updated in place (aliased to the last two results).
+// (gate then up), wdown [I -> D]; norms f32[D]; cos / sin [B, Dh / 2]; row b's page-table
+// row table[b] (table [B, pages_per_seq]); the page pools [num_pages, K, page_size, Dh] are
+// updated in place (aliased to the last two results).
 ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> input_norm, ffi::AnyBuffer wqkv,
                        ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
-                       ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32>,
-                       ffi::Buffer<ffi::F32>, ffi::AnyBuffer wo, ffi::Buffer<ffi::F32> post_norm,
-                       ffi::AnyBuffer wgu, ffi::AnyBuffer wdown, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> table,
+                       ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::AnyBuffer wo,
+                       ffi::Buffer<ffi::F32> post_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
+                       ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
                        int64_t num_heads, int64_t window, float eps) {
   const auto xd = x.dimensions();
   const auto cd = keys->dimensions();
-  if (xd.size() != 2 || cd.size() != 4) {
-    return ffi::Error::InvalidArgument("x must be [B, D] and caches [slots, K, S, Dh]");
+  const auto td = table.dimensions();
+  if (xd.size() != 2 || cd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "x must be [B, D], the page table [B, pages] and caches [num_pages, K, page_size, Dh]");
   }
   const int64_t rows = xd[0], d = xd[1];
-  const jaxfire::DecodeGeometry geo{rows, num_heads, cd[1], cd[2], cd[3], window};
+  const jaxfire::DecodeGeometry geo{rows, num_heads, cd[1], cd[0], cd[2], td[1], cd[3], window};
   jaxfire::Packed qkv_w, o_w, gu_w, down_w;
   for (auto [buffer, packed] : {std::pair{&wqkv, &qkv_w}, std::pair{&wo, &o_w},
                                 std::pair{&wgu, &gu_w}, std::pair{&wdown, &down_w}}) {
@@ -93,8 +97,10 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       post_norm.element_count() != d) {
     return ffi::Error::InvalidArgument("x, norms and packed weights shapes disagree");
   }
-  if (const char* error = jaxfire::check_decode_geometry(
-          geo, width, cd[0], positions.element_count(), cos_table.element_count())) {
+  if (const char* error =
+          jaxfire::check_decode_geometry(geo, width, positions.element_count(),
+                                         cos_table.element_count(), table.typed_data(),
+                                         table.element_count())) {
     return ffi::Error::InvalidArgument(error);
   }
   // Reused between calls: first touches of fresh pages are slow on this kind of VM.
@@ -110,8 +116,8 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   rms_norm(in, input_norm.typed_data(), rows, d, eps, h.data());
   jaxfire::matmul(pool, h.data(), rows, qkv_w, qkv.data(), width);
   jaxfire::decode_attention(pool, geo, qkv.data(), cos_table.typed_data(),
-                            sin_table.typed_data(), positions.typed_data(), keys->typed_data(),
-                            values->typed_data(), attn.data());
+                            sin_table.typed_data(), positions.typed_data(), table.typed_data(),
+                            keys->typed_data(), values->typed_data(), attn.data());
   jaxfire::matmul(pool, attn.data(), rows, o_w, out, d);
   add_into(out, in, rows * d);
   rms_norm(out, post_norm.typed_data(), rows, d, eps, h.data());
@@ -133,6 +139,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeLayer, DecodeLayer,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page table
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
                                   .Arg<ffi::AnyBuffer>()         // wo
