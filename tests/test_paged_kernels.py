@@ -31,6 +31,7 @@ from engine.model import Transformer
 from engine.step import DecodeState, Programs
 from engine.weights import pack_for_cpu_kernels
 from tests.test_cpu_kernels import WEIGHTS
+from tests.tiny_config import TINY
 
 RNG = np.random.default_rng(7)
 PAGE = 16
@@ -230,18 +231,7 @@ def test_a_prefilled_prefix_is_written_into_its_pages(length):
 
 
 # ---- the step programs on a real page table ---------------------------------------------
-TINY = dict(
-    architectures=["LlamaForCausalLM"],
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
+CONFIG = {**TINY, "architectures": ["LlamaForCausalLM"], "rope_theta": 10000.0}
 PROMPTS = [5, 21, 40]  # prompt lengths; the last is prefilled in part and extended
 STEPS, MAX_LEN = 3, 64
 
@@ -284,7 +274,7 @@ def generate(config, params, packed: bool, table: np.ndarray, num_pages: int, pa
 
 @pytest.mark.parametrize("packed", [False, pytest.param(True, marks=kernels)])
 def test_the_step_programs_generate_the_same_on_a_real_page_table(packed):
-    config = ModelConfig.from_hf(TINY)
+    config = ModelConfig.from_hf(CONFIG)
     model = Transformer(config)
     probe = np.zeros((1, 1), np.int32)
     cache = init_cache(config, 1, 8, jnp.float32)
