@@ -55,7 +55,8 @@ float exp_shifted(float* s, int64_t n, float top) {
 }
 
 // A row of the cache (dim floats) into L1, a few rows before it is read: the rows of one
-// (slot, head) are one short stream per call, too short for the hardware prefetcher.
+// (sequence, head) are one short stream per call (a stream per page), too short for the
+// hardware prefetcher.
 constexpr int64_t kAhead = 8;
 inline void prefetch_row(const float* row, int64_t dim) {
   for (int64_t i = 0; i < dim; i += 16) {

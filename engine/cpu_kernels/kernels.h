@@ -41,25 +41,28 @@ struct PagedRows {
   const int32_t* pages;  // the sequence's page-table row
   int64_t page_size, kv_heads, dim;
 
-  // Offset in floats from the pool's start of position p of KV head h.
-  int64_t at(int64_t h, int64_t p) const {
-    return ((pages[p / page_size] * kv_heads + h) * page_size + p % page_size) * dim;
+  // Offset in floats from the pool's start of row `offset` of KV head h in the sequence's
+  // page `page` (an index into its table row).
+  int64_t at(int64_t h, int64_t page, int64_t offset) const {
+    return ((pages[page] * kv_heads + h) * page_size + offset) * dim;
   }
+  // The offset of position p of KV head h.
+  int64_t at(int64_t h, int64_t p) const { return at(h, p / page_size, p % page_size); }
 
   // f(t, offset, n, next) for each run of positions first .. first + count - 1 within one page:
   // the n rows from position first + t lie contiguous from `offset`; `next` is where the
   // following run starts (for prefetching across the page boundary), or offset + n * dim
-  // after the last run.
+  // after the last run. One division per call: the runs after the first start a page.
   template <class F>
   void runs(int64_t h, int64_t first, int64_t count, F&& f) const {
     if (count <= 0) return;
-    int64_t offset = at(h, first);
-    for (int64_t t = 0; t < count;) {
-      const int64_t n = std::min(count - t, page_size - (first + t) % page_size);
-      const int64_t next = t + n < count ? at(h, first + t + n) : offset + n * dim;
+    int64_t page = first / page_size, t = 0, offset = at(h, page, first % page_size);
+    for (int64_t n = std::min(count, page_size - first % page_size); t < count; ++page) {
+      const int64_t next = t + n < count ? at(h, page + 1, 0) : offset + n * dim;
       f(t, offset, n, next);
       t += n;
       offset = next;
+      n = std::min(count - t, page_size);
     }
   }
 };
