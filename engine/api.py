@@ -1,6 +1,6 @@
 """Engine: the public Python API (generate, chat, stream) over one background device loop.
 
-    engine = Engine.from_pretrained("smollm2-135m-instruct", max_slots=8, max_len=1024)
+    engine = Engine.from_pretrained("smollm2-135m-instruct", max_seqs=8)
     [out] = engine.generate(["The capital of France is"], SamplingParams(temperature=0))
     print(out.text)
 
@@ -26,8 +26,9 @@ from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.disk_cache import cache_root
 from engine.handle import Handle
-from engine.kv_cache import init_cache, one_page_per_slot
+from engine.kv_cache import default_budget, default_page_size, init_cache, pool_pages
 from engine.loading import LoadedModel, load_model
+from engine.paging import PageAllocator, parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
@@ -35,6 +36,9 @@ from engine.step import DecodeState, Programs
 from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+# Decode programs attending to at most this many positions compile before serving; longer
+# ones in the background (or on first use), so startup does not grow with max_len.
+WARM_KV_LEN = 2048
 
 
 def default_dtype() -> jnp.dtype:
@@ -59,11 +63,15 @@ class Engine:
         max_top_logprobs: int = 5,
         warmup: bool = True,
         background_compile: bool = True,
+        page_size: int | None = None,
+        kv_cache_memory: int | None = None,
     ):
         """`warmup` compiles every program before the engine serves; with
         `background_compile` only the full-width decode programs are compiled first and
         the narrower ones (which make a lightly loaded engine faster) on a background
-        thread, each used once it is ready."""
+        thread, each used once it is ready. The KV cache is a pool of pages of `page_size`
+        tokens (default: the backend's) in `kv_cache_memory` bytes (default:
+        kv_cache.default_budget), never more than max_slots sequences of max_len fill."""
         self.name = model.name
         self.config: ModelConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -84,21 +92,32 @@ class Engine:
         self.mesh = mesh or make_mesh()
         settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
-        # One page of max_len positions per slot, page s for slot s: the paged programs and
-        # kernels on the memory layout of an unpaged cache.
-        page_table = one_page_per_slot(settings.max_slots)
-        cache = init_cache(model.config, settings.max_slots, settings.max_len, dtype)
+        page_size = page_size or default_page_size()
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1: {page_size}")
+        num_pages = pool_pages(
+            model.config,
+            jnp.dtype(dtype).itemsize,
+            page_size,
+            kv_cache_memory if kv_cache_memory is not None else default_budget(),
+            settings.max_slots,
+            settings.max_len,
+            multiple=self.mesh.shape["data"],
+        )
+        pages_per_seq = -(-settings.max_len // page_size)
+        cache = init_cache(model.config, num_pages, page_size, dtype)
         cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
         cache = jax.device_put(cache, cache_shardings)
+        no_pages = np.zeros((settings.max_slots, pages_per_seq), np.int32)
         empty_state = jax.eval_shape(
-            lambda: DecodeState.empty(page_table, self.vocab_size, settings.max_bias)
+            lambda: DecodeState.empty(no_pages, self.vocab_size, settings.max_bias)
         )
         self.programs = Programs(
             model.config,
             dtype,
             max(1, max_top_logprobs),
             sorted(self.tokenizer.eos_token_ids),
-            pages_per_seq=page_table.shape[1],
+            pages_per_seq=pages_per_seq,
             packed=model.packed,
             cache_shardings=cache_shardings,
             state_shardings=slot_shardings(empty_state, self.mesh),
@@ -107,7 +126,7 @@ class Engine:
             self.programs,
             model.params,
             cache,
-            page_table,
+            PageAllocator(num_pages, page_size, namespace=self.name),
             self.tokenizer,
             settings,
             self.limits,
@@ -126,8 +145,10 @@ class Engine:
         name_or_path: str = registry.DEFAULT_MODEL,
         *,
         mesh: jax.sharding.Mesh | None = None,
-        max_slots: int = 16,
-        max_len: int = 2048,
+        max_seqs: int | None = None,
+        max_len: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        page_size: int | None = None,
         dtype: jnp.dtype | None = None,
         decode_steps: int = 4,
         max_queue: int = 256,
@@ -138,6 +159,7 @@ class Engine:
         background_compile: bool = True,
         distributed: bool = False,
         cpu_kernel: bool | None = None,
+        max_slots: int | None = None,
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
@@ -148,7 +170,10 @@ class Engine:
         15% of the throughput; lower it for smoother streams. A one-choice prompt longer
         than `prefill_chunk` tokens is prefilled that many tokens at a time, with decode
         steps of the running sequences between two chunks (so a long document no longer
-        freezes every stream for its whole prefill). `distributed=True`
+        freezes every stream for its whole prefill). `max_seqs` (alias `max_slots`, default
+        16) bounds the sequences decoded together, `max_len` (default: the model's context
+        length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
+        default kv_cache.default_budget) in pages of `page_size` tokens. `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
         uses them wherever they apply: float32 on one CPU device that can build them."""
@@ -170,9 +195,13 @@ class Engine:
             shardings=lambda abstract: param_shardings(abstract, mesh),
             packed=cpu_kernel,
         )
+        if max_seqs is not None and max_slots is not None and max_seqs != max_slots:
+            raise ValueError(f"max_seqs={max_seqs} and its alias max_slots={max_slots} differ")
+        if isinstance(kv_cache_memory, str):
+            kv_cache_memory = parse_bytes(kv_cache_memory)
         settings = SchedulerSettings(
-            max_slots=max_slots,
-            max_len=max_len,
+            max_slots=max_seqs or max_slots or 16,
+            max_len=max_len or model.config.max_position_embeddings,
             decode_steps=decode_steps,
             max_queue=max_queue,
             prefill_budget=prefill_budget,
@@ -185,6 +214,8 @@ class Engine:
             max_top_logprobs=max_top_logprobs,
             warmup=warmup,
             background_compile=background_compile,
+            page_size=page_size,
+            kv_cache_memory=kv_cache_memory,
         )
 
     # ---- requests ---------------------------------------------------------------
@@ -271,56 +302,63 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------
     def warmup(self, background: bool = False) -> None:
         """Compile every program serving will use (each prefill bucket up to a chunk, insert,
-        prompt logprobs, slot start/stop/park, each decode geometry, each bucket's extension
-        of a cached prefix) before the first request. Longer prompts are prefilled in chunks;
-        only a long prompt of several choices, with prompt logprobs or max_tokens = 0 is
-        prefilled whole, in a larger bucket: those are compiled last, without running them.
+        prompt logprobs, slot start/stop, page copy, each decode geometry, the extension by
+        a chunk) before the first request, writing only into the pad page. Longer prompts
+        are prefilled in chunks; only a long prompt with prompt logprobs is prefilled whole,
+        in a larger bucket: those are compiled last, without running them.
 
-        With `background`, the decode programs narrower than all slots, the extensions
-        shorter than a chunk and the larger prefill buckets compile on a thread instead;
-        until one is ready the scheduler uses the full-width decode, and prefills prompts
-        whole (the larger buckets then compile on their first use)."""
-        s, p = self.scheduler, self.programs
-        for T in (b for b in s.prefill_buckets if b <= s.chunk_bucket):
+        With `background`, the decode programs narrower than all slots or attending past
+        WARM_KV_LEN positions, the extensions shorter than a chunk and the larger prefill
+        buckets compile on a thread instead; until one is ready the scheduler uses the
+        full-width decode and pads a short extension to a chunk (a decode of a longer
+        context compiles on first use), so startup does not grow with max_len."""
+        s, p, prefill = self.scheduler, self.programs, self.scheduler.prefiller
+        pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
+        for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
             tokens = np.zeros((1, T), np.int32)
             rows, hidden = p.prefill(s.params, tokens, np.int32(T))
-            s.cache = p.insert(s.cache, rows, s.page_table[0])
+            s.cache = p.insert(s.cache, rows, pad_row)
             jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
         row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
         zero = np.int32(0)
         yes = np.bool_(True)
-        s.state = p.start_slot(s.state, zero, s.page_table[0], zero, zero, zero, yes, yes, row)
+        s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
+        s.state = p.start_slot(
+            s.state, zero, zero, zero, zero, yes, yes, p.sampling_row(s.state, zero)
+        )
         s.state = p.stop_slot(s.state, zero)
-        s.state = p.park_slot(s.state, zero, zero)
-        jax.block_until_ready(s.state)
+        s.cache = p.copy_page(s.cache, zero, zero)
+        jax.block_until_ready((s.state, s.cache))
         shapes = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             (s.params, s.cache, s.state),
         )
         k, widest = s.s.decode_steps, s.slot_buckets[-1]
-        narrow = [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
-        for kv_len in s.kv_buckets:
+        first = [kv for kv in s.kv_buckets if kv <= WARM_KV_LEN] or s.kv_buckets[:1]
+        later = [(kv, widest) for kv in s.kv_buckets if kv not in first]
+        later += [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
+        for kv_len in first:
             p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
-        p.extender(*shapes[:2], s.chunk_bucket)  # a long prompt's chunks
+        p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
 
-        def compile_narrow() -> None:
-            for kv_len, rows in narrow:
+        def compile_later() -> None:
+            for kv_len, rows in later:
                 if self._closing.is_set():
                     return
                 p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
-            for T in s.prefill_buckets:
+            for T in prefill.buckets:
                 if self._closing.is_set():
                     return
-                if T < s.chunk_bucket:
+                if T < prefill.chunk_bucket:
                     p.extender(*shapes[:2], T)
-                elif T > s.chunk_bucket:  # a whole prompt of several choices, or scored
+                elif T > prefill.chunk_bucket:  # a whole prompt, scored
                     p.compile_prefill(*shapes[:2], T)
 
         if background:
-            self._compiler = threading.Thread(target=compile_narrow, name="jaxfire-compile")
+            self._compiler = threading.Thread(target=compile_later, name="jaxfire-compile")
             self._compiler.start()
         else:
-            compile_narrow()
+            compile_later()
 
     def close(self) -> None:
         self._closing.set()

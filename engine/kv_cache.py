@@ -5,8 +5,9 @@ within a page, so one head's positions in a page are contiguous (the CPU kernels
 A sequence's page-table row (int32 [pages_per_seq]) names its pages in order: its position p
 lives in page row[p // page_size] at offset p % page_size. A table [B, pages_per_seq] holds
 one such row per batch row. With one page of page_size = max_len per slot and table[s] = [s]
-(`one_page_per_slot`, what the engine runs today) page s is exactly slot s of an unpaged
-[slots, kv_heads, max_len, head_dim] cache.
+(`one_page_per_slot`, what the model tests use) page s is exactly slot s of an unpaged
+[slots, kv_heads, max_len, head_dim] cache. The engine sizes the pool from a memory budget
+(`pool_pages`) and engine.paging decides which page holds which tokens.
 
 Separate per-layer buffers (rather than one stacked [layers, ...] array) let XLA update each
 layer in place; a stacked cache made it copy every layer's K and V each decode step.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.paging import bytes_per_page
 
 # One (k, v) pair per layer, each Float[num_pages, kv_heads, page_size, head_dim].
 KVCache = list[tuple[jax.Array, jax.Array]]
@@ -27,6 +29,59 @@ KVCache = list[tuple[jax.Array, jax.Array]]
 def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
     shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+# Tokens per page by backend: small pages on CPU and GPU (a chat template's system prompt
+# fills one, so the prefix cache shares it; the CPU kernels prefetch across page ends), the
+# TPU kernels' preferred tile there.
+DEFAULT_PAGE_SIZE = {"cpu": 16, "tpu": 128, "gpu": 16}
+DEFAULT_CPU_BUDGET = 2 * 1024**3  # bytes of KV cache on CPU unless --kv-cache-memory says
+DEVICE_MEMORY_FRACTION = 0.9  # of an accelerator's memory left free once weights are loaded
+
+
+class CacheSizeError(ValueError):
+    """The KV cache budget cannot hold one sequence of the context length asked for."""
+
+
+def default_page_size(backend: str | None = None) -> int:
+    return DEFAULT_PAGE_SIZE.get(backend or jax.default_backend(), 16)
+
+
+def default_budget(device: jax.Device | None = None) -> int:
+    """KV cache bytes when none are asked for: on an accelerator a fraction of the memory
+    still free on it (vLLM's gpu_memory_utilization), on CPU a fixed 2 GiB."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_BUDGET
+    return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * DEVICE_MEMORY_FRACTION)
+
+
+def pool_pages(
+    config: ModelConfig,
+    itemsize: int,
+    page_size: int,
+    budget: int,
+    max_seqs: int,
+    max_len: int,
+    multiple: int = 1,
+) -> int:
+    """Pages of the pool, the pad page included: as many as `budget` bytes hold, but no
+    more than `max_seqs` sequences of `max_len` tokens fill, and a multiple of `multiple`
+    (the data-parallel shards). Raises CacheSizeError if one sequence of max_len cannot fit."""
+    per_seq = -(-max_len // page_size)
+    size = bytes_per_page(
+        config.num_layers, config.num_kv_heads, config.head_dim, itemsize, page_size
+    )
+    enough = -(-(max_seqs * per_seq + 1) // multiple) * multiple
+    pages = min(budget // size // multiple * multiple, enough)
+    if pages - 1 < per_seq:
+        raise CacheSizeError(
+            f"a KV cache of {budget} bytes holds {max(pages - 1, 0) * page_size} tokens "
+            f"({size} bytes a page of {page_size}), less than one sequence of max_len "
+            f"{max_len}: raise --kv-cache-memory or lower --max-len"
+        )
+    return pages
 
 
 def one_page_per_slot(slots: int) -> np.ndarray:

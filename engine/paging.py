@@ -55,20 +55,6 @@ def bytes_per_page(
     return 2 * num_layers * page_size * kv_heads * head_dim * itemsize
 
 
-def pages_in_budget(
-    budget: int, num_layers: int, kv_heads: int, head_dim: int, itemsize: int, page_size: int
-) -> int:
-    """The number of pages (the pad page included) that fit in `budget` bytes."""
-    size = bytes_per_page(num_layers, kv_heads, head_dim, itemsize, page_size)
-    n = budget // size
-    if n < 2:
-        raise ValueError(
-            f"a KV cache budget of {budget} bytes holds {n} pages of {size} bytes; "
-            "at least 2 are needed (one pads page tables)"
-        )
-    return n
-
-
 _UNITS = {"": 1, "b": 1} | {
     prefix + suffix: base**power
     for power, prefix in enumerate("kmgt", start=1)
@@ -125,6 +111,12 @@ class PageAllocator:
     @property
     def used_pages(self) -> int:
         return self.num_pages - 1 - len(self._free) - len(self._evictable)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Positions all sequences hold pages for: the live tokens (and room reserved for the
+        next step's), before rounding up to pages."""
+        return sum(s.reserved for s in self._seqs.values())
 
     def can_allocate(self, n_pages: int) -> bool:
         return n_pages <= len(self._free) + len(self._evictable)
@@ -220,6 +212,26 @@ class PageAllocator:
                 )
             table[row, : len(pages)] = pages
         return table
+
+    def reserved(self, seq_id: SeqId) -> int:
+        """Positions of a sequence with a page behind them (committed or reserved)."""
+        return self._seqs[seq_id].reserved
+
+    def committed(self, seq_id: SeqId) -> int:
+        """Tokens of a sequence whose ids are recorded (`commit`)."""
+        return len(self._seqs[seq_id].tokens)
+
+    def pages(self, seq_id: SeqId) -> list[int]:
+        """The sequence's pages, in position order."""
+        return list(self._seqs[seq_id].pages)
+
+    def forget_cached(self) -> None:
+        """Drop the prefix cache: no later prompt maps a page computed so far (the device
+        may have left the pages in any state). Evictable pages become free."""
+        self._cache.clear()
+        self._key_of.clear()
+        self._free.extend(self._evictable)
+        self._evictable.clear()
 
     def lengths(self, seq_ids: Sequence[SeqId]) -> np.ndarray:
         """Int32[len(seq_ids)]: each sequence's committed tokens."""

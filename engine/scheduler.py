@@ -1,18 +1,26 @@
-"""Continuous batching: one sequential loop that admits, prefills, decodes and streams.
+"""Continuous batching over a paged KV cache: one sequential loop that admits, prefills,
+decodes and streams.
 
-The loop runs in one background thread and reads top to bottom: take cancellations,
-prefill one chunk of a long prompt, admit queued requests into free slots (prefill +
-insert, or straight into a slot from where its cache stops matching the prompt), run k
-decode steps, turn the new tokens into text, stop strings and finish reasons, and hand
-the updates to each request's handle. The device programs (engine.step) are the only
-device work.
+The loop runs in one background thread and reads top to bottom: take cancellations, prefill
+one chunk of a long prompt, admit (preempted sequences first, then queued requests) while a
+slot and the pages for the prompt are free, give every decoding sequence pages for its next k
+tokens (preempting the latest started when the pool is short), run k decode steps, turn the
+new tokens into text, stop strings and finish reasons, and hand the updates to each
+request's handle. The device programs (engine.step) are the only device work; which page
+holds which tokens is engine.paging's.
+
+A prompt's K/V is computed once into its own pages, minus the full pages the prefix cache
+already holds; its n choices then share those pages (copy-on-write for the last, partial
+one). A finished sequence's full pages stay cached for later prompts until the pool needs
+them. A preempted sequence keeps its tokens and sampling state and is recomputed (mostly
+from the prefix cache) before it decodes on, exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
+import itertools
 import logging
 import threading
 import time
@@ -23,60 +31,28 @@ import numpy as np
 
 import samplers
 from engine.admission import Limits, check_request
+from engine.buckets import bucket_for, buckets
 from engine.handle import DONE, Handle
+from engine.paging import OutOfPages, PageAllocator
+from engine.prefill import Prefiller
 from engine.requests import (
     ChoiceUpdate,
     EngineOverloaded,
     GenerationRequest,
     Timing,
-    TokenLogprob,
 )
-from engine.step import DecodeState, Programs, StepOutput
+from engine.sequences import Choice, Fill, Request, advance
+from engine.slots import Slots
+from engine.step import Programs, StepOutput
 from engine.stop import StopMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("jaxfire.engine")
 
 
-def buckets(lo: int, hi: int, midpoints: bool = False) -> list[int]:
-    """Powers of two from lo up to hi (and 1.5 times each between, with `midpoints`), with
-    hi itself last."""
-    out, b = [], lo
-    while b < hi:
-        out += [b, b * 3 // 2] if midpoints and b * 3 // 2 < hi else [b]
-        b *= 2
-    return out + [hi]
-
-
-def bucket_for(n: int, sizes: list[int]) -> int:
-    return next(b for b in sizes if b >= n)
-
-
-@dataclasses.dataclass
-class _Choice:
-    index: int
-    slot: int
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    finished: bool = False
-
-
-@dataclasses.dataclass
-class _Live:
-    handle: Handle
-    choices: list[_Choice]
-    first_token_at: float | None = None
-    prefill_at: float = 0.0
-    pending: list[int] = dataclasses.field(default_factory=list)  # choices not yet started
-    rows: Any = None  # the prompt's prefilled K/V while choices are pending
-    slot: int | None = None  # a slot taken whose cache holds (or is being given) the prompt
-    prefilled: int = 0  # prompt tokens (all but the last) whose K/V that slot holds
-
-
 @dataclasses.dataclass(frozen=True)
 class SchedulerSettings:
-    max_slots: int
+    max_slots: int  # sequences decoded together (--max-seqs)
     max_len: int
     decode_steps: int = 4  # k: decode steps per host sync
     max_queue: int = 256
@@ -88,8 +64,8 @@ class SchedulerSettings:
     # a burst of new requests stalls the sequences already decoding (Engine.from_pretrained
     # says why the default is large).
     prefill_budget: int = 4096
-    # A one-choice prompt longer than this is prefilled into its slot this many tokens per
-    # loop iteration, so the sequences already decoding get k tokens between two chunks.
+    # A prompt longer than this is prefilled this many tokens per loop iteration, so the
+    # sequences already decoding get k tokens between two chunks.
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
@@ -100,47 +76,33 @@ class SchedulerSettings:
             raise ValueError(f"prefill_chunk must be at least 1: {self.prefill_chunk}")
 
 
-class Scheduler:
+class Scheduler(Slots):
     def __init__(
         self,
         programs: Programs,
         params: Any,
         cache: Any,
-        page_table: np.ndarray,
+        pages: PageAllocator,
         tokenizer: Tokenizer,
         settings: SchedulerSettings,
         limits: Limits,
     ):
-        self.p, self.params, self.cache = programs, params, cache
-        self.page_table = page_table  # i32[slots, pages_per_seq]: row s, the pages of slot s
-        self.tok, self.s, self.limits = tokenizer, settings, limits
+        super().__init__(programs, cache, pages, settings, limits.vocab_size)
+        self.params, self.tok, self.limits = params, tokenizer, limits
         self.vocab_size = limits.vocab_size
-        self.state = DecodeState.empty(page_table, self.vocab_size, settings.max_bias)
-        # Prompts pad to the next bucket, and a prefill costs its padded length: with
-        # midpoints a prompt pays less than half again its own length, not up to double.
-        self.prefill_buckets = buckets(settings.min_prefill_bucket, settings.max_len, True)
-        # The largest program a prompt of one choice needs; warm-up compiles up to it only.
-        self.chunk_bucket = bucket_for(
-            min(settings.prefill_chunk, settings.max_len), self.prefill_buckets
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        slots = settings.max_slots
+        self.prefiller = Prefiller(
+            programs, params, settings.min_prefill_bucket, settings.max_len, settings.prefill_chunk
         )
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
-        self.slot_buckets = buckets(
-            min(settings.min_slot_bucket, settings.max_slots), settings.max_slots
-        )
-        # A heap: new sequences take the lowest free slot, which keeps the live ones packed
-        # low and the decoded slot bucket small.
-        self.free = list(range(settings.max_slots))
+        self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
         self.decode_width = 0  # slots the last decode computed
-        self.slot_pos = np.zeros(settings.max_slots, np.int64)  # next input position, host copy
-        # Per slot, the token ids whose K/V its positions 0 .. len - 1 hold once its sequence
-        # has ended: a new prompt starting with some of them is prefilled from there on.
-        self.cached: list[np.ndarray] = []
-        self._forget_cached()
-        self.reused_tokens = 0  # prompt tokens taken from a slot's cache rather than prefilled
-        self.live: dict[int, tuple[_Live, _Choice]] = {}  # slot → owner
+        self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
         self.queue: collections.deque[Handle] = collections.deque()
-        self.waiting: collections.deque[_Live] = collections.deque()  # choices still pending
-        self.prefilling: collections.deque[_Live] = collections.deque()  # long prompts, FIFO
+        self.filling: collections.deque[Fill] = collections.deque()  # K/V being computed
+        self.ready: collections.deque[Fill] = collections.deque()  # choices wait for a slot
+        self._seq_ids = itertools.count()
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -161,13 +123,24 @@ class Scheduler:
         return handle
 
     def stats(self) -> dict[str, int]:
+        pool = self.pages
         return {
             "queue_length": len(self.queue),
             "active_slots": self.s.max_slots - len(self.free),
             "max_slots": self.s.max_slots,
             "decode_width": self.decode_width,
             "reused_prompt_tokens": self.reused_tokens,
+            "preemptions": self.preemptions,
+            "kv_page_size": pool.page_size,
+            "kv_pages": pool.num_pages - 1,  # the pad page holds nobody's tokens
+            "kv_pages_used": pool.used_pages,
+            "kv_pages_cached": pool.evictable_pages,
+            "kv_tokens": pool.reserved_tokens,
         }
+
+    def forget_cached(self) -> None:
+        """No later prompt reuses K/V computed so far (its pages are recomputed)."""
+        self.pages.forget_cached()
 
     # ---- the loop (engine thread) -------------------------------------------------
     def start(self) -> None:
@@ -182,12 +155,13 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join()
 
+    def _busy(self) -> bool:
+        return bool(self.queue or self.live or self.filling or self.ready or self.resumes)
+
     def _run(self) -> None:
         while True:
             with self.lock:
-                while self.running and not (
-                    self.queue or self.live or self.waiting or self.prefilling
-                ):
+                while self.running and not self._busy():
                     self.lock.wait()
                 if not self.running:
                     return
@@ -201,231 +175,197 @@ class Scheduler:
     def step(self) -> None:
         """One iteration: cancellations, a prompt chunk, admissions, k decode steps."""
         self._reap_cancelled()
-        self._prefill_chunk()
+        self._fill_chunk()
         self._admit()
         if self.live:
             self._decode()
 
     def _reap_cancelled(self) -> None:
         for owner in self._owners():
-            if not owner.handle.cancelled:
-                continue
-            owner.pending.clear()
-            owner.rows = None
-            if owner in self.waiting:
-                self.waiting.remove(owner)
-            self._drop_prefilling(owner)
-            for choice in owner.choices:
-                if not choice.finished:
-                    self._release(owner, choice)
-            self._finish(owner, time.perf_counter())
+            if owner.handle.cancelled:
+                self._drop(owner)
+                self._finish(owner, time.perf_counter())
+
+    # ---- admission ------------------------------------------------------------------
+    def _open_slots(self) -> int:
+        """Free slots not promised to a sequence being filled or waiting to start."""
+        return len(self.free) - len(self.filling) - len(self.ready)
 
     def _admit(self) -> None:
-        """FIFO: choices of already-prefilled requests take free slots first, then new
-        requests are prefilled while a slot is free. A request with more choices than
-        free slots starts what fits; the rest start from its kept prefill as slots free."""
-        while self.waiting and self.free:
-            self._place(self.waiting[0])
-            if not self.waiting[0].pending:
-                self.waiting.popleft()
+        """Choices of filled prompts take free slots first, then preempted sequences resume,
+        then queued requests start (FIFO, up to the prefill budget), each while a slot and
+        the pages its prompt needs are free; otherwise it waits at the head of its queue."""
+        while self.ready and self.free:
+            if self._place(self.ready[0]):
+                self.ready.popleft()
+        while self.resumes and self._open_slots() > 0:
+            owner, choice = self.resumes[0]
+            ids = np.asarray(choice.sequence(owner.handle.request.prompt_ids), np.int32)
+            fill = self._new_fill(owner, ids, resume=choice)
+            if fill is None:
+                return  # new requests wait behind it: it started first
+            self.resumes.popleft()
+            self._start_fill(fill)
         spent = 0
-        while self.free and not self.waiting and spent < self.s.prefill_budget:
+        while self._open_slots() > 0 and spent < self.s.prefill_budget:
             with self.lock:
                 while self.queue and self.queue[0].cancelled:
                     self.queue.popleft()._push(DONE)
                 if not self.queue:
                     return
                 handle = self.queue.popleft()
-            owner = None
+            owner = Request(handle, pending=list(range(handle.request.n)))
+            owner.prefill_at = time.perf_counter()
             try:
-                owner = self._prefill(handle)
-                if owner is not None and owner in self.prefilling:
-                    continue  # placed once its last chunk is in; nothing prefilled yet
-                spent += len(handle.request.prompt_ids)
-                if owner is not None:
-                    self._place(owner)
-                    if owner.pending:
-                        self.waiting.append(owner)
+                cost = self._start_request(owner)
             except Exception as e:  # this request alone fails; the others carry on
                 log.exception("prefill failed (%d prompt tokens)", len(handle.request.prompt_ids))
-                self._fail(owner, handle, e)
+                self._fail(owner, e)
+                continue
+            if cost is None:  # not enough free pages yet: first in line once there are
+                with self.lock:
+                    self.queue.appendleft(handle)
+                return
+            spent += cost
 
-    def _prefill(self, handle: Handle) -> _Live | None:
-        """Run the prompt (all but its last token) once for every choice; None if the
-        request needs no decoding (max_tokens = 0)."""
+    def _start_request(self, owner: Request) -> int | None:
+        """Start computing a request's prompt K/V; the prompt tokens computed now, or None
+        when the pool cannot hold the prompt yet. A request that needs the prompt's hidden
+        states (prompt logprobs) is prefilled whole, without the prefix cache."""
+        handle = owner.handle
         r = handle.request
-        owner = _Live(handle, [], prefill_at=time.perf_counter(), pending=list(range(r.n)))
         ids = np.asarray(r.prompt_ids, np.int32)
-        P = len(ids)
-        if self._into_slot(handle, owner, ids):
-            return owner
-        if P > 1:
-            T = bucket_for(P - 1, self.prefill_buckets)
-            tokens = np.zeros((1, T), np.int32)
-            tokens[0, : P - 1] = ids[:-1]
-            owner.rows, hidden = self.p.prefill(self.params, tokens, np.int32(P - 1))
-            if r.prompt_logprobs:
-                targets = np.zeros((1, T), np.int32)
-                targets[0, : P - 1] = ids[1:]
-                handle.prompt_logprobs = self._prompt_logprobs(
-                    hidden, targets, ids, r.top_logprobs or 0
-                )
-        elif r.prompt_logprobs:
-            handle.prompt_logprobs = (TokenLogprob(int(ids[0]), None, None),)
-        if handle.max_tokens == 0:
-            handle.timing = Timing(owner.prefill_at - handle.submitted, 0.0, 0.0)
-            for i in range(r.n):
-                handle._push(ChoiceUpdate(i, (), "", (), "length"))
-            handle._push(DONE)
+        if handle.max_tokens == 0 and not r.prompt_logprobs:
+            self._finish_unsampled(owner)
+            return 0
+        if not r.prompt_logprobs:
+            fill = self._new_fill(owner, ids)
+            if fill is None:
+                return None
+            handle.cached_tokens = fill.done
+            self.reused_tokens += fill.done
+            return self._start_fill(fill)
+        fill = self._new_fill(owner, ids, reuse=False) if handle.max_tokens else None
+        if handle.max_tokens and fill is None:
             return None
-        return owner
+        if fill is not None:
+            self.filling.append(fill)  # so a failure below frees its pages
+        rows = self.prefiller.scored(handle, ids)
+        if fill is None:
+            self._finish_unsampled(owner)
+            return len(ids)
+        if rows is not None:
+            self.cache = self.p.insert(self.cache, rows, self._table_row(fill.seq))
+        self._computed(fill, fill.target)
+        self.filling.remove(fill)
+        self._filled(fill)
+        return len(ids)
 
-    def _into_slot(self, handle: Handle, owner: _Live, ids: np.ndarray) -> bool:
-        """Prefill a one-choice request straight into a slot: from where a free slot's cache
-        stops matching its prompt (a shared system prompt, an earlier turn of the
-        conversation), and a prompt longer than one chunk a chunk per loop iteration
-        (`_prefill_chunk`). False: prefill it whole, then insert it (`_prefill`).
+    def _new_fill(
+        self, owner: Request, ids: np.ndarray, resume: Choice | None = None, reuse: bool = True
+    ) -> Fill | None:
+        """A new sequence for `ids`, mapping the prefix cache's pages (with `reuse`) and
+        reserving pages for the rest; None, and nothing held, if the pool is short."""
+        seq = next(self._seq_ids)
+        cached = self.pages.admit(seq, ids if reuse else ())
+        try:
+            self.pages.reserve(seq, len(ids) - 1 - cached)
+        except OutOfPages:
+            self.pages.free(seq)
+            return None
+        return Fill(owner, seq, ids, cached, resume)
 
-        Only slots that leave the decode width as it is are reuse candidates, and only
-        prefixes of at least the smallest prompt bucket count; a short rest is prefilled only
-        once its program is compiled (Engine.warmup)."""
-        r = handle.request
-        if r.n != 1 or r.prompt_logprobs or handle.max_tokens == 0 or len(ids) < 2:
-            return False
-        prompt = ids[:-1]  # the last token is the first decode step's input
-        best, slot = self._longest_cached(prompt)
-        if best < self.s.min_prefill_bucket:
-            best, slot = 0, None
-        rest = len(prompt) - best
-        chunked = rest > self.s.prefill_chunk
-        if not chunked and (
-            slot is None
-            or (rest and not self.p.extend_ready(bucket_for(rest, self.prefill_buckets)))
-        ):
-            return False
-        slot = self.free[0] if slot is None else slot  # the lowest free slot, for a fresh prompt
-        owner.slot, owner.prefilled = slot, best
-        if chunked:
-            # Decode steps write each row's K/V at its position, inactive rows included: aim
-            # this one's at the prompt's end, which its first decode step overwrites.
-            self.state = self.p.park_slot(self.state, np.int32(slot), np.int32(len(prompt)))
-        elif rest:
-            self._extend(owner, prompt, rest)
-        self.free.remove(slot)  # only now: a failed program above leaves the slot free
-        heapq.heapify(self.free)
-        handle.cached_tokens = best
-        self.reused_tokens += best
-        if chunked:
-            self.prefilling.append(owner)
-        return True
+    def _start_fill(self, fill: Fill) -> int:
+        """Compute the fill's K/V now if it is one chunk or less (the tokens computed), else
+        leave it to `_fill_chunk`, a chunk per loop iteration."""
+        self.filling.append(fill)  # so a failure below frees its pages
+        rest = fill.target - fill.done
+        if rest > self.s.prefill_chunk:
+            return 0
+        if rest:
+            self._compute(fill, rest)
+        self.filling.remove(fill)
+        self._filled(fill)
+        return rest
 
-    def _longest_cached(self, prompt: np.ndarray) -> tuple[int, int | None]:
-        """(tokens, slot): the free slot within the decode width whose cache holds the
-        longest prefix of `prompt`."""
-        highest = max(self.live, default=-1) + 1
-        width = bucket_for(max(highest, self.free[0] + 1), self.slot_buckets)
-        best, slot = 0, None
-        for s in sorted(self.free):
-            if s >= width:
-                break
-            cached = self.cached[s]
-            n = min(len(cached), len(prompt))
-            differ = np.flatnonzero(cached[:n] != prompt[:n])
-            match = int(differ[0]) if len(differ) else n
-            if match > best:
-                best, slot = match, s
-        return best, slot
-
-    def _extend(self, owner: _Live, prompt: np.ndarray, n: int) -> None:
-        """Prefill the next `n` prompt tokens into the owner's slot, after what it holds."""
-        start = owner.prefilled
-        T = bucket_for(n, self.prefill_buckets)
-        if not self.p.extend_ready(T) and n <= self.chunk_bucket:
-            T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = prompt[start : start + n]
-        extend = self.p.extender(self.params, self.cache, T)
-        pages = self.page_table[owner.slot]
-        self.cache = extend(self.params, self.cache, tokens, np.int32(start), np.int32(n), pages)
-        owner.prefilled += n
-
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the oldest prompt being prefilled in chunks; after its last
-        one, its choice starts decoding."""
-        if not self.prefilling:
+    def _fill_chunk(self) -> None:
+        """The next chunk of the oldest sequence filled in chunks; after its last one, it
+        starts decoding."""
+        fill = next((f for f in self.filling if f.target - f.done > 0), None)
+        if fill is None:
             return
-        owner = self.prefilling[0]
-        prompt = np.asarray(owner.handle.request.prompt_ids[:-1], np.int32)
-        self._extend(owner, prompt, min(self.s.prefill_chunk, len(prompt) - owner.prefilled))
-        if owner.prefilled == len(prompt):
-            self._place(owner)  # a failure leaves it in `prefilling`, for _fail_all
-            self.prefilling.popleft()
+        self._compute(fill, min(self.s.prefill_chunk, fill.target - fill.done))
+        if fill.done == fill.target:
+            self.filling.remove(fill)
+            self._filled(fill)
 
-    def _drop_prefilling(self, owner: _Live) -> None:
-        """A request ended while its prompt was being prefilled: its slot is free again, its
-        cache holding the part of the prompt prefilled so far."""
-        if owner not in self.prefilling:
-            return
-        self.prefilling.remove(owner)
-        if owner.slot is not None:
-            prompt = owner.handle.request.prompt_ids
-            self.cached[owner.slot] = np.asarray(prompt[: owner.prefilled], np.int32)
-            heapq.heappush(self.free, owner.slot)
-            owner.slot = None
+    def _compute(self, fill: Fill, n: int) -> None:
+        """K/V of the fill's next n positions into its pages."""
+        whole = fill.done == 0 and n == fill.target
+        pages = self._table_row(fill.seq)
+        self.cache = self.prefiller.compute(self.cache, fill.ids, fill.done, n, whole, pages)
+        self._computed(fill, n)
 
-    def _place(self, owner: _Live) -> None:
-        """Start pending choices of `owner` in free slots: its prompt K/V goes into the
-        slot, and the choice gets its own sampling row (seed stream, counts, mirostat)."""
+    def _computed(self, fill: Fill, n: int) -> None:
+        """The fill's next n positions hold K/V: its full pages can serve other prompts."""
+        self.pages.commit(fill.seq, fill.ids[fill.done : fill.done + n].tolist())
+        fill.done += n
+
+    def _filled(self, fill: Fill) -> None:
+        self.ready.append(fill)  # first: a failure while placing it frees its pages
+        if self._place(fill):
+            self.ready.remove(fill)
+
+    def _finish_unsampled(self, owner: Request) -> None:
+        """max_tokens = 0: every choice ends at once, with no token."""
+        h = owner.handle
+        h.timing = Timing(owner.prefill_at - h.submitted, 0.0, 0.0)
+        for i in range(h.request.n):
+            h._push(ChoiceUpdate(i, (), "", (), "length"))
+        h._push(DONE)
+        owner.pending.clear()
+
+    def _place(self, fill: Fill) -> bool:
+        """Start the fill's choices in free slots: a preempted choice on its own sequence; a
+        new request's choices each on a fork of the prompt's (the last one takes it over),
+        with its own sampling row. True once nothing of it waits for a slot."""
+        owner = fill.owner
         r = owner.handle.request
-        ids = np.asarray(r.prompt_ids, np.int32)
-        while owner.pending and (self.free or owner.slot is not None):
-            # The slot _into_slot took (its prompt K/V in place), else the lowest free one.
-            slot = owner.slot if owner.slot is not None else self.free[0]
+        if fill.resume is not None:
+            if not self.free:
+                return False
+            self._start_choice(owner, fill.resume, fill.seq, fill.resume.saved_row)
+            return True
+        while owner.pending and self.free:
             index = owner.pending[0]
-            if owner.rows is not None:
-                self.cache = self.p.insert(self.cache, owner.rows, self.page_table[slot])
-            row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, ids, index)
-            self.state = self.p.start_slot(
-                self.state,
-                np.int32(slot),
-                self.page_table[slot],
-                np.int32(ids[-1]),
-                np.int32(len(ids) - 1),
-                np.int32(owner.handle.max_tokens),
-                np.bool_(not r.ignore_eos),
-                np.bool_(r.top_logprobs is not None),
-                row,
-            )
-            owner.pending.pop(0)
-            if owner.slot is not None:
-                owner.slot = None
-            else:
-                heapq.heappop(self.free)
-            choice = _Choice(
+            seq = fill.seq
+            if len(owner.pending) > 1:
+                seq = next(self._seq_ids)
+                self.pages.fork(fill.seq, seq)
+            row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, fill.ids, index)
+            choice = Choice(
                 index,
-                slot,
                 IncrementalDetokenizer(self.tok, context=r.prompt_ids),
                 StopMatcher(r.stop),
+                order=0,
             )
+            try:
+                self._start_choice(owner, choice, seq, row)
+            except Exception:
+                if seq != fill.seq:
+                    self.pages.free(seq)
+                raise
+            owner.pending.pop(0)
             owner.choices.append(choice)
-            self.live[slot] = (owner, choice)
-            self.slot_pos[slot] = len(ids) - 1
-        if not owner.pending:
-            owner.rows = None  # every choice has its copy of the prompt K/V now
+        return not owner.pending
 
-    def _prompt_logprobs(self, hidden, targets, ids: np.ndarray, n: int):
-        """Entry i is token i of the prompt given tokens < i; the first has no context."""
-        chosen, top_ids, top_lp = jax.device_get(
-            self.p.prompt_logprobs(self.params, hidden, targets)
-        )
-        entries = [TokenLogprob(int(ids[0]), None, None)]
-        for i in range(1, len(ids)):
-            top = tuple(zip(top_ids[i - 1, :n].tolist(), top_lp[i - 1, :n].tolist(), strict=True))
-            entries.append(TokenLogprob(int(ids[i]), float(chosen[i - 1]), None, top))
-        return tuple(entries)
-
+    # ---- decode ---------------------------------------------------------------------
     def _decode(self) -> None:
         k = self.s.decode_steps
+        self._reserve_decode(k)
+        if not self.live:
+            return
+        self._send_tables()
         live_pos = max(int(self.slot_pos[s]) for s in self.live)
         kv_len = bucket_for(min(live_pos + k, self.s.max_len), self.kv_buckets)
         highest = max(self.live) + 1
@@ -445,103 +385,51 @@ class Scheduler:
                 continue
             if owner.first_token_at is None:
                 owner.first_token_at = now
-            update = self._advance(owner.handle.request, choice, out, slot, steps)
+            update = advance(owner.handle.request, choice, out, slot, steps, self.eos_ids)
+            self.slot_pos[slot] += len(update.token_ids)
             owner.handle._push(update)
             if update.finish_reason is not None:
                 self._release(owner, choice)
-                if not self._owner_live(owner):
+                if not owner.live():
                     self._finish(owner, now)
 
-    def _advance(
-        self, r: GenerationRequest, choice: _Choice, out: StepOutput, slot: int, steps: list[int]
-    ) -> ChoiceUpdate:
-        """Fold this sync's tokens of one choice into text, stop checks and logprobs."""
-        ids, entries, text, reason = [], [], "", None
-        n_top = r.top_logprobs or 0
-        for j in steps:
-            tok = int(out.tokens[j, slot])
-            ids.append(tok)
-            choice.token_ids.append(tok)
-            self.slot_pos[slot] += 1
-            if r.top_logprobs is not None:
-                top = zip(
-                    out.top_ids[j, slot, :n_top].tolist(),
-                    out.top_logprobs[j, slot, :n_top].tolist(),
-                    strict=True,
-                )
-                entries.append(
-                    TokenLogprob(
-                        tok,
-                        float(out.logprob[j, slot]),
-                        float(out.sampling_logprob[j, slot]),
-                        tuple(top),
-                    )
-                )
-            text += choice.stop.feed(choice.detok.add(tok))
-            if choice.stop.stop_at is not None:
-                reason = "stop"
-                break
-            if out.finished[j, slot]:
-                is_eos = tok in self.tok.eos_token_ids and not r.ignore_eos
-                reason = "stop" if is_eos else "length"
-                text += choice.stop.flush()
-                break
-        choice.finished = reason is not None
-        logprobs = tuple(entries) if r.top_logprobs is not None else None
-        return ChoiceUpdate(choice.index, tuple(ids), text, logprobs, reason)
-
-    def _owner_live(self, owner: _Live) -> bool:
-        return bool(owner.pending) or any(not c.finished for c in owner.choices)
-
-    def _release(self, owner: _Live, choice: _Choice) -> None:
-        choice.finished = True
-        # Positions 0 .. slot_pos - 1 hold the K/V of the prompt and of every generated token
-        # but the last (each is written when it is the step's input).
-        sequence = owner.handle.request.prompt_ids + tuple(choice.token_ids)
-        self.cached[choice.slot] = np.asarray(sequence[: self.slot_pos[choice.slot]], np.int32)
-        del self.live[choice.slot]
-        heapq.heappush(self.free, choice.slot)
-        self.state = self.p.stop_slot(self.state, np.int32(choice.slot))
-
-    def _finish(self, owner: _Live, now: float) -> None:
+    # ---- ending requests --------------------------------------------------------------
+    def _finish(self, owner: Request, now: float) -> None:
         h = owner.handle
         first = owner.first_token_at or now
         h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
         h._push(DONE)
 
-    def _fail(self, owner: _Live | None, handle: Handle, error: Exception) -> None:
-        """End one request with `error`: every slot it holds is free again."""
-        if owner is not None:
-            if owner in self.waiting:
-                self.waiting.remove(owner)
-            self._drop_prefilling(owner)
-            owner.pending.clear()
-            owner.rows = None
-            if owner.slot is not None:  # taken, but no choice started in it
-                heapq.heappush(self.free, owner.slot)
-                owner.slot = None
-            for choice in owner.choices:
-                if self.live.get(choice.slot, (None, None))[1] is choice:
-                    self._release(owner, choice)
-        handle._push(error)
-        handle._push(DONE)
+    def _drop(self, owner: Request) -> None:
+        """Free everything a request holds: fills' pages, slots, its place to resume."""
+        owner.pending.clear()
+        for queue in (self.filling, self.ready):
+            for fill in [f for f in queue if f.owner is owner]:
+                queue.remove(fill)
+                self.pages.free(fill.seq)
+        self.resumes = collections.deque((o, c) for o, c in self.resumes if o is not owner)
+        for choice in owner.choices:
+            if choice.slot is not None and self.live.get(choice.slot, (None, None))[1] is choice:
+                self._release(owner, choice)
+            choice.finished = True
+
+    def _fail(self, owner: Request, error: Exception) -> None:
+        """End one request with `error`: every slot and page it holds is free again."""
+        self._drop(owner)
+        owner.handle._push(error)
+        owner.handle._push(DONE)
 
     def _fail_all(self, error: Exception) -> None:
         """A device program failed: end every request in flight with the error."""
         for owner in self._owners():
             try:
-                self._fail(owner, owner.handle, error)
+                self._fail(owner, error)
             except Exception:  # noqa: BLE001 - the device is failing: end the others all the same
-                log.exception("could not stop a failed request's slots cleanly")
-        self._forget_cached()  # a failed program may have left the cache in any state
+                log.exception("could not free a failed request's slots cleanly")
+        self.forget_cached()  # a failed program may have left the cache in any state
 
-    def _owners(self) -> list[_Live]:
-        """Every request in flight: decoding, being prefilled in chunks, or prefilled with
-        choices still to place."""
-        owners = {id(o): o for o, _ in self.live.values()}
-        owners |= {id(o): o for o in (*self.waiting, *self.prefilling)}
+    def _owners(self) -> list[Request]:
+        """Every request in flight: decoding, being filled, waiting for a slot or to resume."""
+        owners = {id(o): o for o, _ in (*self.live.values(), *self.resumes)}
+        owners |= {id(f.owner): f.owner for f in (*self.filling, *self.ready)}
         return list(owners.values())
-
-    def _forget_cached(self) -> None:
-        """No slot's cache is reused until a sequence ends in it again."""
-        self.cached = [np.zeros(0, np.int32) for _ in range(self.s.max_slots)]

@@ -1,4 +1,4 @@
-"""The device programs: prefill, insert, extend, decode steps, and slot start/stop/park.
+"""The device programs: prefill, insert, extend, decode steps, slot start/stop, page copy.
 
 Each is jitted once per static shape (prompt bucket, attended-cache bucket), with the
 cache and decode state donated so XLA updates them in place. The decode program runs
@@ -11,9 +11,10 @@ state; the prefill covers the prompt except its last token, which the first deco
 consumes, so the first generated token is drawn by the same sampling program as every other.
 
 `extend` prefills tokens of a sequence at their positions in its pages, attending to what
-they already hold: the rest of a prompt that begins with what a free slot's cache still
-holds (no prefill and insert of the shared part), and a long prompt chunk by chunk.
-`park_slot` aims an inactive slot's decode writes past the prompt being prefilled into it.
+they already hold: the rest of a prompt whose first pages came from the prefix cache, a long
+prompt chunk by chunk, a preempted sequence being recomputed. `copy_page` gives a sequence
+its own copy of a page it shared (n choices of one prompt), `sampling_row` reads a slot's
+sampling state back so a preempted sequence resumes exactly where it stopped.
 
 Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
 scheduler keeping live sequences in the low slots), so idle slots cost nothing. Each
@@ -49,15 +50,16 @@ class DecodeState:
     remaining: jax.Array  # i32[S] tokens the slot may still generate
     stop_on_eos: jax.Array  # bool[S] false under ignore_eos
     logprobs: jax.Array  # bool[S] the request reads its tokens' logprobs
-    # i32[S, pages_per_seq] the pages of each slot's sequence. Kept with the other per-slot
-    # rows: sharded as they are, updated in place, nothing sent from the host per step.
+    # i32[S, pages_per_seq] the pages of each slot's sequence, sharded as the other per-slot
+    # rows. The scheduler replaces it (a host copy) before a decode call when a sequence
+    # gained or lost pages; an idle slot's row is all PAD_PAGE, where its writes land.
     page_table: jax.Array
     sampling: samplers.SamplingBatch
 
     @staticmethod
     def empty(page_table: np.ndarray, vocab_size: int, max_bias: int) -> DecodeState:
         """No slot active; `page_table` [S, pages_per_seq] is where each idle slot's decode
-        writes land (every step writes each row's K/V at its position)."""
+        writes land (every step writes each row's K/V at its position): the pad page."""
         slots = page_table.shape[0]
         # Separate buffers: the state is donated, and one buffer may be donated only once.
         zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731
@@ -132,7 +134,8 @@ class Programs:
         self._decoders: dict[tuple[int, int, int], Any] = {}
         self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
         self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
-        self.park_slot = jax.jit(_park_slot, donate_argnums=0, **state_out)
+        self.sampling_row = jax.jit(_sampling_row)
+        self.copy_page = jax.jit(_copy_page, donate_argnums=0, **cache_out)
 
     def decode_ready(self, k: int, kv_len: int, rows: int) -> bool:
         return (k, kv_len, rows) in self._decoders
@@ -305,7 +308,6 @@ def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:
 def _start_slot(
     state: DecodeState,
     slot: jax.Array,
-    pages: jax.Array,
     token: jax.Array,
     position: jax.Array,
     remaining: jax.Array,
@@ -320,7 +322,6 @@ def _start_slot(
         remaining=state.remaining.at[slot].set(remaining),
         stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
         logprobs=state.logprobs.at[slot].set(logprobs),
-        page_table=state.page_table.at[slot].set(pages),
         sampling=samplers.write_row(state.sampling, slot, row),
     )
 
@@ -332,7 +333,12 @@ def _stop_slot(state: DecodeState, slot: jax.Array) -> DecodeState:
     )
 
 
-def _park_slot(state: DecodeState, slot: jax.Array, position: jax.Array) -> DecodeState:
-    """Aim an inactive slot's decode writes (every step writes each row's K/V at its
-    position) at `position`, past what is being prefilled into it."""
-    return state.replace(positions=state.positions.at[slot].set(position))
+def _sampling_row(state: DecodeState, slot: jax.Array) -> samplers.SamplingBatch:
+    """Slot `slot`'s sampling state (seed stream, penalty counts, mirostat mu) as a one-slot
+    batch for start_slot: a preempted sequence resumes drawing exactly where it stopped."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1), state.sampling)
+
+
+def _copy_page(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Page dst becomes a copy of page src in every layer (copy-on-write of a shared page)."""
+    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from checkpoints import CheckpointError, registry
 from engine.admission import MAX_TOP_LOGPROBS
 from engine.config import ConfigError
+from engine.kv_cache import CacheSizeError
+from engine.paging import parse_bytes
 from engine.requests import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -30,6 +32,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 USER_ERRORS = (
     CheckpointError,
     ConfigError,
+    CacheSizeError,
     SamplingParamsError,
     InvalidRequest,
     ContextLengthExceeded,
@@ -52,6 +55,17 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _bytes(text: str) -> int:
+    """An argparse type: a size in bytes ("4GiB", "512MiB", "1000000")."""
+    try:
+        value = parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return value
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="jaxfire's (and uvicorn's)"
@@ -63,8 +77,27 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=registry.DEFAULT_MODEL, help="registered name, HF folder or .gguf"
     )
-    p.add_argument("--max-slots", type=_int_in(1), default=16, help="sequences decoded together")
-    p.add_argument("--max-len", type=_int_in(1), default=2048, help="context window per sequence")
+    p.add_argument(
+        "--max-seqs",
+        "--max-slots",
+        dest="max_seqs",
+        type=_int_in(1),
+        default=16,
+        help="sequences decoded together (--max-slots: the old name)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=_int_in(1),
+        help="context window per sequence (default: the model's context length)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_bytes,
+        help="KV cache size, e.g. 4GiB (default: 90%% of free accelerator memory; 2GiB on CPU)",
+    )
+    p.add_argument(
+        "--page-size", type=_int_in(1), help="tokens per KV cache page (default: per backend)"
+    )
     p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
         "--prefill-budget",
@@ -113,8 +146,10 @@ def _load(args: argparse.Namespace, warmup: bool = True):
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(
         args.model,
-        max_slots=args.max_slots,
+        max_seqs=args.max_seqs,
         max_len=args.max_len,
+        kv_cache_memory=args.kv_cache_memory,
+        page_size=args.page_size,
         decode_steps=args.decode_steps,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,
@@ -183,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
-    gen.set_defaults(run=cmd_generate, max_slots=1, max_len=1024)
+    gen.set_defaults(run=cmd_generate, max_seqs=1)
 
     conv = sub.add_parser("convert", help="convert weights into a jaxfire (orbax) checkpoint")
     _common_args(conv)

@@ -145,13 +145,37 @@ class Metrics:
                 "Active slots / max slots.",
                 active / slots if slots else 0.0,
             ),
+            ("jaxfire_kv_pages", "KV cache pages in the pool.", engine_stats.get("kv_pages", 0)),
+            (
+                "jaxfire_kv_pages_used",
+                "KV cache pages held by sequences (live tokens rounded up to pages).",
+                engine_stats.get("kv_pages_used", 0),
+            ),
+            (
+                "jaxfire_kv_pages_cached",
+                "KV cache pages no sequence holds, kept for prefix reuse until needed.",
+                engine_stats.get("kv_pages_cached", 0),
+            ),
+            (
+                "jaxfire_kv_page_size",
+                "Tokens per KV cache page.",
+                engine_stats.get("kv_page_size", 0),
+            ),
         )
         for name, help, value in gauges:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
-        reused = "jaxfire_prompt_tokens_reused_total"
-        lines += [
-            f"# HELP {reused} Prompt tokens a slot's cache already held, so not prefilled.",
-            f"# TYPE {reused} counter",
-            f"{reused} {_num(engine_stats.get('reused_prompt_tokens', 0))}",
-        ]
+        counters = (
+            (
+                "jaxfire_prompt_tokens_reused_total",
+                "Prompt tokens mapped from the prefix cache's pages, so not prefilled.",
+                engine_stats.get("reused_prompt_tokens", 0),
+            ),
+            (
+                "jaxfire_preemptions_total",
+                "Decoding sequences preempted (recomputed later) because the KV cache was full.",
+                engine_stats.get("preemptions", 0),
+            ),
+        )
+        for name, help, value in counters:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {_num(value)}"]
         return "\n".join(lines) + "\n"

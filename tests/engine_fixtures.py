@@ -112,6 +112,10 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]
     return [rng.integers(100, VOCAB, size=int(L)).tolist() for L in lengths]
 
 
+# Tokens per KV page of the test engines: small, so a test prompt spans several pages.
+PAGE = 8
+
+
 def make_engine(**kw):
     """float32 on every backend (GPU/TPU default to bfloat16): tests compare with HF's
     float32 tokens."""
@@ -119,7 +123,14 @@ def make_engine(**kw):
 
     from engine.api import Engine
 
-    kw = {"max_slots": 4, "max_len": 64, "decode_steps": 4, "dtype": jnp.float32, **kw}
+    kw = {
+        "max_slots": 4,
+        "max_len": 64,
+        "decode_steps": 4,
+        "page_size": PAGE,
+        "dtype": jnp.float32,
+        **kw,
+    }
     return Engine.from_pretrained(str(tiny_model_dir()), **kw)
 
 
@@ -231,6 +242,7 @@ def mesh_main() -> None:
         )
         first = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
         compiles.clear()
+        engine.scheduler.forget_cached()  # the same programs again, not cached prefixes
         again = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
         params = engine.scheduler.params
         q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]

@@ -17,6 +17,7 @@ from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import load_model
 from engine.model import Transformer
 from engine.weights import pack_for_cpu_kernels
+from samplers import SamplingParams
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,3 +115,20 @@ def test_perplexity_equals_transformers_within_0_1_percent(ours, hf):
     got = perplexity(ours, TEXT)
     assert abs(got - ref) / ref < 1e-3, (got, ref)
     assert 1.5 < got < 100  # a real language model on real text
+
+
+def test_engine_defaults_take_a_7000_token_prompt(hf):
+    """The engine's defaults (context = the model's 8192 tokens, a paged cache sized by its
+    budget) take a 7,000-token prompt, prefilled in chunks over many pages, and continue it
+    with transformers' greedy tokens."""
+    from engine.api import Engine
+
+    with Engine.from_pretrained(warmup=False) as engine:
+        assert engine.max_context == engine.config.max_position_embeddings == 8192
+        ids = (engine.tokenizer.encode(TEXT, add_special_tokens=False) * 80)[:7000]
+        [out] = engine.generate([ids], SamplingParams(temperature=0.0), max_tokens=4)
+        stats = engine.stats()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=2)
+    assert list(out.token_ids) == ref[0, len(ids) :].tolist()
+    assert stats["kv_page_size"] * (stats["kv_pages"]) >= 8192

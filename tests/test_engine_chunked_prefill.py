@@ -1,9 +1,9 @@
-"""A prompt longer than the prefill chunk is prefilled into its slot a chunk per loop
+"""A prompt longer than the prefill chunk is prefilled into its pages a chunk per loop
 iteration, and the sequences already decoding get tokens between two chunks.
 
 Chunking must change nothing a caller sees: greedy tokens equal HF transformers', a seeded
 request's tokens and logprobs equal those of a whole prefill; a request cancelled halfway
-through its prefill frees its slot.
+through its prefill frees its pages (the chunks done stay in the prefix cache).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def chunk(engine, size: int):
 
 def run(engine, prompt, params=GREEDY, **kw) -> dict:
     F.wait_idle(engine)
-    engine.scheduler._forget_cached()  # no prefix reuse: the whole prompt is prefilled
+    engine.scheduler.forget_cached()  # no prefix reuse: the whole prompt is prefilled
     request = GenerationRequest(tuple(prompt), params, ignore_eos=True, **kw)
     return F.collect(engine.submit(request))[0]
 
@@ -71,8 +71,8 @@ def test_running_streams_decode_between_chunks(engine, monkeypatch):
     chunk, a decode call of the running sequence comes between every two chunks."""
     sched = engine.scheduler
     calls: list[str] = []
-    extend, decode = sched._extend, sched._decode
-    monkeypatch.setattr(sched, "_extend", lambda *a: (calls.append("chunk"), extend(*a))[1])
+    compute, decode = sched._compute, sched._decode
+    monkeypatch.setattr(sched, "_compute", lambda *a: (calls.append("chunk"), compute(*a))[1])
     monkeypatch.setattr(sched, "_decode", lambda: (calls.append("decode"), decode())[1])
     [short, long] = F.prompts(2, seed=63, lo=5, hi=60)
     F.wait_idle(engine)
@@ -85,34 +85,36 @@ def test_running_streams_decode_between_chunks(engine, monkeypatch):
         long_out = F.collect(engine.submit(GenerationRequest(tuple(long), GREEDY, max_tokens=4)))
         F.collect(running)
     assert long_out[0]["ids"] == F.hf_greedy(long, 4)
-    chunks = [i for i, c in enumerate(calls) if c == "chunk"]
+    started = calls.index("decode")  # the short prompt's own prefill comes before
+    chunks = [i for i, c in enumerate(calls) if c == "chunk" and i > started]
     assert len(chunks) == 4  # 59 prompt tokens before the last: 16 + 16 + 16 + 11
     assert all("decode" in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))
 
 
-def test_cancel_while_prefilling_frees_the_slot(engine):
+def test_cancel_while_prefilling_frees_the_pages(engine):
     [prompt] = F.prompts(1, seed=64, lo=60, hi=60)
     F.wait_idle(engine)
     sched = engine.scheduler
     started = threading.Event()
-    extend = sched._extend
+    compute = sched._compute
 
-    def slow_extend(owner, ids, n):
+    def cancelling_compute(fill, n):
         started.set()
-        owner.handle.cancel()  # the client goes away after the first chunk
-        extend(owner, ids, n)
+        fill.owner.handle.cancel()  # the client goes away after the first chunk
+        compute(fill, n)
 
-    sched._extend = slow_extend
+    sched._compute = cancelling_compute
     try:
         with chunk(engine, CHUNK):
             handle = engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=4))
             assert F.collect(handle) == {}
     finally:
-        del sched._extend
+        del sched._compute
     assert started.is_set()
     stats = F.wait_idle(engine)
-    assert stats["active_slots"] == 0 and not sched.prefilling
-    # The slot's cache holds the chunk that was prefilled: the same prompt reuses it.
+    assert stats["active_slots"] == 0 and stats["kv_pages_used"] == 0 and not sched.filling
+    sched.pages.check()
+    # The prefix cache holds the chunk that was prefilled: the same prompt reuses it.
     before = engine.stats()["reused_prompt_tokens"]
     request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=4, ignore_eos=True)
     out = F.collect(engine.submit(request))[0]
@@ -133,31 +135,32 @@ def test_xla_path_chunks_too():
         engine.close()
 
 
-def test_a_parked_slot_inside_the_decode_width_keeps_its_prefill(engine):
-    """A long prompt reusing slot 0's cache is chunked while another sequence decodes in
-    slot 1: slot 0 is inside the decode width, and without parking, each decode step would
-    write that row's K/V over the positions being prefilled."""
+def test_a_prompt_prefilled_beside_a_decoding_sequence_keeps_its_pages(engine):
+    """A long prompt mapping cached pages is chunked while another sequence decodes in
+    slot 1, slot 0 (idle, inside the decode width) writing into the pad page only: were
+    its page-table row left pointing at the pages it freed, each decode step would write
+    over the positions being prefilled into them."""
     [a, b, fresh] = F.prompts(3, seed=66, lo=24, hi=30)
     F.wait_idle(engine)
-    engine.scheduler._forget_cached()
+    engine.scheduler.forget_cached()
     with chunk(engine, CHUNK):
         first = engine.submit(GenerationRequest(tuple(a), GREEDY, max_tokens=2, ignore_eos=True))
         running = engine.submit(GenerationRequest(tuple(b), GREEDY, max_tokens=30, ignore_eos=True))
-        F.collect(first)  # slot 0 is free again, its cache holding a's tokens
-        prompt = a[:20] + fresh  # reuses 20, then 29 more tokens: two chunks
+        F.collect(first)  # slot 0 is free again, a's full pages cached
+        prompt = a[:24] + fresh  # reuses 24 (three pages), then 33 more tokens: three chunks
         before = engine.stats()["reused_prompt_tokens"]
         out = F.collect(engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=6)))
-        assert engine.stats()["reused_prompt_tokens"] - before == 20
+        assert engine.stats()["reused_prompt_tokens"] - before == 24
         assert F.collect(running)[0]["ids"] == F.hf_greedy(b, 30)
     assert out[0]["ids"] == F.hf_greedy(prompt, 6)
 
 
 def test_failed_programs_leave_no_slot_taken(engine, monkeypatch):
-    """A program that fails while a prompt goes into its slot ends that request with the
-    error and gives every slot back."""
+    """A program that fails while a prompt goes into its pages or its slot ends that
+    request with the error and gives every slot and page back."""
     sched = engine.scheduler
     [prompt] = F.prompts(1, seed=67, lo=40, hi=40)
-    for name in ("park_slot", "start_slot"):
+    for name in ("extender", "start_slot"):
         F.wait_idle(engine)
         real = getattr(sched.p, name)
         calls = []
@@ -175,6 +178,8 @@ def test_failed_programs_leave_no_slot_taken(engine, monkeypatch):
                 F.collect(handle)
         monkeypatch.undo()
         stats = F.wait_idle(engine)
-        assert stats["active_slots"] == 0 and not sched.prefilling and not sched.live
+        assert stats["active_slots"] == 0 and stats["kv_pages_used"] == 0
+        assert not sched.filling and not sched.live
+        sched.pages.check()
         out = F.collect(engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=3)))
         assert out[0]["ids"] == F.hf_greedy(prompt, 3)

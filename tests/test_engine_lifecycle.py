@@ -266,7 +266,7 @@ def test_sync_generate_inside_running_loop_and_threads(engine):
 
 
 def test_prompts_pad_by_less_than_half_their_length_to_their_prefill_bucket():
-    from engine.scheduler import bucket_for, buckets
+    from engine.buckets import bucket_for, buckets
 
     sizes = buckets(16, 3000, midpoints=True)
     assert sizes[:4] == [16, 24, 32, 48] and sizes[-1] == 3000

@@ -4,16 +4,18 @@ prefix cache, LRU eviction, fork with copy-on-write, page tables and sizing."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from engine.kv_cache import pool_pages
 from engine.paging import (
     PAD_PAGE,
     OutOfPages,
     PageAllocator,
     bytes_per_page,
     pages_for,
-    pages_in_budget,
     parse_bytes,
 )
 
@@ -249,10 +251,15 @@ def test_sizing():
     assert [pages_for(n, 4) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
     size = bytes_per_page(num_layers=2, kv_heads=4, head_dim=64, itemsize=2, page_size=16)
     assert size == 2 * 2 * 16 * 4 * 64 * 2 == 32768
-    assert pages_in_budget(parse_bytes("1MiB"), 2, 4, 64, 2, 16) == 32
-    assert pages_in_budget(parse_bytes("1MiB") - 1, 2, 4, 64, 2, 16) == 31
-    with pytest.raises(ValueError, match="at least 2"):
-        pages_in_budget(65_535, 2, 4, 64, 2, 16)
+    config = SimpleNamespace(num_layers=2, num_kv_heads=4, head_dim=64)
+    mib = parse_bytes("1MiB")
+    # The budget bounds the pool, and so do max_seqs full sequences; data shards divide it.
+    assert pool_pages(config, 2, 16, mib, max_seqs=100, max_len=64) == 32
+    assert pool_pages(config, 2, 16, mib - 1, max_seqs=100, max_len=64) == 31
+    assert pool_pages(config, 2, 16, mib - 1, max_seqs=100, max_len=64, multiple=4) == 28
+    assert pool_pages(config, 2, 16, mib, max_seqs=2, max_len=64) == 2 * 4 + 1
+    with pytest.raises(ValueError, match="less than one sequence of max_len 1024"):
+        pool_pages(config, 2, 16, mib, max_seqs=1, max_len=1024)
 
 
 @pytest.mark.parametrize(

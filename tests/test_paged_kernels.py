@@ -258,7 +258,7 @@ def generate(config, params, packed: bool, table: np.ndarray, num_pages: int, pa
             )
         row = samplers.make_row(samplers.SamplingParams(temperature=0.0), 97, 4, ids, 0)
         state = programs.start_slot(
-            state, np.int32(slot), table[slot], np.int32(ids[-1]), np.int32(n - 1), 100,
+            state, np.int32(slot), np.int32(ids[-1]), np.int32(n - 1), 100,
             True, True, row,
         )  # fmt: skip
     tokens, logprobs = [], []

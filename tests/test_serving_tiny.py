@@ -164,7 +164,7 @@ def test_both_engines_satisfy_the_serving_interface(engine):
 def test_cached_tokens_header_equals_usage(engine, http):
     first, other = F.prompts(2, seed=11, lo=40, hi=40)
     F.wait_idle(engine)
-    engine.scheduler._forget_cached()
+    engine.scheduler.forget_cached()
     assert cmpl_ids(http, first, temperature=0).status_code == 200
     F.wait_idle(engine)
     r = cmpl_ids(http, first[:32] + other[:8], temperature=0)
@@ -187,7 +187,7 @@ def test_a_failed_device_program_is_logged_once_and_others_carry_on(
         return prefill(params, tokens, length)
 
     monkeypatch.setattr(engine.scheduler.p, "prefill", failing_prefill)
-    engine.scheduler._forget_cached()  # every prompt is prefilled (none reuses a slot)
+    engine.scheduler.forget_cached()  # every prompt is prefilled (none reuses a slot)
     caplog.set_level(logging.INFO)
     # A long stream runs beside the failing request, and one more request comes after.
     long = {}

@@ -1,0 +1,71 @@
+"""Computing a sequence's K/V into its pages before it decodes: the device side of a fill.
+
+A prompt that is all new and fits one chunk goes through the prefill program (attention
+within the new tokens only) and is inserted into its pages; anything else (the rest after
+the prefix cache's pages, a chunk of a long prompt, a preempted sequence's recompute)
+extends what its pages hold. A request asking for prompt logprobs is prefilled whole, for
+the hidden states of every prompt position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from engine.buckets import bucket_for, buckets
+from engine.handle import Handle
+from engine.requests import TokenLogprob
+from engine.step import Programs
+
+
+class Prefiller:
+    def __init__(self, programs: Programs, params: Any, min_bucket: int, max_len: int, chunk: int):
+        self.p, self.params = programs, params
+        # Prompts pad to the next bucket, and a prefill costs its padded length: with
+        # midpoints a prompt pays less than half again its own length, not up to double.
+        self.buckets = buckets(min_bucket, max_len, True)
+        # The largest program a chunk needs; warm-up compiles up to it only.
+        self.chunk_bucket = bucket_for(min(chunk, max_len), self.buckets)
+
+    def compute(
+        self, cache: Any, ids: np.ndarray, start: int, n: int, whole: bool, pages: np.ndarray
+    ) -> Any:
+        """The cache with the K/V of ids[start : start + n] at those positions of the
+        sequence whose page-table row is `pages`. `whole`: these are all its positions
+        (start = 0), computed by the prefill program."""
+        T = bucket_for(n, self.buckets)
+        if whole:
+            tokens = np.zeros((1, T), np.int32)
+            tokens[0, :n] = ids[:n]
+            rows, _ = self.p.prefill(self.params, tokens, np.int32(n))
+            return self.p.insert(cache, rows, pages)
+        if not self.p.extend_ready(T) and n <= self.chunk_bucket:
+            T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = ids[start : start + n]
+        extend = self.p.extender(self.params, cache, T)
+        return extend(self.params, cache, tokens, np.int32(start), np.int32(n), pages)
+
+    def scored(self, handle: Handle, ids: np.ndarray) -> Any:
+        """Prefill the whole prompt (all but its last token), setting the handle's prompt
+        logprobs; the K/V rows to insert (None for a one-token prompt)."""
+        P, n_top = len(ids), handle.request.top_logprobs or 0
+        if P == 1:
+            handle.prompt_logprobs = (TokenLogprob(int(ids[0]), None, None),)
+            return None
+        T = bucket_for(P - 1, self.buckets)
+        tokens, targets = np.zeros((2, 1, T), np.int32)
+        tokens[0, : P - 1], targets[0, : P - 1] = ids[:-1], ids[1:]
+        rows, hidden = self.p.prefill(self.params, tokens, np.int32(P - 1))
+        chosen, top_ids, top_lp = jax.device_get(
+            self.p.prompt_logprobs(self.params, hidden, targets)
+        )
+        # Entry i is token i of the prompt given tokens < i; the first has no context.
+        entries = [TokenLogprob(int(ids[0]), None, None)]
+        for i in range(1, P):
+            top = zip(top_ids[i - 1, :n_top].tolist(), top_lp[i - 1, :n_top].tolist(), strict=True)
+            entries.append(TokenLogprob(int(ids[i]), float(chosen[i - 1]), None, tuple(top)))
+        handle.prompt_logprobs = tuple(entries)
+        return rows
