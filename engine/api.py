@@ -26,7 +26,13 @@ from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.disk_cache import cache_root
 from engine.handle import Handle
-from engine.kv_cache import default_budget, default_page_size, init_cache, pool_pages
+from engine.kv_cache import (
+    default_budget,
+    default_page_size,
+    init_cache,
+    kv_dtype_named,
+    pool_pages,
+)
 from engine.loading import LoadedModel, load_model
 from engine.paging import PageAllocator, parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
@@ -65,13 +71,15 @@ class Engine:
         background_compile: bool = True,
         page_size: int | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: jnp.dtype | None = None,
     ):
         """`warmup` compiles every program before the engine serves; with
         `background_compile` only the full-width decode programs are compiled first and
         the narrower ones (which make a lightly loaded engine faster) on a background
         thread, each used once it is ready. The KV cache is a pool of pages of `page_size`
         tokens (default: the backend's) in `kv_cache_memory` bytes (default:
-        kv_cache.default_budget), never more than max_slots sequences of max_len fill."""
+        kv_cache.default_budget), never more than max_slots sequences of max_len fill, in
+        `kv_cache_dtype` (default: the model's compute dtype)."""
         self.name = model.name
         self.config: ModelConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -92,12 +100,13 @@ class Engine:
         self.mesh = mesh or make_mesh()
         settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
+        kv_dtype = jnp.dtype(kv_cache_dtype or dtype)
         page_size = page_size or default_page_size()
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1: {page_size}")
         num_pages = pool_pages(
             model.config,
-            jnp.dtype(dtype).itemsize,
+            kv_dtype.itemsize,
             page_size,
             kv_cache_memory if kv_cache_memory is not None else default_budget(),
             settings.max_slots,
@@ -105,7 +114,7 @@ class Engine:
             multiple=self.mesh.shape["data"],
         )
         pages_per_seq = -(-settings.max_len // page_size)
-        cache = init_cache(model.config, num_pages, page_size, dtype)
+        cache = init_cache(model.config, num_pages, page_size, kv_dtype)
         cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
         cache = jax.device_put(cache, cache_shardings)
         no_pages = np.zeros((settings.max_slots, pages_per_seq), np.int32)
@@ -149,6 +158,7 @@ class Engine:
         max_len: int | None = None,
         kv_cache_memory: int | str | None = None,
         page_size: int | None = None,
+        kv_cache_dtype: str | jnp.dtype | None = None,
         dtype: jnp.dtype | None = None,
         decode_steps: int = 4,
         max_queue: int = 256,
@@ -173,7 +183,9 @@ class Engine:
         freezes every stream for its whole prefill). `max_seqs` (alias `max_slots`, default
         16) bounds the sequences decoded together, `max_len` (default: the model's context
         length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
-        default kv_cache.default_budget) in pages of `page_size` tokens. `distributed=True`
+        default kv_cache.default_budget) in pages of `page_size` tokens, stored as
+        `kv_cache_dtype` (default: the compute dtype; bfloat16 or float16 halve a float32
+        cache, on the XLA path: the CPU kernels read float32). `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
         uses them wherever they apply: float32 on one CPU device that can build them."""
@@ -182,11 +194,17 @@ class Engine:
         enable_compilation_cache()
         mesh = mesh or make_mesh()
         dtype = dtype or default_dtype()
-        usable = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+        kv_dtype = kv_dtype_named(kv_cache_dtype or dtype)
+        usable = (
+            mesh.size == 1
+            and jnp.dtype(dtype) == jnp.float32
+            and kv_dtype == jnp.float32
+            and cpu_kernels.available()
+        )
         if cpu_kernel and not usable:
             raise ValueError(
-                "cpu_kernel=True needs float32 on one CPU device with AVX2, FMA, F16C and a C++ "
-                "compiler (see the log for what was missing)"
+                "cpu_kernel=True needs float32 (weights and KV cache) on one CPU device with "
+                "AVX2, FMA, F16C and a C++ compiler (see the log for what was missing)"
             )
         cpu_kernel = usable if cpu_kernel is None else cpu_kernel
         model = load_model(
@@ -216,6 +234,7 @@ class Engine:
             background_compile=background_compile,
             page_size=page_size,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_dtype,
         )
 
     # ---- requests ---------------------------------------------------------------

@@ -39,8 +39,21 @@ DEFAULT_CPU_BUDGET = 2 * 1024**3  # bytes of KV cache on CPU unless --kv-cache-m
 DEVICE_MEMORY_FRACTION = 0.9  # of an accelerator's memory left free once weights are loaded
 
 
-class CacheSizeError(ValueError):
-    """The KV cache budget cannot hold one sequence of the context length asked for."""
+class CacheConfigError(ValueError):
+    """The KV cache cannot be set up as asked: a budget that cannot hold one sequence of the
+    context length, a dtype it cannot be stored in."""
+
+
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def kv_dtype_named(name: str | jnp.dtype) -> jnp.dtype:
+    """A KV cache dtype (one of KV_CACHE_DTYPES), or CacheConfigError naming the choices."""
+    if str(jnp.dtype(name) if not isinstance(name, str) else name) not in KV_CACHE_DTYPES:
+        raise CacheConfigError(
+            f"kv_cache_dtype {str(name)!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    return jnp.dtype(name)
 
 
 def default_page_size(backend: str | None = None) -> int:
@@ -68,7 +81,7 @@ def pool_pages(
 ) -> int:
     """Pages of the pool, the pad page included: as many as `budget` bytes hold, but no
     more than `max_seqs` sequences of `max_len` tokens fill, and a multiple of `multiple`
-    (the data-parallel shards). Raises CacheSizeError if one sequence of max_len cannot fit."""
+    (the data-parallel shards). Raises CacheConfigError if one sequence of max_len cannot fit."""
     per_seq = -(-max_len // page_size)
     size = bytes_per_page(
         config.num_layers, config.num_kv_heads, config.head_dim, itemsize, page_size
@@ -76,7 +89,7 @@ def pool_pages(
     enough = -(-(max_seqs * per_seq + 1) // multiple) * multiple
     pages = min(budget // size // multiple * multiple, enough)
     if pages - 1 < per_seq:
-        raise CacheSizeError(
+        raise CacheConfigError(
             f"a KV cache of {budget} bytes holds {max(pages - 1, 0) * page_size} tokens "
             f"({size} bytes a page of {page_size}), less than one sequence of max_len "
             f"{max_len}: raise --kv-cache-memory or lower --max-len"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from checkpoints import CheckpointError, registry
 from engine.admission import MAX_TOP_LOGPROBS
 from engine.config import ConfigError
-from engine.kv_cache import CacheSizeError
+from engine.kv_cache import KV_CACHE_DTYPES, CacheConfigError
 from engine.paging import parse_bytes
 from engine.requests import (
     ContextLengthExceeded,
@@ -32,7 +32,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 USER_ERRORS = (
     CheckpointError,
     ConfigError,
-    CacheSizeError,
+    CacheConfigError,
     SamplingParamsError,
     InvalidRequest,
     ContextLengthExceeded,
@@ -98,6 +98,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--page-size", type=_int_in(1), help="tokens per KV cache page (default: per backend)"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", *KV_CACHE_DTYPES),
+        default="auto",
+        help="KV cache storage (auto: the compute dtype; bfloat16/float16 halve a float32 "
+        "cache, on XLA's ops instead of the CPU kernels)",
+    )
     p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
         "--prefill-budget",
@@ -150,6 +157,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         max_len=args.max_len,
         kv_cache_memory=args.kv_cache_memory,
         page_size=args.page_size,
+        kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
         decode_steps=args.decode_steps,
         prefill_budget=args.prefill_budget,
         prefill_chunk=args.prefill_chunk,

@@ -126,56 +126,34 @@ class Metrics:
             lines.extend(metric.render())
         active = engine_stats.get("active_slots", 0)
         slots = engine_stats.get("max_slots", 0)
-        gauges = (
-            ("jaxfire_requests_in_flight", "HTTP generation requests in progress.", self.in_flight),
-            (
-                "jaxfire_queue_length",
-                "Requests waiting for a slot.",
-                engine_stats.get("queue_length", 0),
-            ),
-            ("jaxfire_active_slots", "Decode slots holding a sequence.", active),
-            ("jaxfire_max_slots", "Decode slots in the batch.", slots),
-            (
-                "jaxfire_decode_width",
-                "Slots the last decode step computed (a bucket above the highest live slot).",
-                engine_stats.get("decode_width", 0),
-            ),
-            (
-                "jaxfire_slot_occupancy_ratio",
-                "Active slots / max slots.",
-                active / slots if slots else 0.0,
-            ),
-            ("jaxfire_kv_pages", "KV cache pages in the pool.", engine_stats.get("kv_pages", 0)),
-            (
-                "jaxfire_kv_pages_used",
-                "KV cache pages held by sequences (live tokens rounded up to pages).",
-                engine_stats.get("kv_pages_used", 0),
-            ),
-            (
-                "jaxfire_kv_pages_cached",
-                "KV cache pages no sequence holds, kept for prefix reuse until needed.",
-                engine_stats.get("kv_pages_cached", 0),
-            ),
-            (
-                "jaxfire_kv_page_size",
-                "Tokens per KV cache page.",
-                engine_stats.get("kv_page_size", 0),
-            ),
-        )
-        for name, help, value in gauges:
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]
-        counters = (
-            (
-                "jaxfire_prompt_tokens_reused_total",
-                "Prompt tokens mapped from the prefix cache's pages, so not prefilled.",
-                engine_stats.get("reused_prompt_tokens", 0),
-            ),
-            (
-                "jaxfire_preemptions_total",
-                "Decoding sequences preempted (recomputed later) because the KV cache was full.",
-                engine_stats.get("preemptions", 0),
-            ),
-        )
-        for name, help, value in counters:
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {_num(value)}"]
+        stat = engine_stats.get
+        simple = (  # (type, name, help, value)
+            ("gauge", "jaxfire_requests_in_flight", "HTTP generation requests in progress.",
+             self.in_flight),
+            ("gauge", "jaxfire_queue_length", "Requests waiting for a slot.",
+             stat("queue_length", 0)),
+            ("gauge", "jaxfire_active_slots", "Decode slots holding a sequence.", active),
+            ("gauge", "jaxfire_max_slots", "Decode slots in the batch.", slots),
+            ("gauge", "jaxfire_decode_width",
+             "Slots the last decode step computed (a bucket above the highest live slot).",
+             stat("decode_width", 0)),
+            ("gauge", "jaxfire_slot_occupancy_ratio", "Active slots / max slots.",
+             active / slots if slots else 0.0),
+            ("gauge", "jaxfire_kv_pages", "KV cache pages in the pool.", stat("kv_pages", 0)),
+            ("gauge", "jaxfire_kv_pages_used",
+             "KV cache pages held by sequences (live tokens rounded up to pages).",
+             stat("kv_pages_used", 0)),
+            ("gauge", "jaxfire_kv_pages_cached",
+             "KV cache pages no sequence holds, kept for prefix reuse until needed.",
+             stat("kv_pages_cached", 0)),
+            ("gauge", "jaxfire_kv_page_size", "Tokens per KV cache page.", stat("kv_page_size", 0)),
+            ("counter", "jaxfire_prompt_tokens_reused_total",
+             "Prompt tokens mapped from the prefix cache's pages, so not prefilled.",
+             stat("reused_prompt_tokens", 0)),
+            ("counter", "jaxfire_preemptions_total",
+             "Decoding sequences preempted (recomputed later) because the KV cache was full.",
+             stat("preemptions", 0)),
+        )  # fmt: skip
+        for kind, name, help, value in simple:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_num(value)}"]
         return "\n".join(lines) + "\n"

@@ -122,6 +122,7 @@ def test_convert_checks_the_tokenizer_before_reading_a_tensor(tmp_path, monkeypa
         (["serve", "--kv-cache-memory", "4 gallons"], "--kv-cache-memory"),
         (["serve", "--kv-cache-memory", "0"], "--kv-cache-memory"),
         (["serve", "--page-size", "0"], "--page-size"),
+        (["serve", "--kv-cache-dtype", "float8"], "--kv-cache-dtype"),
         (["serve", "--max-len", "0"], "--max-len"),
         (["serve", "--decode-steps", "0"], "--decode-steps"),
         (["serve", "--prefill-budget", "0"], "--prefill-budget"),

@@ -39,10 +39,8 @@ def big():
 def small():
     """Room for 11 pages of 8 tokens: one full sequence (64 tokens) and a bit, while the
     load below needs about 4 x 6 pages at once."""
-    config = F.shared_engine().config
-    page = bytes_per_page(config.num_layers, config.num_kv_heads, config.head_dim, 4, F.PAGE)
     engine = F.make_engine(
-        max_slots=4, max_len=F.MAX_LEN, kv_cache_memory=12 * page, background_compile=False
+        max_slots=4, max_len=F.MAX_LEN, kv_cache_memory=budget_of(12), background_compile=False
     )
     yield engine
     engine.close()
@@ -135,3 +133,42 @@ def test_admission_waits_for_pages_rather_than_failing(small):
     requests = [GenerationRequest(tuple(p), GREEDY, max_tokens=3, ignore_eos=True) for p in prompts]
     for out, prompt in zip(run_all(small, requests), prompts, strict=True):
         assert out[0]["ids"] == F.hf_greedy(prompt, 3)
+
+
+def test_eviction_under_pressure_keeps_results_identical(small):
+    """A prompt's pages are cached, evicted by a load that needs the whole pool, then
+    recomputed: the same tokens each time; the cached run maps its full pages."""
+    [prompt] = F.prompts(1, seed=87, lo=30, hi=30)
+    request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=8, ignore_eos=True)
+    small.scheduler.forget_cached()
+    cold = F.collect(small.submit(request))[0]["ids"]
+    before = small.stats()["reused_prompt_tokens"]
+    warm = F.collect(small.submit(request))[0]["ids"]
+    assert small.stats()["reused_prompt_tokens"] - before == 24  # 3 full pages of 29
+    run_all(small, load(seed=88))  # needs every page: the cached ones are evicted
+    before = small.stats()["reused_prompt_tokens"]
+    evicted = F.collect(small.submit(request))[0]["ids"]
+    assert small.stats()["reused_prompt_tokens"] - before == 0
+    assert cold == warm == evicted == F.hf_greedy(prompt, 8)
+
+
+def test_the_pool_is_sized_by_the_budget_not_by_max_len():
+    """Under the same budget, a longer context takes no more memory: the pool holds the
+    same pages (startup memory does not grow with max_len past the budget)."""
+    engines = [
+        F.make_engine(max_slots=4, max_len=n, kv_cache_memory=budget_of(40), warmup=False)
+        for n in (128, 256)
+    ]
+    try:
+        assert [e.stats()["kv_pages"] for e in engines] == [39, 39]
+        assert [e.max_context for e in engines] == [128, 256]
+    finally:
+        for e in engines:
+            e.close()
+
+
+def budget_of(pages: int) -> int:
+    config = F.shared_engine().config
+    return pages * bytes_per_page(
+        config.num_layers, config.num_kv_heads, config.head_dim, 4, F.PAGE
+    )
