@@ -7,9 +7,9 @@ The cache is engine.kv_cache's page pool: per layer K and V each float32
 [num_pages, kv_heads, page_size, head_dim], a sequence's position p in page
 pages[p // page_size] at offset p % page_size of its page-table row `pages`.
 
-The C++ sources (`matmul.cc`, `attention.cc`, `layer.cc`, `top_k.cc`) are built on first
-use with the system's C++ compiler into the jaxfire cache folder (engine.disk_cache) and
-registered as XLA FFI targets.
+The C++ sources (`matmul.cc`, `attention.cc`, `decode_attention.cc`, `layer.cc`, `top_k.cc`)
+are built on first use with the system's C++ compiler into the jaxfire cache folder
+(engine.disk_cache) and registered as XLA FFI targets.
 Weights are packed once at load time into 16-column panels the matmul streams contiguously,
 in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
 blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as bfloat16.
@@ -47,9 +47,13 @@ EXTEND_ATTENTION = "jaxfire_cpu_extend_attention"
 DECODE_LAYER = "jaxfire_cpu_decode_layer"
 TOP_K = "jaxfire_cpu_top_k"
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("matmul.cc", "attention.cc", "layer.cc", "top_k.cc")
+    Path(__file__).with_name(n)
+    for n in ("matmul.cc", "attention.cc", "decode_attention.cc", "layer.cc", "top_k.cc")
 ]
-_HEADERS = [Path(__file__).with_name(n) for n in ("parallel.h", "kernels.h", "vector_math.h")]
+_HEADERS = [
+    Path(__file__).with_name(n)
+    for n in ("parallel.h", "kernels.h", "vector_math.h", "attention_math.h")
+]
 log = logging.getLogger("jaxfire.cpu_kernels")
 
 
