@@ -163,7 +163,7 @@ class Engine:
         decode_steps: int = 4,
         max_queue: int = 256,
         prefill_budget: int = 4096,
-        prefill_chunk: int = 512,
+        max_num_batched_tokens: int = 512,
         max_top_logprobs: int = 5,
         warmup: bool = True,
         background_compile: bool = True,
@@ -177,10 +177,11 @@ class Engine:
         burst of new requests stalls running ones at most that long. The default admits a
         burst whole (prefill first, as vLLM schedules), so decoding runs on full batches: at
         32 clients, a 512-token budget left a sixth of the slots idle on average and cost
-        15% of the throughput; lower it for smoother streams. A one-choice prompt longer
-        than `prefill_chunk` tokens is prefilled that many tokens at a time, with decode
-        steps of the running sequences between two chunks (so a long document no longer
-        freezes every stream for its whole prefill). `max_seqs` (alias `max_slots`, default
+        15% of the throughput; lower it for smoother streams. A prompt longer than
+        `max_num_batched_tokens` (the tokens of one model call) is prefilled in chunks,
+        each riding in the first step of the running sequences' decode call, the chunk
+        taking the budget their rows leave (so a long document no longer freezes every
+        stream for its whole prefill). `max_seqs` (alias `max_slots`, default
         16) bounds the sequences decoded together, `max_len` (default: the model's context
         length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
         default kv_cache.default_budget) in pages of `page_size` tokens, stored as
@@ -223,7 +224,7 @@ class Engine:
             decode_steps=decode_steps,
             max_queue=max_queue,
             prefill_budget=prefill_budget,
-            prefill_chunk=prefill_chunk,
+            max_num_batched_tokens=max_num_batched_tokens,
         )
         return cls(
             model,
@@ -326,11 +327,13 @@ class Engine:
         are prefilled in chunks; only a long prompt with prompt logprobs is prefilled whole,
         in a larger bucket: those are compiled last, without running them.
 
-        With `background`, the decode programs narrower than all slots or attending past
-        WARM_KV_LEN positions, the extensions shorter than a chunk and the larger prefill
-        buckets compile on a thread instead; until one is ready the scheduler uses the
-        full-width decode and pads a short extension to a chunk (a decode of a longer
-        context compiles on first use), so startup does not grow with max_len."""
+        With `background`, the mixed decode programs (all slots, carrying a chunk of a long
+        prompt, attending up to WARM_KV_LEN positions), the decode programs narrower than
+        all slots or attending past WARM_KV_LEN, the extensions shorter than a chunk and
+        the larger prefill buckets compile on a thread instead; until one is ready the
+        scheduler runs a chunk alone before the decode call, uses the full-width decode and
+        pads a short extension to a chunk (a decode of a longer context compiles on first
+        use), so startup does not grow with max_len."""
         s, p, prefill = self.scheduler, self.programs, self.scheduler.prefiller
         pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
         for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
@@ -360,7 +363,16 @@ class Engine:
             p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
         p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
 
+        # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
+        width = s.s.max_num_batched_tokens - widest
+        mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
+        s.mix_on_demand = False
+
         def compile_later() -> None:
+            for kv_len in mixed:
+                if self._closing.is_set():
+                    return
+                p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest, chunk=width)
             for kv_len, rows in later:
                 if self._closing.is_set():
                     return

@@ -1,10 +1,11 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax.
 
-One forward serves prefill (T tokens per row) and decode (T = 1 for every slot): it
-writes the new K/V at explicit `positions` into the preallocated cache, a pool of pages that
-each row reaches through its page-table row (engine.kv_cache), then each query attends to the
-row's positions at or before its own. Rows are independent, which is what lets the engine
-batch sequences of different lengths slot by slot.
+One forward serves prefill (T tokens per row), decode (T = 1 for every slot) and both in one
+step (a block of each, Rows): it writes the new K/V at explicit `positions` into the
+preallocated cache, a pool of pages that each row reaches through its page-table row
+(engine.kv_cache), then each query attends to the row's positions at or before its own. Rows
+are independent, which is what lets the engine batch sequences of different lengths slot by
+slot.
 
 Parameter names follow HF's module names (`layers_3/self_attn/q_proj/kernel`), with
 kernels stored [in, out], so loading is a transpose per matrix.
@@ -12,13 +13,17 @@ kernels stored [in, out], so loading is a transpose per matrix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from engine import cpu_kernels
+from engine.attend import attend_packed, attend_xla
 from engine.config import ModelConfig
-from engine.kv_cache import KVCache, read_pages, write_pages
+from engine.kv_cache import KVCache
 
 F32 = jnp.float32
 
@@ -64,36 +69,58 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D]; cos, sin: [B, T, D/2]
-    (rope_tables of the tokens' positions)."""
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+@flax.struct.dataclass
+class Rows:
+    """One block of a step: B sequences' next T tokens each, at consecutive positions.
+
+    Row b is the sequence whose pages are page_table[b] (engine.kv_cache). A step is one or
+    more blocks (Transformer): decode is one block of a token per slot, a prompt chunk one
+    row of many tokens, and a mixed step both, whose matrix products run on all their tokens
+    at once while each block attends on its own (engine.attend).
+    `valid` (int32 scalar, may be traced): tokens from this one on, over [B, T] flattened,
+    are padding; the CPU kernels skip their matrix rows (left zero) in the last block, XLA's
+    ops compute them. Either way no query before it sees them.
+    `kv_len` bounds how many positions are attended to (default: all a table row holds): the
+    engine passes a bucket above the longest live position so short sequences don't pay for
+    max_len.
+    `fresh` promises a prefill from empty rows: positions are 0 .. T-1 in every row and the
+    cache holds nothing else (a page of T positions per row, page_table [[0], [1], ...]). The
+    CPU kernels then attend within the new tokens and return their K/V as the cache
+    ([B, kv_heads, T, head_dim] per layer); such a block is a step alone.
+    `head`: logits f32[B, T, V] for this block; False: its final normed hidden states
+    [B, T, D] (a prefill that needs no prompt logprobs skips the vocabulary projection).
+    """
+
+    tokens: jax.Array  # i32[B, T]
+    positions: jax.Array  # i32[B, T]
+    page_table: jax.Array  # i32[B, pages_per_seq]
+    valid: jax.Array | None = None
+    kv_len: int | None = flax.struct.field(pytree_node=False, default=None)
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
+    head: bool = flax.struct.field(pytree_node=False, default=True)
 
 
-def attention_mask(positions: jax.Array, kv_len: int, window: int | None) -> jax.Array:
-    """Bool[B, T, S]: key j is visible to the query at position p iff j <= p (and within
-    the sliding window). Cache entries past a row's length are never visible."""
-    keys = jnp.arange(kv_len)[None, None, :]
-    q = positions[:, :, None]
-    mask = keys <= q
-    if window is not None:
-        mask &= keys > q - window
-    return mask
+def _joined(xs: list[jax.Array]) -> jax.Array:
+    """Blocks' [B_i, T_i, F] as one [1, sum B_i T_i, F]: one matrix product for all."""
+    return jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])[None]
 
 
-def _cpu_decode_attention(q, keys, values, mask, dtype) -> jax.Array:
-    """One token per row as broadcast multiply-reduces, in [B, K, G, S] throughout.
+def _split(y: jax.Array, blocks: tuple[Rows, ...]) -> list[jax.Array]:
+    """The inverse of _joined: [1, N, F] back into each block's [B_i, T_i, F]."""
+    out, at = [], 0
+    for b in blocks:
+        n = b.tokens.size
+        out.append(y[0, at : at + n].reshape(*b.tokens.shape, y.shape[-1]))
+        at += n
+    return out
 
-    q [B, K, G, D], keys / values [B, K, S, D], mask [B, S] -> [B, K, G, D]. XLA CPU ran the
-    batched [G, D] x [D, S] dots of a single token well below memory speed (a third slower
-    at batch 32); TPU/GPU keep the dots, which their matrix units run."""
-    q = q.astype(F32) * (q.shape[-1] ** -0.5)
-    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
+
+def _valid_rows(blocks: tuple[Rows, ...]) -> jax.Array | None:
+    """Rows of the joined tokens from which on all is padding: the last block's padding."""
+    last = blocks[-1]
+    if last.valid is None:
+        return None
+    return sum(b.tokens.size for b in blocks[:-1]) + last.valid
 
 
 class Attention(nn.Module):
@@ -102,74 +129,30 @@ class Attention(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(
-        self, x, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
-    ):
+    def __call__(self, xs, blocks, rotations, cache_kv):
         cfg = self.config
-        B, T, _ = x.shape
-        cos, sin = rotation  # rope_tables of positions, [B, T, D/2]
+        x, valid_rows = _joined(xs), _valid_rows(blocks)
         dense = lambda n, name, bias: Linear(n, bias, self.dtype, self.packed, name=name)
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        o_proj = dense(cfg.hidden_size, "o_proj", False)
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
-            if fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
-                rows = B * T if valid_rows is None else valid_rows
-                out, *new_kv = cpu_kernels.prefill_attention(
-                    qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
-                )
-                return o_proj(out, valid_rows), tuple(new_kv)
-            if T == 1:  # decode: the kernel writes the cache in place and attends
-                out, *new_kv = cpu_kernels.decode_attention(
-                    qkv[:, 0],
-                    cos[:, 0],
-                    sin[:, 0],
-                    positions[:, 0],
-                    page_table,
-                    *cache_kv,
-                    cfg.num_heads,
-                    cfg.sliding_window,
-                )
-                return o_proj(out[:, None]), tuple(new_kv)
-            if B == 1:  # one sequence's next T positions, after what its pages hold
-                out, *new_kv = cpu_kernels.extend_attention(
-                    qkv,
-                    cos[0],
-                    sin[0],
-                    positions[0, 0],
-                    T if valid_rows is None else valid_rows,
-                    page_table[0],
-                    *cache_kv,
-                    cfg.num_heads,
-                    cfg.sliding_window,
-                )
-                return o_proj(out, valid_rows), tuple(new_kv)
-            q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
+            parts = _split(qkv, blocks)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
             k = dense(kv_out, "k_proj", cfg.attention_bias)(x)
             v = dense(kv_out, "v_proj", cfg.attention_bias)(x)
-        q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-
-        k_cache = write_pages(cache_kv[0], k, positions, page_table)
-        v_cache = write_pages(cache_kv[1], v, positions, page_table)
-
-        # Grouped-query attention: queries grouped per KV head, no K/V repetition.
-        q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-        keys = read_pages(k_cache, page_table, kv_len)
-        values = read_pages(v_cache, page_table, kv_len)
-        if T == 1 and jax.default_backend() == "cpu":
-            out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], self.dtype)[:, None]
-        else:
-            scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
-            scores = scores * (cfg.head_dim**-0.5)
-            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
-        out = out.reshape(B, T, cfg.num_heads * cfg.head_dim)
-        return o_proj(out, valid_rows), (k_cache, v_cache)
+            parts = list(zip(*(_split(y, blocks) for y in (q, k, v)), strict=True))
+        outs = []
+        for part, block, rotation in zip(parts, blocks, rotations, strict=True):
+            done = self.packed and attend_packed(cfg, part, block, rotation, cache_kv)
+            if not done:
+                if self.packed:
+                    part = jnp.split(part, [q_out, q_out + kv_out], axis=-1)
+                done = attend_xla(cfg, self.dtype, *part, block, rotation, cache_kv)
+            out, cache_kv = done
+            outs.append(out)
+        o_proj = dense(cfg.hidden_size, "o_proj", False)
+        return _split(o_proj(_joined(outs), valid_rows), blocks), cache_kv
 
 
 class MLP(nn.Module):
@@ -195,59 +178,49 @@ class DecoderLayer(nn.Module):
     packed: bool
 
     @nn.compact
-    def __call__(
-        self, x, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
-    ):
+    def __call__(self, xs, blocks, rotations, cache_kv):
         cfg, eps = self.config, self.config.rms_norm_eps
-        if self.packed and x.shape[1] == 1 and not fresh and not cfg.attention_bias:
+        only = blocks[0]
+        decode = len(blocks) == 1 and only.tokens.shape[1] == 1 and not only.fresh
+        if self.packed and decode and not cfg.attention_bias:
             # Decode: the whole layer in one kernel call (the same math as below).
-            cos, sin = rotation
+            cos, sin = rotations[0]
             y, *new_kv = cpu_kernels.decode_layer(
-                x[:, 0],
+                xs[0][:, 0],
                 self.variables["params"],
                 cos[:, 0],
                 sin[:, 0],
-                positions[:, 0],
-                page_table,
+                only.positions[:, 0],
+                only.page_table,
                 *cache_kv,
                 cfg.num_heads,
                 cfg.sliding_window,
                 eps,
             )
-            return y[:, None].astype(self.dtype), tuple(new_kv)
-        h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        h, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            h, positions, mask, rotation, cache_kv, page_table, kv_len, valid_rows, fresh
+            return [y[:, None].astype(self.dtype)], tuple(new_kv)
+        norm = RMSNorm(eps, self.dtype, name="input_layernorm")
+        hs, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
+            [norm(x) for x in xs], blocks, rotations, cache_kv
         )
-        x = x + h
-        h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        xs = [x + h for x, h in zip(xs, hs, strict=True)]
+        norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
         mlp = MLP(self.config, self.dtype, self.packed, name="mlp")
-        return x + mlp(h, valid_rows), cache_kv
+        hs = _split(mlp(_joined([norm(x) for x in xs]), _valid_rows(blocks)), blocks)
+        return [x + h for x, h in zip(xs, hs, strict=True)], cache_kv
 
 
 class Transformer(nn.Module):
-    """forward(tokens [B, T], positions [B, T], cache, page_table [B, pages_per_seq])
-    -> (logits f32[B, T, V], cache).
+    """forward(blocks, cache) -> (one output per block, cache).
 
-    Batch row b is the sequence whose pages are page_table[b] (engine.kv_cache): the engine
-    decodes its first B slots with their B table rows, so the idle slots above cost nothing,
-    and extends one slot by a prompt chunk as a batch of one row, that slot's table row.
-    `kv_len` (static) bounds how many positions are attended to (default: all a table row
-    holds): the engine passes a bucket above the longest live position so short sequences
-    don't pay for max_len.
-    `head=False` returns the final normed hidden states [B, T, D] instead of logits, so
-    a prefill that needs no prompt logprobs skips the vocabulary projection.
-    `valid_rows` (int32 scalar, may be traced): tokens from this one on, counted over
-    [B, T] flattened, are padding; the CPU kernels skip their matrix rows (left zero),
-    XLA's ops compute them. Either way no query before it sees them.
-    `fresh` (static) promises a prefill from empty rows: positions are 0 .. T-1 in every
-    row and the cache holds nothing else (a page of T positions per row, page_table [[0],
-    [1], ...]). The CPU kernels then attend within the new tokens and return their K/V as the
-    cache ([B, kv_heads, T, head_dim] per layer).
-    A row's T tokens sit at consecutive positions. With the CPU kernels, one token per row is
-    decode, and one row of several tokens, not fresh, is one sequence continuing what its
-    pages hold at the positions before its own (the rest of a prompt sharing a prefix with
-    the slot's last one, or a chunk of a long prompt).
+    Each block (Rows) is a rectangle of rows of consecutive tokens; the output of a block is
+    its logits f32[B, T, V], or with `head=False` its final normed hidden states [B, T, D].
+    All blocks' tokens share each matrix product; each block attends on its own
+    (engine.attend). The engine decodes its first B slots with their B table rows (so the
+    idle slots above cost nothing), prefills a prompt chunk as a block of one row, and mixes
+    the two in one step while decoding sequences wait for a long prompt.
+    With the CPU kernels, one token per row is decode, and one row of several tokens, not
+    fresh, is one sequence continuing what its pages hold at the positions before its own (the
+    rest of a prompt sharing a prefix with another, or a chunk of a long prompt).
     """
 
     config: ModelConfig
@@ -257,36 +230,27 @@ class Transformer(nn.Module):
     packed: bool = False
 
     @nn.compact
-    def __call__(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array,
-        cache: KVCache,
-        page_table: jax.Array,
-        kv_len: int | None = None,
-        head: bool = True,
-        valid_rows: jax.Array | None = None,
-        fresh: bool = False,
-    ) -> tuple[jax.Array, KVCache]:
-        cfg = self.config
-        kv_len = kv_len or page_table.shape[1] * cache[0][0].shape[2]
+    def __call__(self, blocks: Sequence[Rows], cache: KVCache) -> tuple[list[jax.Array], KVCache]:
+        cfg, blocks = self.config, tuple(blocks)
+        if len(blocks) > 1 and any(b.fresh for b in blocks):
+            raise ValueError("a fresh prefill block is a step alone")
         embed = self.param(
             "embed_tokens",
             nn.initializers.normal(0.02),
             (cfg.vocab_size, cfg.hidden_size),
             self.dtype,
         )
-        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        xs = [jnp.take(embed, b.tokens, axis=0).astype(self.dtype) for b in blocks]
         # Once for every layer: the positions' rotation angles.
-        rotation = rope_tables(positions, jnp.asarray(cfg.inv_freq()))
-        mask = attention_mask(positions, kv_len, cfg.sliding_window)
+        inv_freq = jnp.asarray(cfg.inv_freq())
+        rotations = [rope_tables(b.positions, inv_freq) for b in blocks]
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
-            x, kv = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")(
-                x, positions, mask, rotation, cache[i], page_table, kv_len, valid_rows, fresh
-            )
+            layer = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")
+            xs, kv = layer(xs, blocks, rotations, cache[i])
             new_cache.append(kv)
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)
+        norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
+        xs = [norm(x) for x in xs]
         if not self.packed and not cfg.tie_word_embeddings:  # packed: its own "lm_head"
             self.param(
                 "lm_head",
@@ -294,9 +258,12 @@ class Transformer(nn.Module):
                 (cfg.hidden_size, cfg.vocab_size),
                 self.dtype,
             )
-        if not head:
-            return x, new_cache
-        return logits_from_hidden(self.variables["params"], x, cfg, self.packed), new_cache
+        params = self.variables["params"]
+        outs = [
+            logits_from_hidden(params, x, cfg, self.packed) if b.head else x
+            for x, b in zip(xs, blocks, strict=True)
+        ]
+        return outs, new_cache
 
 
 def logits_from_hidden(

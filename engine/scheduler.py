@@ -1,13 +1,14 @@
 """Continuous batching over a paged KV cache: one sequential loop that admits, prefills,
 decodes and streams.
 
-The loop runs in one background thread and reads top to bottom: take cancellations, prefill
-one chunk of a long prompt, admit (preempted sequences first, then queued requests) while a
-slot and the pages for the prompt are free, give every decoding sequence pages for its next k
-tokens (preempting the latest started when the pool is short), run k decode steps, turn the
-new tokens into text, stop strings and finish reasons, and hand the updates to each
-request's handle. The device programs (engine.step) are the only device work; which page
-holds which tokens is engine.paging's.
+The loop runs in one background thread and reads top to bottom: take cancellations, admit
+(preempted sequences first, then queued requests) while a slot and the pages for the prompt
+are free, give every decoding sequence pages for its next k tokens (preempting the latest
+started when the pool is short), run k decode steps whose first also computes the next chunk
+of a long prompt (engine.fills; the chunk alone when nothing decodes), turn the new tokens
+into text, stop strings and finish reasons, and hand the updates to each request's handle.
+The device programs (engine.step) are the only device work; which page holds which tokens
+is engine.paging's.
 
 A prompt's K/V is computed once into its own pages, minus the full pages the prefix cache
 already holds; its n choices then share those pages (copy-on-write for the last, partial
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -29,23 +29,20 @@ from typing import Any
 import jax
 import numpy as np
 
-import samplers
 from engine.admission import Limits, check_request
 from engine.buckets import bucket_for, buckets
+from engine.fills import Fills
 from engine.handle import DONE, Handle
-from engine.paging import OutOfPages, PageAllocator
-from engine.prefill import Prefiller
+from engine.paging import PageAllocator
 from engine.requests import (
     ChoiceUpdate,
     EngineOverloaded,
     GenerationRequest,
     Timing,
 )
-from engine.sequences import Choice, Fill, Request, advance
-from engine.slots import Slots
+from engine.sequences import Request, advance
 from engine.step import Programs, StepOutput
-from engine.stop import StopMatcher
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxfire.engine")
 
@@ -64,19 +61,22 @@ class SchedulerSettings:
     # a burst of new requests stalls the sequences already decoding (Engine.from_pretrained
     # says why the default is large).
     prefill_budget: int = 4096
-    # A prompt longer than this is prefilled this many tokens per loop iteration, so the
-    # sequences already decoding get k tokens between two chunks.
-    prefill_chunk: int = 512
+    # Tokens one model call computes. A prompt longer than this is prefilled in chunks, one
+    # per loop iteration: while sequences decode, the chunk (this many tokens less the
+    # decoded rows) rides in the first step of their decode call (a mixed step).
+    max_num_batched_tokens: int = 512
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_len", "decode_steps", "max_queue", "prefill_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1: {getattr(self, name)}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1: {self.prefill_chunk}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be at least 1: {self.max_num_batched_tokens}"
+            )
 
 
-class Scheduler(Slots):
+class Scheduler(Fills):
     def __init__(
         self,
         programs: Programs,
@@ -87,22 +87,15 @@ class Scheduler(Slots):
         settings: SchedulerSettings,
         limits: Limits,
     ):
-        super().__init__(programs, cache, pages, settings, limits.vocab_size)
-        self.params, self.tok, self.limits = params, tokenizer, limits
-        self.vocab_size = limits.vocab_size
+        super().__init__(programs, params, cache, pages, tokenizer, settings, limits.vocab_size)
+        self.limits = limits
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         slots = settings.max_slots
-        self.prefiller = Prefiller(
-            programs, params, settings.min_prefill_bucket, settings.max_len, settings.prefill_chunk
-        )
         self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
         self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
         self.queue: collections.deque[Handle] = collections.deque()
-        self.filling: collections.deque[Fill] = collections.deque()  # K/V being computed
-        self.ready: collections.deque[Fill] = collections.deque()  # choices wait for a slot
-        self._seq_ids = itertools.count()
         self.lock = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -173,9 +166,11 @@ class Scheduler(Slots):
                 self._fail_all(e)
 
     def step(self) -> None:
-        """One iteration: cancellations, a prompt chunk, admissions, k decode steps."""
+        """One iteration: cancellations, admissions, k decode steps carrying the next chunk
+        of a long prompt (or that chunk alone when nothing decodes)."""
         self._reap_cancelled()
-        self._fill_chunk()
+        if not self.live:
+            self._fill_chunk()
         self._admit()
         if self.live:
             self._decode()
@@ -261,61 +256,6 @@ class Scheduler(Slots):
         self._filled(fill)
         return len(ids)
 
-    def _new_fill(
-        self, owner: Request, ids: np.ndarray, resume: Choice | None = None, reuse: bool = True
-    ) -> Fill | None:
-        """A new sequence for `ids`, mapping the prefix cache's pages (with `reuse`) and
-        reserving pages for the rest; None, and nothing held, if the pool is short."""
-        seq = next(self._seq_ids)
-        cached = self.pages.admit(seq, ids if reuse else ())
-        try:
-            self.pages.reserve(seq, len(ids) - 1 - cached)
-        except OutOfPages:
-            self.pages.free(seq)
-            return None
-        return Fill(owner, seq, ids, cached, resume)
-
-    def _start_fill(self, fill: Fill) -> int:
-        """Compute the fill's K/V now if it is one chunk or less (the tokens computed), else
-        leave it to `_fill_chunk`, a chunk per loop iteration."""
-        self.filling.append(fill)  # so a failure below frees its pages
-        rest = fill.target - fill.done
-        if rest > self.s.prefill_chunk:
-            return 0
-        if rest:
-            self._compute(fill, rest)
-        self.filling.remove(fill)
-        self._filled(fill)
-        return rest
-
-    def _fill_chunk(self) -> None:
-        """The next chunk of the oldest sequence filled in chunks; after its last one, it
-        starts decoding."""
-        fill = next((f for f in self.filling if f.target - f.done > 0), None)
-        if fill is None:
-            return
-        self._compute(fill, min(self.s.prefill_chunk, fill.target - fill.done))
-        if fill.done == fill.target:
-            self.filling.remove(fill)
-            self._filled(fill)
-
-    def _compute(self, fill: Fill, n: int) -> None:
-        """K/V of the fill's next n positions into its pages."""
-        whole = fill.done == 0 and n == fill.target
-        pages = self._table_row(fill.seq)
-        self.cache = self.prefiller.compute(self.cache, fill.ids, fill.done, n, whole, pages)
-        self._computed(fill, n)
-
-    def _computed(self, fill: Fill, n: int) -> None:
-        """The fill's next n positions hold K/V: its full pages can serve other prompts."""
-        self.pages.commit(fill.seq, fill.ids[fill.done : fill.done + n].tolist())
-        fill.done += n
-
-    def _filled(self, fill: Fill) -> None:
-        self.ready.append(fill)  # first: a failure while placing it frees its pages
-        if self._place(fill):
-            self.ready.remove(fill)
-
     def _finish_unsampled(self, owner: Request) -> None:
         """max_tokens = 0: every choice ends at once, with no token."""
         h = owner.handle
@@ -324,40 +264,6 @@ class Scheduler(Slots):
             h._push(ChoiceUpdate(i, (), "", (), "length"))
         h._push(DONE)
         owner.pending.clear()
-
-    def _place(self, fill: Fill) -> bool:
-        """Start the fill's choices in free slots: a preempted choice on its own sequence; a
-        new request's choices each on a fork of the prompt's (the last one takes it over),
-        with its own sampling row. True once nothing of it waits for a slot."""
-        owner = fill.owner
-        r = owner.handle.request
-        if fill.resume is not None:
-            if not self.free:
-                return False
-            self._start_choice(owner, fill.resume, fill.seq, fill.resume.saved_row)
-            return True
-        while owner.pending and self.free:
-            index = owner.pending[0]
-            seq = fill.seq
-            if len(owner.pending) > 1:
-                seq = next(self._seq_ids)
-                self.pages.fork(fill.seq, seq)
-            row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, fill.ids, index)
-            choice = Choice(
-                index,
-                IncrementalDetokenizer(self.tok, context=r.prompt_ids),
-                StopMatcher(r.stop),
-                order=0,
-            )
-            try:
-                self._start_choice(owner, choice, seq, row)
-            except Exception:
-                if seq != fill.seq:
-                    self.pages.free(seq)
-                raise
-            owner.pending.pop(0)
-            owner.choices.append(choice)
-        return not owner.pending
 
     # ---- decode ---------------------------------------------------------------------
     def _decode(self) -> None:
@@ -369,14 +275,28 @@ class Scheduler(Slots):
         live_pos = max(int(self.slot_pos[s]) for s in self.live)
         kv_len = bucket_for(min(live_pos + k, self.s.max_len), self.kv_buckets)
         highest = max(self.live) + 1
-        rows = next(
+        fill, mixed = self._chunked(), None
+        if fill is not None:
+            mixed = self._mixed_rows(k, kv_len, highest)
+            if mixed is None:  # no mixed program for this geometry: the chunk goes alone
+                self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
+        rows = mixed or next(
             r
             for r in self.slot_buckets
             if r >= highest and (self.p.decode_ready(k, kv_len, r) or r == self.s.max_slots)
         )
-        decode = self.p.decoder(self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows)
+        width = self.s.max_num_batched_tokens - rows if mixed else 0
+        decode = self.p.decoder(
+            self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows, chunk=width
+        )
         self.decode_width = rows
-        self.cache, self.state, out = decode(self.params, self.cache, self.state)
+        chunk = []
+        if mixed:
+            carried, n = self._carried(fill, width)
+            chunk = [carried]
+        self.cache, self.state, out = decode(self.params, self.cache, self.state, *chunk)
+        if mixed:
+            self._computed(fill, n)
         out: StepOutput = jax.device_get(out)
         now = time.perf_counter()
         for slot, (owner, choice) in list(self.live.items()):
@@ -392,6 +312,8 @@ class Scheduler(Slots):
                 self._release(owner, choice)
                 if not owner.live():
                     self._finish(owner, now)
+        if fill is not None:  # placed after the decode: its slot had no pages reserved
+            self._if_filled(fill)
 
     # ---- ending requests --------------------------------------------------------------
     def _finish(self, owner: Request, now: float) -> None:

@@ -10,6 +10,10 @@ page-table row (engine.kv_cache: which pages of the cache hold its positions) li
 state; the prefill covers the prompt except its last token, which the first decode step
 consumes, so the first generated token is drawn by the same sampling program as every other.
 
+A mixed decode program also carries a prompt chunk (Chunk) in its first step: one model call
+over the decode rows and the chunk's tokens (engine.model.Rows blocks), so a long prompt is
+prefilled while the running sequences keep getting tokens, sharing each weight read.
+
 `extend` prefills tokens of a sequence at their positions in its pages, attending to what
 they already hold: the rest of a prompt whose first pages came from the prefix cache, a long
 prompt chunk by chunk, a preempted sequence being recomputed. `copy_page` gives a sequence
@@ -18,7 +22,7 @@ sampling state back so a preempted sequence resumes exactly where it stopped.
 
 Decode runs over the first `rows` slots only (a bucket above the highest live slot, the
 scheduler keeping live sequences in the low slots), so idle slots cost nothing. Each
-(k, kv_len, rows) program is compiled ahead of time and kept in a table; the scheduler
+(k, kv_len, rows, chunk) program is compiled ahead of time and kept in a table; the scheduler
 uses the smallest one compiled, so smaller buckets can compile in the background.
 """
 
@@ -36,7 +40,7 @@ import samplers
 from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache, write_prefix
-from engine.model import Transformer, logits_from_hidden
+from engine.model import Rows, Transformer, logits_from_hidden
 from samplers.pipeline import sample
 
 Params = Any
@@ -73,6 +77,22 @@ class DecodeState:
             page_table=jnp.array(page_table, jnp.int32),
             sampling=samplers.SamplingBatch.empty(slots, vocab_size, max_bias),
         )
+
+
+@flax.struct.dataclass
+class Chunk:
+    """A prompt chunk carried by a decode call's first step (a mixed step): tokens i32[1, C]
+    (the first `length` real) at positions start .. start + C - 1 of the sequence whose pages
+    are `pages` (a page-table row), whose positions before `start` hold it already."""
+
+    tokens: jax.Array
+    start: jax.Array  # i32 scalar
+    length: jax.Array  # i32 scalar
+    pages: jax.Array  # i32[pages_per_seq]
+
+    def block(self) -> Rows:
+        positions = self.start + jnp.arange(self.tokens.shape[1], dtype=jnp.int32)[None]
+        return Rows(self.tokens, positions, self.pages[None], self.length, head=False)
 
 
 @flax.struct.dataclass
@@ -137,20 +157,40 @@ class Programs:
         self.sampling_row = jax.jit(_sampling_row)
         self.copy_page = jax.jit(_copy_page, donate_argnums=0, **cache_out)
 
-    def decode_ready(self, k: int, kv_len: int, rows: int) -> bool:
-        return (k, kv_len, rows) in self._decoders
+    def decode_ready(self, k: int, kv_len: int, rows: int, chunk: int = 0) -> bool:
+        return (k, kv_len, rows, chunk) in self._decoders
 
     def decoder(
-        self, params: Params, cache: KVCache, state: DecodeState, *, k: int, kv_len: int, rows: int
+        self,
+        params: Params,
+        cache: KVCache,
+        state: DecodeState,
+        *,
+        k: int,
+        kv_len: int,
+        rows: int,
+        chunk: int = 0,
     ) -> Any:
-        """The compiled decode program for this geometry, compiling it on first use.
+        """The compiled decode program for this geometry, compiling it on first use; with
+        `chunk` > 0 the mixed one, whose first step also prefills a Chunk of that many tokens
+        (called as decode(params, cache, state, chunk)).
 
         The arguments may be arrays or their jax.ShapeDtypeStructs (for compiling ahead)."""
-        key = (k, kv_len, rows)
+        key = (k, kv_len, rows, chunk)
         if key not in self._decoders:
-            lowered = self.decode.lower(params, cache, state, k=k, kv_len=kv_len, rows=rows)
+            extra = (self.chunk_shape(chunk),) if chunk else ()
+            lowered = self.decode.lower(params, cache, state, *extra, k=k, kv_len=kv_len, rows=rows)
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
+
+    def chunk_shape(self, tokens: int) -> Chunk:
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        return Chunk(
+            jax.ShapeDtypeStruct((1, tokens), jnp.int32),
+            scalar,
+            scalar,
+            jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32),
+        )
 
     def compile_prefill(self, params: Params, cache: KVCache, tokens: int) -> None:
         """Compile, without running, what a whole prefill of a `tokens` bucket uses (prefill,
@@ -192,9 +232,8 @@ class Programs:
         i32[pages_per_seq]), whose positions before `start` hold the same sequence already
         (a cached prefix, or the chunks before). Its K/V go straight into those pages."""
         positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        _, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, pages[None], head=False, valid_rows=length
-        )
+        block = Rows(tokens, positions, pages[None], length, head=False)
+        _, cache = self.model.apply({"params": params}, [block], cache)
         return cache
 
     def _prefill(
@@ -212,16 +251,8 @@ class Programs:
         ]
         positions = jnp.arange(T, dtype=jnp.int32)[None]
         page = jnp.zeros((1, 1), jnp.int32)
-        hidden, rows = self.model.apply(
-            {"params": params},
-            tokens,
-            positions,
-            rows,
-            page,
-            head=False,
-            valid_rows=length,
-            fresh=True,
-        )
+        block = Rows(tokens, positions, page, length, fresh=True, head=False)
+        (hidden,), rows = self.model.apply({"params": params}, [block], rows)
         return rows, hidden
 
     def _prompt_logprobs(
@@ -239,23 +270,20 @@ class Programs:
         params: Params,
         cache: KVCache,
         state: DecodeState,
+        chunk: Chunk | None = None,
         *,
         k: int,
         kv_len: int,
         rows: int,
     ) -> tuple[KVCache, DecodeState, StepOutput]:
-        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]."""
+        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]. A chunk
+        rides in the first step: the same model call computes its K/V into its pages."""
 
-        def step(carry, _):
+        def step(carry, chunk):
             cache, st = carry
-            logits, cache = self.model.apply(
-                {"params": params},
-                st.tokens[:, None],
-                st.positions[:, None],
-                cache,
-                st.page_table,
-                kv_len=kv_len,
-            )
+            block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, kv_len=kv_len)
+            extra = [] if chunk is None else [chunk.block()]
+            (logits, *_), cache = self.model.apply({"params": params}, [block, *extra], cache)
             batch = dataclasses.replace(st.sampling, active=st.active)
             tokens, info, batch = sample(
                 logits[:, 0],
@@ -287,7 +315,12 @@ class Programs:
             return (cache, st), out
 
         head = jax.tree.map(lambda x: x[:rows], state)
-        (cache, head), outputs = jax.lax.scan(step, (cache, head), None, length=k)
+        carry = (cache, head)
+        if chunk is not None:
+            carry, first = step(carry, chunk)
+        (cache, head), outputs = jax.lax.scan(step, carry, None, length=k - (chunk is not None))
+        if chunk is not None:
+            outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
         state = jax.tree.map(
             lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0),
             state,

@@ -1,9 +1,11 @@
 """Mixed load: streams decoding while a long prompt arrives (issue 16's benchmark).
 
 `--streams` sequences decode (ignore_eos, greedy) while a `--long`-token prompt is submitted;
-the long prompt is prefilled whole (the old behaviour: every stream waits for all of it)
-or in chunks of `--chunks` tokens (the streams decode between two chunks). Reported per
-mode, medians over `--repeats` rounds alternated in one process on one compiled engine:
+the long prompt is prefilled whole (every stream waits for all of it), in chunks of
+`--chunks` tokens run alone between two decode calls ("alone", the behaviour before mixed
+steps), or in chunks riding in the streams' decode calls ("mixed": the call's token budget
+less its decode rows, one model call for both; the default). Reported per mode, medians
+over `--repeats` rounds alternated in one process on one compiled engine:
 the streams' inter-token gaps while the long prompt is in flight (p50, p99, max; a gap is
 the time between two updates of a stream divided by the tokens the second one brought, max
 is the longest wait between two updates), the long prompt's time to first token, and its
@@ -103,24 +105,30 @@ def main() -> None:
         args.model,
         max_slots=args.streams + 1,
         max_len=args.max_len,
-        prefill_chunk=max(args.chunks),  # every chunk size's program compiled at warm-up
+        max_num_batched_tokens=max(args.chunks),
         background_compile=False,
     )
     sched = engine.scheduler
     base = sched.s
     rng = np.random.default_rng(0)
     vocab = engine.vocab_size
-    modes = {"whole": args.max_len} | {f"chunk {c}": c for c in args.chunks}
+    modes = {"whole": (args.max_len, False)}
+    for c in args.chunks:
+        modes |= {f"alone {c}": (c, False), f"mixed {c}": (c, True)}
+    mix_rows = sched._mixed_rows
     results: dict[str, list[dict]] = {m: [] for m in modes}
     standalone: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.repeats + 1):  # round 0 compiles what each mode uses: not counted
-        for mode, size in modes.items():
-            sched.s = dataclasses.replace(base, prefill_chunk=size)
+        for mode, (size, mix) in modes.items():
+            sched.s = dataclasses.replace(base, max_num_batched_tokens=size)
+            # Round 0 compiles the mixed programs a mode uses; "alone" never mixes.
+            sched.mix_on_demand = True
+            sched._mixed_rows = mix_rows if mix else lambda *a: None
             long = ids(rng, args.long, vocab)
             streams = [ids(rng, args.stream_prompt, vocab) for _ in range(args.streams)]
-            sched._forget_cached()  # every prompt is new: no prefix reuse between rounds
+            sched.forget_cached()  # every prompt is new: no prefix reuse between rounds
             solo = alone(engine, long)
-            sched._forget_cached()
+            sched.forget_cached()
             result = mixed(engine, ids(rng, args.long, vocab), streams)
             if r:
                 standalone[mode].append(solo)

@@ -18,7 +18,7 @@ import optax
 
 from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import LoadedModel, load_model
-from engine.model import Transformer
+from engine.model import Rows, Transformer
 
 
 def window_losses(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
@@ -27,7 +27,9 @@ def window_losses(model: LoadedModel, ids: np.ndarray) -> np.ndarray:
     cache = init_cache(model.config, 1, len(ids), model.dtype)
     positions = np.arange(len(ids))[None]
     table = one_page_per_slot(1)
-    logits, _ = jax.jit(net.apply)({"params": model.params}, ids[None], positions, cache, table)
+    (logits,), _ = jax.jit(net.apply)(
+        {"params": model.params}, [Rows(ids[None], positions, table)], cache
+    )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], jnp.asarray(ids[1:]))
     return np.asarray(losses)
 

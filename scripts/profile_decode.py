@@ -20,7 +20,7 @@ from bench_sampling import median_ms  # scripts/ is on sys.path when run as a sc
 from engine import cpu_kernels
 from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import load_model
-from engine.model import Transformer, logits_from_hidden
+from engine.model import Rows, Transformer, logits_from_hidden
 
 
 def main() -> None:
@@ -45,9 +45,8 @@ def main() -> None:
         def run(params, cache, tokens):
             def body(i, carry):
                 cache, tokens = carry
-                out, cache = net.apply(
-                    {"params": params}, tokens, positions + i, cache, table, kv_len=256, head=head
-                )
+                block = Rows(tokens, positions + i, table, kv_len=256, head=head)
+                (out,), cache = net.apply({"params": params}, [block], cache)
                 # The next token depends on this step's output, as in decoding.
                 nxt = jnp.argmax(out[:, 0], axis=-1)[:, None].astype(jnp.int32)
                 return cache, nxt % config.vocab_size

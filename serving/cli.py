@@ -113,10 +113,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="prompt tokens prefilled between two decode calls (lower: smoother streams)",
     )
     p.add_argument(
+        "--max-num-batched-tokens",
         "--prefill-chunk",
+        dest="max_num_batched_tokens",
         type=_int_in(1),
         default=512,
-        help="a longer prompt is prefilled this many tokens at a time, decoding between",
+        help="tokens one model call computes: a longer prompt is prefilled in chunks, each "
+        "riding with the decoding sequences' next step (--prefill-chunk: the old name)",
     )
     p.add_argument(
         "--max-top-logprobs",
@@ -160,7 +163,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
         decode_steps=args.decode_steps,
         prefill_budget=args.prefill_budget,
-        prefill_chunk=args.prefill_chunk,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_top_logprobs=args.max_top_logprobs,
         warmup=warmup,
     )

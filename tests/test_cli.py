@@ -126,6 +126,8 @@ def test_convert_checks_the_tokenizer_before_reading_a_tensor(tmp_path, monkeypa
         (["serve", "--max-len", "0"], "--max-len"),
         (["serve", "--decode-steps", "0"], "--decode-steps"),
         (["serve", "--prefill-budget", "0"], "--prefill-budget"),
+        (["serve", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens/--prefill-chunk"),
+        (["serve", "--prefill-chunk", "0"], "--max-num-batched-tokens/--prefill-chunk"),
         (["serve", "--port", "65536"], "--port"),
         (["serve", "--port", "0"], "--port"),
         (["serve", "--max-body-bytes", "-1"], "--max-body-bytes"),
@@ -150,3 +152,12 @@ def test_the_bounds_themselves_are_accepted(monkeypatch):
     main(["serve", "--max-top-logprobs", "20", "--port", "65535", "--max-body-bytes", "1"])
     [args] = ran
     assert (args.max_top_logprobs, args.port, args.max_body_bytes) == (20, 65535, 1)
+
+
+@pytest.mark.parametrize("flag", ["--max-num-batched-tokens", "--prefill-chunk"])
+def test_the_token_budget_keeps_its_old_name(monkeypatch, flag):
+    ran = []
+    monkeypatch.setattr("serving.cli.cmd_serve", ran.append)
+    monkeypatch.setattr("serving.cli._configure_logging", lambda level: None)
+    main(["serve", flag, "128"])
+    assert ran[0].max_num_batched_tokens == 128

@@ -15,7 +15,7 @@ from checkpoints.registry import resolve
 from engine import cpu_kernels
 from engine.kv_cache import init_cache, one_page_per_slot
 from engine.loading import load_model
-from engine.model import Transformer
+from engine.model import Rows, Transformer
 from engine.weights import pack_for_cpu_kernels
 from samplers import SamplingParams
 
@@ -67,7 +67,13 @@ def apply(ours, request):
         assert params["lm_head"].shape[-1] == 544  # the Q8_0 embedding: f16 scales, 8-bit codes
     net = Transformer(ours.config, ours.dtype, packed)
     table = one_page_per_slot(1)
-    return jax.jit(lambda t, pos, c: net.apply({"params": params}, t, pos, c, table))
+
+    @jax.jit
+    def apply(t, pos, c):
+        (logits,), c = net.apply({"params": params}, [Rows(t, pos, table)], c)
+        return logits, c
+
+    return apply
 
 
 def greedy(model, apply, ids: list[int], steps: int) -> list[int]:

@@ -31,13 +31,17 @@ def engine():
 
 
 @contextlib.contextmanager
-def chunk(engine, size: int):
-    settings = engine.scheduler.s
-    engine.scheduler.s = dataclasses.replace(settings, prefill_chunk=size)
+def chunk(engine, size: int, mixed: bool = False):
+    """Prompts chunked by `size` tokens; `mixed`: each chunk rides in the decode call of the
+    sequences decoding (compiled on first use), else it runs alone before that call."""
+    sched = engine.scheduler
+    settings, on_demand = sched.s, sched.mix_on_demand
+    sched.s = dataclasses.replace(settings, max_num_batched_tokens=size)
+    sched.mix_on_demand = mixed
     try:
         yield
     finally:
-        engine.scheduler.s = settings
+        sched.s, sched.mix_on_demand = settings, on_demand
 
 
 def run(engine, prompt, params=GREEDY, **kw) -> dict:
@@ -91,6 +95,58 @@ def test_running_streams_decode_between_chunks(engine, monkeypatch):
     assert all("decode" in calls[a:b] for a, b in zip(chunks, chunks[1:], strict=False))
 
 
+def decode_with_a_long_prompt(engine, mixed: bool, params=GREEDY) -> tuple[dict, dict]:
+    """A 59-token prompt arrives while another sequence decodes; both outputs."""
+    [short, long] = F.prompts(2, seed=68, lo=5, hi=60)
+    F.wait_idle(engine)
+    engine.scheduler.forget_cached()
+    sched = engine.scheduler
+    with chunk(engine, CHUNK, mixed):
+        with sched.lock:  # admitted in one loop iteration: the short one decodes at once
+            running = engine.submit(
+                GenerationRequest(
+                    tuple(short), params, max_tokens=40, ignore_eos=True, top_logprobs=2
+                )
+            )
+            request = GenerationRequest(
+                tuple(long), params, max_tokens=4, ignore_eos=True, top_logprobs=2
+            )
+            waiting = engine.submit(request)
+        return F.collect(running)[0], F.collect(waiting)[0]
+
+
+def test_chunks_ride_in_the_decode_calls(engine, monkeypatch):
+    """Mixed steps: once the short sequence decodes, each chunk of the long prompt is
+    computed by a decode call (rows 1, so 15 prompt tokens each: 15 + 15 + 15 + 14), none
+    alone, and both outputs are HF's greedy tokens."""
+    sched = engine.scheduler
+    chunks: list[int] = []
+    alone: list[int] = []
+    decoder, compute = sched.p.decoder, sched._compute
+    monkeypatch.setattr(
+        sched.p, "decoder", lambda *a, **kw: (chunks.append(kw["chunk"]), decoder(*a, **kw))[1]
+    )
+    monkeypatch.setattr(sched, "_compute", lambda f, n: (alone.append(n), compute(f, n))[1])
+    running, long = decode_with_a_long_prompt(engine, mixed=True)
+    assert [c for c in chunks if c] == [15] * 4
+    assert alone == [4]  # the short prompt's own prefill
+    assert long["ids"] == F.hf_greedy(F.prompts(2, seed=68, lo=5, hi=60)[1], 4)
+    assert running["ids"] == F.hf_greedy(F.prompts(2, seed=68, lo=5, hi=60)[0], 40)
+
+
+def test_mixed_steps_equal_chunks_alone(engine):
+    """Seeded sampling with logprobs: a chunk riding in a decode call changes nothing in
+    either sequence's tokens or logprobs."""
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
+    mixed = decode_with_a_long_prompt(engine, True, seeded)
+    alone = decode_with_a_long_prompt(engine, False, seeded)
+    for a, b in zip(mixed, alone, strict=True):
+        assert a["ids"] == b["ids"]
+        for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
 def test_cancel_while_prefilling_frees_the_pages(engine):
     [prompt] = F.prompts(1, seed=64, lo=60, hi=60)
     F.wait_idle(engine)
@@ -125,12 +181,20 @@ def test_cancel_while_prefilling_frees_the_pages(engine):
 def test_xla_path_chunks_too():
     """Without the CPU kernels (TPU, GPU, or a CPU that can't build them) the same."""
     engine = F.make_engine(
-        max_slots=2, max_len=64, cpu_kernel=False, background_compile=False, prefill_chunk=CHUNK
+        max_slots=2,
+        max_len=64,
+        cpu_kernel=False,
+        background_compile=False,
+        max_num_batched_tokens=CHUNK,
     )
     try:
         [prompt] = F.prompts(1, seed=65, lo=40, hi=40)
         request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=6, ignore_eos=True)
         assert F.collect(engine.submit(request))[0]["ids"] == F.hf_greedy(prompt, 6)
+        running, long = decode_with_a_long_prompt(engine, mixed=True)  # XLA's mixed step
+        [short, prompt] = F.prompts(2, seed=68, lo=5, hi=60)
+        assert running["ids"] == F.hf_greedy(short, 40)
+        assert long["ids"] == F.hf_greedy(prompt, 4)
     finally:
         engine.close()
 

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import ConfigError, ModelConfig
 from engine.kv_cache import init_cache, one_page_per_slot
-from engine.model import Transformer
+from engine.model import Rows, Transformer
 from engine.weights import params_from_hf
 
 torch = pytest.importorskip("torch")
@@ -69,7 +69,8 @@ def test_prefill_matches_hf(case):
     model = Transformer(config)
     cache = init_cache(config, num_pages=3, page_size=32, dtype=jnp.float32)
     positions = np.broadcast_to(np.arange(11), (3, 11))
-    logits, _ = model.apply({"params": params}, ids, positions, cache, one_page_per_slot(3))
+    block = Rows(ids, positions, one_page_per_slot(3))
+    (logits,), _ = model.apply({"params": params}, [block], cache)
     assert logits.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logits), hf_logits(hf, ids), atol=1e-4, rtol=0)
 
@@ -85,7 +86,12 @@ def test_stepwise_decode_with_cache_matches_hf(case):
     expected = hf_logits(hf, ids)
     model = Transformer(config)
     table = one_page_per_slot(2)
-    apply = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, c, table, kv_len=16))
+
+    @jax.jit
+    def apply(p, t, pos, c):
+        (logits,), c = model.apply({"params": p}, [Rows(t, pos, table, kv_len=16)], c)
+        return logits, c
+
     cache = init_cache(config, num_pages=2, page_size=24, dtype=jnp.float32)
     # Row 0 prefills 5 tokens, row 1 prefills 8 (padded with garbage past its length,
     # which must never be seen: it sits beyond every later query's position).

@@ -27,7 +27,7 @@ from engine.kv_cache import (
     write_pages,
     write_prefix,
 )
-from engine.model import Transformer
+from engine.model import Rows, Transformer
 from engine.step import DecodeState, Programs
 from engine.weights import pack_for_cpu_kernels
 from tests.test_cpu_kernels import WEIGHTS
@@ -278,7 +278,7 @@ def test_the_step_programs_generate_the_same_on_a_real_page_table(packed):
     model = Transformer(config)
     probe = np.zeros((1, 1), np.int32)
     cache = init_cache(config, 1, 8, jnp.float32)
-    params = model.init(jax.random.key(0), probe, probe, cache, probe)["params"]
+    params = model.init(jax.random.key(0), [Rows(probe, probe, probe)], cache)["params"]
     if packed:
         params = jax.device_put(pack_for_cpu_kernels(params, config))
     # Slots 0..2 own 1, 3 and 4 pages of 16 (their prompts and 12 new tokens), shuffled.

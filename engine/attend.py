@@ -1,0 +1,137 @@
+"""Attention of one block of a step (engine.model.Rows) over the paged KV cache, after the
+q/k/v projection: the seam where each backend's attention plugs in.
+
+Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends within its
+new tokens and returns their K/V, one token per row is decode, one row of several tokens
+extends what its pages hold; each writes the cache in place. Everything else runs XLA's ops:
+write the block's K/V into its pages, gather the pages it attends to, masked float32
+softmax, grouped by KV head (no K/V repetition).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from engine import cpu_kernels
+from engine.config import ModelConfig
+from engine.kv_cache import read_pages, write_pages
+
+if TYPE_CHECKING:
+    from engine.model import Rows
+
+F32 = jnp.float32
+KV = tuple[jax.Array, jax.Array]
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate-half layout. x: [B, T, heads, D]; cos, sin: [B, T, D/2]
+    (rope_tables of the tokens' positions)."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(positions: jax.Array, kv_len: int, window: int | None) -> jax.Array:
+    """Bool[B, T, S]: key j is visible to the query at position p iff j <= p (and within
+    the sliding window). Cache entries past a row's length are never visible."""
+    keys = jnp.arange(kv_len)[None, None, :]
+    q = positions[:, :, None]
+    mask = keys <= q
+    if window is not None:
+        mask &= keys > q - window
+    return mask
+
+
+def attend_packed(
+    cfg: ModelConfig, qkv: jax.Array, block: Rows, rotation: KV, cache_kv: KV
+) -> tuple[jax.Array, KV] | None:
+    """The block's attention through engine.cpu_kernels from its fused projection qkv
+    [B, T, (H + 2K) D]: (out [B, T, H D], cache), or None where no kernel applies (several
+    rows of several tokens: XLA's ops then)."""
+    cos, sin = rotation
+    B, T = block.tokens.shape
+    if block.fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
+        rows = B * T if block.valid is None else block.valid
+        out, *new_kv = cpu_kernels.prefill_attention(
+            qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
+        )
+        return out, tuple(new_kv)
+    if T == 1:  # decode: the kernel writes the cache in place and attends
+        out, *new_kv = cpu_kernels.decode_attention(
+            qkv[:, 0],
+            cos[:, 0],
+            sin[:, 0],
+            block.positions[:, 0],
+            block.page_table,
+            *cache_kv,
+            cfg.num_heads,
+            cfg.sliding_window,
+        )
+        return out[:, None], tuple(new_kv)
+    if B == 1:  # one sequence's next T positions, after what its pages hold
+        out, *new_kv = cpu_kernels.extend_attention(
+            qkv,
+            cos[0],
+            sin[0],
+            block.positions[0, 0],
+            T if block.valid is None else block.valid,
+            block.page_table[0],
+            *cache_kv,
+            cfg.num_heads,
+            cfg.sliding_window,
+        )
+        return out, tuple(new_kv)
+    return None
+
+
+def attend_xla(
+    cfg: ModelConfig,
+    dtype: jnp.dtype,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block: Rows,
+    rotation: KV,
+    cache_kv: KV,
+) -> tuple[jax.Array, KV]:
+    """The block's attention on XLA's ops from q [B, T, H D], k and v [B, T, K D]:
+    (out [B, T, H D], cache with the block's K/V written)."""
+    B, T = block.tokens.shape
+    cos, sin = rotation
+    kv_len = block.kv_len or block.page_table.shape[1] * cache_kv[0].shape[2]
+    q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+
+    k_cache = write_pages(cache_kv[0], k, block.positions, block.page_table)
+    v_cache = write_pages(cache_kv[1], v, block.positions, block.page_table)
+
+    q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+    keys = read_pages(k_cache, block.page_table, kv_len)
+    values = read_pages(v_cache, block.page_table, kv_len)
+    mask = attention_mask(block.positions, kv_len, cfg.sliding_window)
+    if T == 1 and jax.default_backend() == "cpu":
+        out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], dtype)[:, None]
+    else:
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
+        scores = scores * (cfg.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    return out.reshape(B, T, cfg.num_heads * cfg.head_dim), (k_cache, v_cache)
+
+
+def _cpu_decode_attention(q, keys, values, mask, dtype) -> jax.Array:
+    """One token per row as broadcast multiply-reduces, in [B, K, G, S] throughout.
+
+    q [B, K, G, D], keys / values [B, K, S, D], mask [B, S] -> [B, K, G, D]. XLA CPU ran the
+    batched [G, D] x [D, S] dots of a single token well below memory speed (a third slower
+    at batch 32); TPU/GPU keep the dots, which their matrix units run."""
+    q = q.astype(F32) * (q.shape[-1] ** -0.5)
+    scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.sum(probs[..., None] * values[:, :, None], axis=-2)

@@ -1,0 +1,169 @@
+"""A prompt's K/V into its pages, and its choices into decode slots.
+
+A new sequence maps the prefix cache's full pages and reserves pages for the rest of its
+prompt. What is left is computed at once when it fits one model call, else a chunk per loop
+iteration: carried by the decode call of the sequences decoding (a mixed step, the chunk
+taking the token budget their rows leave), or alone when nothing decodes or no mixed program
+is compiled for the call. A filled prompt's n choices then fork its sequence into free
+slots; a preempted choice resumes on its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any
+
+import numpy as np
+
+import samplers
+from engine.paging import OutOfPages, PageAllocator
+from engine.prefill import Prefiller
+from engine.sequences import Choice, Fill, Request
+from engine.slots import Slots
+from engine.step import Chunk, Programs
+from engine.stop import StopMatcher
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class Fills(Slots):
+    def __init__(
+        self,
+        programs: Programs,
+        params: Any,
+        cache: Any,
+        pages: PageAllocator,
+        tokenizer: Tokenizer,
+        settings: Any,
+        vocab_size: int,
+    ):
+        """`settings`: the scheduler's (max_num_batched_tokens and Slots' are read here)."""
+        super().__init__(programs, cache, pages, settings, vocab_size)
+        self.params, self.tok, self.vocab_size = params, tokenizer, vocab_size
+        self.prefiller = Prefiller(
+            programs,
+            params,
+            settings.min_prefill_bucket,
+            settings.max_len,
+            settings.max_num_batched_tokens,
+        )
+        self.filling: collections.deque[Fill] = collections.deque()  # K/V being computed
+        self.ready: collections.deque[Fill] = collections.deque()  # choices wait for a slot
+        self._seq_ids = itertools.count()
+        # Compile a mixed decode program (decode + a prompt chunk) on first use; after a
+        # warm-up only those it compiled are used, the others wait for a chunk alone.
+        self.mix_on_demand = True
+
+    def _new_fill(
+        self, owner: Request, ids: np.ndarray, resume: Choice | None = None, reuse: bool = True
+    ) -> Fill | None:
+        """A new sequence for `ids`, mapping the prefix cache's pages (with `reuse`) and
+        reserving pages for the rest; None, and nothing held, if the pool is short."""
+        seq = next(self._seq_ids)
+        cached = self.pages.admit(seq, ids if reuse else ())
+        try:
+            self.pages.reserve(seq, len(ids) - 1 - cached)
+        except OutOfPages:
+            self.pages.free(seq)
+            return None
+        return Fill(owner, seq, ids, cached, resume)
+
+    def _start_fill(self, fill: Fill) -> int:
+        """Compute the fill's K/V now if it is one chunk or less (the tokens computed), else
+        leave it to `_fill_chunk`, a chunk per loop iteration."""
+        self.filling.append(fill)  # so a failure below frees its pages
+        rest = fill.target - fill.done
+        if rest > self.s.max_num_batched_tokens:
+            return 0
+        if rest:
+            self._compute(fill, rest)
+        self.filling.remove(fill)
+        self._filled(fill)
+        return rest
+
+    def _chunked(self) -> Fill | None:
+        """The oldest sequence being filled in chunks that has some left."""
+        return next((f for f in self.filling if f.target - f.done > 0), None)
+
+    def _fill_chunk(self) -> None:
+        """The next chunk of the oldest sequence filled in chunks, alone."""
+        fill = self._chunked()
+        if fill is not None:
+            self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
+            self._if_filled(fill)
+
+    def _if_filled(self, fill: Fill) -> None:
+        """After its last chunk, the sequence starts decoding."""
+        if fill.done == fill.target:
+            self.filling.remove(fill)
+            self._filled(fill)
+
+    def _compute(self, fill: Fill, n: int) -> None:
+        """K/V of the fill's next n positions into its pages."""
+        whole = fill.done == 0 and n == fill.target
+        pages = self._table_row(fill.seq)
+        self.cache = self.prefiller.compute(self.cache, fill.ids, fill.done, n, whole, pages)
+        self._computed(fill, n)
+
+    def _computed(self, fill: Fill, n: int) -> None:
+        """The fill's next n positions hold K/V: its full pages can serve other prompts."""
+        self.pages.commit(fill.seq, fill.ids[fill.done : fill.done + n].tolist())
+        fill.done += n
+
+    def _filled(self, fill: Fill) -> None:
+        self.ready.append(fill)  # first: a failure while placing it frees its pages
+        if self._place(fill):
+            self.ready.remove(fill)
+
+    def _place(self, fill: Fill) -> bool:
+        """Start the fill's choices in free slots: a preempted choice on its own sequence; a
+        new request's choices each on a fork of the prompt's (the last one takes it over),
+        with its own sampling row. True once nothing of it waits for a slot."""
+        owner = fill.owner
+        r = owner.handle.request
+        if fill.resume is not None:
+            if not self.free:
+                return False
+            self._start_choice(owner, fill.resume, fill.seq, fill.resume.saved_row)
+            return True
+        while owner.pending and self.free:
+            index = owner.pending[0]
+            seq = fill.seq
+            if len(owner.pending) > 1:
+                seq = next(self._seq_ids)
+                self.pages.fork(fill.seq, seq)
+            row = samplers.make_row(r.params, self.vocab_size, self.s.max_bias, fill.ids, index)
+            choice = Choice(
+                index,
+                IncrementalDetokenizer(self.tok, context=r.prompt_ids),
+                StopMatcher(r.stop),
+                order=0,
+            )
+            try:
+                self._start_choice(owner, choice, seq, row)
+            except Exception:
+                if seq != fill.seq:
+                    self.pages.free(seq)
+                raise
+            owner.pending.pop(0)
+            owner.choices.append(choice)
+        return not owner.pending
+
+    def _mixed_rows(self, k: int, kv_len: int, highest: int) -> int | None:
+        """The decoded rows of a mixed program for this call (the narrowest compiled, or
+        any width when compiling on demand), None if there is none or no room for a chunk."""
+        for rows in self.slot_buckets:
+            width = self.s.max_num_batched_tokens - rows
+            if rows < highest or width < 1:
+                continue
+            if self.p.decode_ready(k, kv_len, rows, width) or self.mix_on_demand:
+                return rows
+        return None
+
+    def _carried(self, fill: Fill, width: int) -> tuple[Chunk, int]:
+        """The fill's next chunk padded to `width` tokens for a mixed decode call, and how
+        many of them are real."""
+        n = min(width, fill.target - fill.done)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :n] = fill.ids[fill.done : fill.done + n]
+        return Chunk(tokens, np.int32(fill.done), np.int32(n), self._table_row(fill.seq)), n
