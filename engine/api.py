@@ -186,7 +186,7 @@ class Engine:
         length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
         default kv_cache.default_budget) in pages of `page_size` tokens, stored as
         `kv_cache_dtype` (default: the compute dtype; bfloat16 or float16 halve a float32
-        cache, on the XLA path: the CPU kernels read float32). `distributed=True`
+        cache, and the bytes each decode step reads from it). `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
         uses them wherever they apply: float32 on one CPU device that can build them."""
@@ -196,15 +196,10 @@ class Engine:
         mesh = mesh or make_mesh()
         dtype = dtype or default_dtype()
         kv_dtype = kv_dtype_named(kv_cache_dtype or dtype)
-        usable = (
-            mesh.size == 1
-            and jnp.dtype(dtype) == jnp.float32
-            and kv_dtype == jnp.float32
-            and cpu_kernels.available()
-        )
+        usable = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
         if cpu_kernel and not usable:
             raise ValueError(
-                "cpu_kernel=True needs float32 (weights and KV cache) on one CPU device with "
+                "cpu_kernel=True needs float32 weights on one CPU device with "
                 "AVX2, FMA, F16C and a C++ compiler (see the log for what was missing)"
             )
         cpu_kernel = usable if cpu_kernel is None else cpu_kernel

@@ -8,7 +8,9 @@ each array placed with its sharding.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +106,7 @@ def load_model(
     params = store.restore(folder, jax.tree.map(target, abstract, placement))
     if packed:
         params = jax.device_put(pack_for_cpu_kernels(params, config))
+    _return_freed_memory()
     generation_config = info.generation_config or resolved.generation_config
     return LoadedModel(
         name=info.metadata.get("name", resolved.name),
@@ -115,3 +118,15 @@ def load_model(
         folder=folder,
         packed=packed,
     )
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed since the start back to the OS (glibc's malloc_trim): the
+    restore's buffers and the float32 matrices packing replaced are garbage now, but glibc
+    keeps freed pages mapped, and they stayed in the server's resident memory (~0.5 GB for
+    the default model)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -10,6 +10,7 @@ from tests import engine_fixtures as F
 
 pytest.importorskip("torch")
 
+from engine import cpu_kernels  # noqa: E402
 from engine.kv_cache import CacheConfigError  # noqa: E402
 from engine.paging import bytes_per_page  # noqa: E402
 from engine.requests import GenerationRequest  # noqa: E402
@@ -22,13 +23,21 @@ def budget(pages: int) -> int:
     return pages * size
 
 
+KERNELS = {"cpu_kernels": None, "xla": False}  # cpu_kernel=None: the kernels where they run
+
+
+@pytest.mark.parametrize("path", list(KERNELS))
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
-def test_a_half_precision_cache_holds_twice_the_tokens_and_keeps_greedy_tokens(kv_dtype):
+def test_a_half_precision_cache_holds_twice_the_tokens_and_keeps_greedy_tokens(kv_dtype, path):
     engine = F.make_engine(
-        kv_cache_memory=budget(12), kv_cache_dtype=kv_dtype, background_compile=False
+        kv_cache_memory=budget(12),
+        kv_cache_dtype=kv_dtype,
+        background_compile=False,
+        cpu_kernel=KERNELS[path],
     )
     try:
         assert engine.scheduler.cache[0][0].dtype == jnp.dtype(kv_dtype)
+        assert engine.programs.model.packed == (path == "cpu_kernels" and cpu_kernels.available())
         assert engine.stats()["kv_pages"] == 24 - 1  # 24 half-size pages, less the pad page
         prompts = F.prompts(3, seed=91, lo=10, hi=40)
         greedy = SamplingParams(temperature=0.0)
@@ -42,8 +51,36 @@ def test_a_half_precision_cache_holds_twice_the_tokens_and_keeps_greedy_tokens(k
         engine.close()
 
 
-def test_unknown_kv_dtypes_and_kernels_without_float32_are_refused():
+def test_unknown_kv_dtypes_and_kernels_without_float32_weights_are_refused():
     with pytest.raises(CacheConfigError, match="float8_e4m3fn"):
         F.make_engine(kv_cache_dtype="float8_e4m3fn", warmup=False)
-    with pytest.raises(ValueError, match="float32 \\(weights and KV cache\\)"):
-        F.make_engine(kv_cache_dtype="bfloat16", cpu_kernel=True, warmup=False)
+    with pytest.raises(ValueError, match="float32 weights"):
+        F.make_engine(dtype=jnp.bfloat16, cpu_kernel=True, warmup=False)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not run here")
+def test_the_kernels_on_a_float16_cache_sample_as_xla_does():
+    """Seeded sampling with logprobs, prompts chunked and decoded: the kernels reading and
+    writing a float16 pool give XLA's tokens and logprobs on the same pool type."""
+    prompts = F.prompts(2, seed=92, lo=20, hi=45)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+    outs = []
+    for kernel in (None, False):
+        engine = F.make_engine(
+            kv_cache_dtype="float16",
+            background_compile=False,
+            cpu_kernel=kernel,
+            max_num_batched_tokens=16,
+        )
+        try:
+            requests = [
+                GenerationRequest(tuple(p), params, max_tokens=10, ignore_eos=True, top_logprobs=2)
+                for p in prompts
+            ]
+            outs.append([F.collect(engine.submit(r))[0] for r in requests])
+        finally:
+            engine.close()
+    for a, b in zip(*outs, strict=True):
+        assert a["ids"] == b["ids"]
+        for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)

@@ -3,8 +3,9 @@ query token against the paged cache in place, a whole decoder layer for one toke
 prompt's causal attention from its q/k/v projection (fresh, or extending a sequence in the
 cache), and the sampler's top_k.
 
-The cache is engine.kv_cache's page pool: per layer K and V each float32
-[num_pages, kv_heads, page_size, head_dim], a sequence's position p in page
+The cache is engine.kv_cache's page pool: per layer K and V each
+[num_pages, kv_heads, page_size, head_dim] of float32, float16 or bfloat16 (read into float32
+registers, written rounded to nearest even), a sequence's position p in page
 pages[p // page_size] at offset p % page_size of its page-table row `pages`.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `decode_attention.cc`, `layer.cc`, `top_k.cc`)
@@ -52,7 +53,7 @@ _SOURCES = [
 ]
 _HEADERS = [
     Path(__file__).with_name(n)
-    for n in ("parallel.h", "kernels.h", "vector_math.h", "attention_math.h")
+    for n in ("parallel.h", "kernels.h", "kv_storage.h", "vector_math.h", "attention_math.h")
 ]
 log = logging.getLogger("jaxfire.cpu_kernels")
 
@@ -284,8 +285,8 @@ def decode_attention(
     _register()
     out = (
         jax.ShapeDtypeStruct((qkv.shape[0], num_heads * keys.shape[-1]), jnp.float32),
-        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
-        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+        jax.ShapeDtypeStruct(values.shape, values.dtype),
     )
     call = jax.ffi.ffi_call(ATTENTION, out, input_output_aliases={5: 1, 6: 2})
     return call(
@@ -326,8 +327,8 @@ def decode_layer(
     attn, mlp = weights["self_attn"], weights["mlp"]
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
-        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+        jax.ShapeDtypeStruct(values.shape, values.dtype),
     )
     call = jax.ffi.ffi_call(DECODE_LAYER, out, input_output_aliases={7: 1, 8: 2})
     return call(
@@ -404,8 +405,8 @@ def extend_attention(
     _register()
     out = (
         jax.ShapeDtypeStruct(qkv.shape[:2] + (num_heads * keys.shape[-1],), jnp.float32),
-        jax.ShapeDtypeStruct(keys.shape, jnp.float32),
-        jax.ShapeDtypeStruct(values.shape, jnp.float32),
+        jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+        jax.ShapeDtypeStruct(values.shape, values.dtype),
     )
     call = jax.ffi.ffi_call(EXTEND_ATTENTION, out, input_output_aliases={6: 1, 7: 2})
     scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(())  # noqa: E731

@@ -36,10 +36,12 @@ using namespace jaxfire::attention;  // NOLINT: this file is their other half
 // `keys` / `values` through `rows`: a fresh prefill's own buffers [B, K, len, D] (row b one
 // page of len positions) or the cache's pages. Positions from `capacity` on (its pages' end)
 // are not stored.
+template <class T>  // the pools' element type
 struct Span {
-  const float* qkv;            // [len, (H + 2K) D]
-  const float *cos, *sin;      // [len, D / 2]
-  float *keys, *values, *out;  // out [len, H D]
+  const float* qkv;        // [len, (H + 2K) D]
+  const float *cos, *sin;  // [len, D / 2]
+  T *keys, *values;
+  float* out;  // [len, H D]
   jaxfire::PagedRows rows;
   int64_t start, len, valid, capacity;
 };
@@ -48,27 +50,29 @@ struct Span {
 // pass two, once all are written, attends: each query at position p sees the positions
 // max(0, p + 1 - window) .. p of its sequence. Padding writes nothing to a cache;
 // `zero_padding` (fresh buffers) fills its keys, values and out with zeros.
-void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int64_t num_heads,
-                    int64_t kv_heads, int64_t dim, int64_t window, bool zero_padding) {
+template <class T>
+void span_attention(ffi::ThreadPool& pool, const Span<T>* spans, int64_t count,
+                    int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t window,
+                    bool zero_padding) {
   const int64_t groups = num_heads / kv_heads, width = (num_heads + 2 * kv_heads) * dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
   const int64_t len = spans[0].len;  // the same for every span
   jaxfire::parallel_for(pool, count * len, [=](int64_t u) {
-    const Span& s = spans[u / len];
+    const Span<T>& s = spans[u / len];
     const int64_t t = u % len, p = s.start + t;
     const Token token{s.qkv + t * width, s.cos + t * (dim / 2), s.sin + t * (dim / 2),
                       num_heads, kv_heads, dim};
     float* o = s.out + t * num_heads * dim;
     const bool real = t < s.valid;
     for (int64_t h = 0; h < kv_heads && p < s.capacity && (real || zero_padding); ++h) {
-      float* k = s.keys + s.rows.at(h, p);
-      float* v = s.values + s.rows.at(h, p);
+      T* k = s.keys + s.rows.at(h, p);
+      T* v = s.values + s.rows.at(h, p);
       if (!real) {
-        std::fill(k, k + dim, 0.0f);
-        std::fill(v, v + dim, 0.0f);
+        jaxfire::zero_row(k, dim);
+        jaxfire::zero_row(v, dim);
         continue;
       }
-      token.key(h, k);
+      token.key(h, k, o);  // o: scratch until the rotated queries go there below
       token.value(h, v);
     }
     if (!real) return std::fill(o, o + num_heads * dim, 0.0f);
@@ -80,7 +84,7 @@ void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int
   constexpr int64_t kBlock = 8;
   const int64_t blocks = (len + kBlock - 1) / kBlock;
   jaxfire::parallel_for(pool, count * kv_heads * blocks, [=](int64_t u) {
-    const Span& s = spans[u / (kv_heads * blocks)];
+    const Span<T>& s = spans[u / (kv_heads * blocks)];
     const int64_t h = u / blocks % kv_heads, blk = u % blocks;
     thread_local std::vector<float> scores, query;
     query.resize(dim);
@@ -93,7 +97,7 @@ void span_attention(ffi::ThreadPool& pool, const Span* spans, int64_t count, int
         float* o = s.out + (t * num_heads + h * groups + g) * dim;
         for (int64_t i = 0; i < dim; ++i) query[i] = o[i] * scale;  // as decode rounds
         s.rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
-          const float* k = s.keys + offset;
+          const T* k = s.keys + offset;
           for (int64_t j = 0; j < n; ++j) scores[t0 + j] = dot(query.data(), k + j * dim, dim);
         });
         attend(scores.data(), s.values, s.rows, h, first, seen, o);
@@ -124,10 +128,10 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   }
   const int64_t valid = std::clamp<int64_t>(valid_rows.typed_data()[0], 0, rows * len);
   std::vector<int32_t> page(rows);  // row b's buffers are page b of len positions
-  std::vector<Span> spans;
+  std::vector<Span<float>> spans;
   for (int64_t b = 0; b < rows; ++b) {
     page[b] = static_cast<int32_t>(b);
-    spans.push_back(Span{qkv.typed_data() + b * len * width, cos_table.typed_data(),
+    spans.push_back(Span<float>{qkv.typed_data() + b * len * width, cos_table.typed_data(),
                          sin_table.typed_data(), keys->typed_data(), values->typed_data(),
                          out->typed_data() + b * len * num_heads * dim,
                          jaxfire::PagedRows{page.data() + b, len, kv_heads, dim}, 0, len,
@@ -140,21 +144,23 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 // One sequence's T new tokens extending what its pages hold: qkv [1, T, (H + 2K) D],
 // cos / sin [T, D / 2] of their positions start .. start + T - 1, the first `valid` of them
 // real, pages [pages_per_seq] its page-table row. Their rotated keys and values are written
-// into the pools [num_pages, K, page_size, D] in place (aliased to the results; nothing past
-// its last page), then each query at position p attends to the sequence's positions
-// max(0, p + 1 - window) .. p. -> out [1, T, H D] (zeros for padding).
+// into the pools [num_pages, K, page_size, D] (float32, float16 or bfloat16) in place
+// (aliased to the results; nothing past its last page), then each query at position p
+// attends to the sequence's positions max(0, p + 1 - window) .. p. -> out [1, T, H D]
+// (zeros for padding).
 ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> valid,
-                           ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::F32>,
-                           ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
-                           int64_t num_heads, int64_t window) {
+                           ffi::Buffer<ffi::S32> pages, ffi::AnyBuffer, ffi::AnyBuffer,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> keys,
+                           ffi::Result<ffi::AnyBuffer> values, int64_t num_heads,
+                           int64_t window) {
   const auto xd = qkv.dimensions();
   const auto cd = keys->dimensions();
-  if (xd.size() != 3 || xd[0] != 1 || cd.size() != 4) {
+  if (xd.size() != 3 || xd[0] != 1 || cd.size() != 4 ||
+      keys->element_type() != values->element_type()) {
     return ffi::Error::InvalidArgument(
-        "qkv must be [1, T, (H + 2K) D] and caches [num_pages, K, page_size, D]");
+        "qkv must be [1, T, (H + 2K) D] and caches [num_pages, K, page_size, D] of one type");
   }
   const int64_t len = xd[1], num_pages = cd[0], kv_heads = cd[1], page_size = cd[2],
                 dim = cd[3], pages_per_seq = pages.element_count();
@@ -167,12 +173,22 @@ ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   if (const char* error = jaxfire::check_pages(pages.typed_data(), pages_per_seq, num_pages)) {
     return ffi::Error::InvalidArgument(error);
   }
-  const Span span{qkv.typed_data(), cos_table.typed_data(), sin_table.typed_data(),
-                  keys->typed_data(), values->typed_data(), out->typed_data(),
-                  jaxfire::PagedRows{pages.typed_data(), page_size, kv_heads, dim}, first, len,
-                  std::clamp<int64_t>(valid.typed_data()[0], 0, len), pages_per_seq * page_size};
-  span_attention(pool, &span, 1, num_heads, kv_heads, dim, window, false);
-  return ffi::Error::Success();
+  return jaxfire::with_kv_type(keys->element_type(), [&](auto kind) {
+    using T = decltype(kind);
+    const Span<T> span{qkv.typed_data(),
+                       cos_table.typed_data(),
+                       sin_table.typed_data(),
+                       static_cast<T*>(keys->untyped_data()),
+                       static_cast<T*>(values->untyped_data()),
+                       out->typed_data(),
+                       jaxfire::PagedRows{pages.typed_data(), page_size, kv_heads, dim},
+                       first,
+                       len,
+                       std::clamp<int64_t>(valid.typed_data()[0], 0, len),
+                       pages_per_seq * page_size};
+    span_attention(pool, &span, 1, num_heads, kv_heads, dim, window, false);
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
@@ -199,10 +215,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireExtendAttention, ExtendAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
+                                  .Arg<ffi::AnyBuffer>()  // the caches, aliased to
+                                  .Arg<ffi::AnyBuffer>()  // the last two results
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("window"));

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "kernels.h"
+#include "kv_storage.h"
 #include "vector_math.h"
 
 namespace jaxfire::attention {
@@ -34,27 +35,31 @@ inline float exp_shifted(float* s, int64_t n, float top) {
 // (sequence, head) are one short stream per call (a stream per page), too short for the
 // hardware prefetcher.
 constexpr int64_t kAhead = 8;
-inline void prefetch_row(const float* row, int64_t dim) {
-  for (int64_t i = 0; i < dim; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+template <class T>
+void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t i = 0; i < dim * static_cast<int64_t>(sizeof(T)); i += 64) {
+    _mm_prefetch(bytes + i, _MM_HINT_T0);
   }
 }
 
-// Four independent sums: a head's 64 products in one chain waited on the FMA latency.
-inline float dot(const float* a, const float* b, int64_t n) {
+// a . b, b a row of the pool (any KV type). Four independent sums: a head's 64 products in
+// one chain waited on the FMA latency.
+template <class T>
+float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   for (; i + 32 <= n; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b + i + 24), acc3);
   }
   for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   }
   float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * to_float(b[i]);
   return sum;
 }
 
@@ -62,7 +67,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // head h, read through `rows` from the pool `values`. 64 columns at a time held in registers
 // over all positions, page after page: an axpy per position stored the output and loaded it
 // back, a chain through memory.
-inline void weighted_sum(const float* p, const float* values, const jaxfire::PagedRows& rows, int64_t h,
+template <class T>
+void weighted_sum(const float* p, const T* values, const jaxfire::PagedRows& rows, int64_t h,
                   int64_t first, int64_t seen, float* o) {
   const int64_t dim = rows.dim;
   int64_t d = 0;
@@ -70,18 +76,18 @@ inline void weighted_sum(const float* p, const float* values, const jaxfire::Pag
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
            a7 = a0;
     rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
-      const float* v = values + offset + d;
+      const T* v = values + offset + d;
       for (int64_t t = 0; t < n; ++t) {
         const __m256 w = _mm256_broadcast_ss(p + t0 + t);
-        const float* vt = v + t * dim;
-        a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0);
-        a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
-        a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2);
-        a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
-        a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4);
-        a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
-        a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6);
-        a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+        const T* vt = v + t * dim;
+        a0 = _mm256_fmadd_ps(w, load8(vt), a0);
+        a1 = _mm256_fmadd_ps(w, load8(vt + 8), a1);
+        a2 = _mm256_fmadd_ps(w, load8(vt + 16), a2);
+        a3 = _mm256_fmadd_ps(w, load8(vt + 24), a3);
+        a4 = _mm256_fmadd_ps(w, load8(vt + 32), a4);
+        a5 = _mm256_fmadd_ps(w, load8(vt + 40), a5);
+        a6 = _mm256_fmadd_ps(w, load8(vt + 48), a6);
+        a7 = _mm256_fmadd_ps(w, load8(vt + 56), a7);
       }
     });
     const __m256 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
@@ -90,9 +96,9 @@ inline void weighted_sum(const float* p, const float* values, const jaxfire::Pag
   for (; d + 8 <= dim; d += 8) {
     __m256 a = _mm256_setzero_ps();
     rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
-      const float* v = values + offset + d;
+      const T* v = values + offset + d;
       for (int64_t t = 0; t < n; ++t) {
-        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t0 + t), _mm256_loadu_ps(v + t * dim), a);
+        a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + t0 + t), load8(v + t * dim), a);
       }
     });
     _mm256_storeu_ps(o + d, a);
@@ -100,8 +106,8 @@ inline void weighted_sum(const float* p, const float* values, const jaxfire::Pag
   for (; d < dim; ++d) {
     float sum = 0.0f;
     rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t) {
-      const float* v = values + offset + d;
-      for (int64_t t = 0; t < n; ++t) sum = std::fma(p[t0 + t], v[t * dim], sum);
+      const T* v = values + offset + d;
+      for (int64_t t = 0; t < n; ++t) sum = std::fma(p[t0 + t], to_float(v[t * dim]), sum);
     });
     o[d] = sum;
   }
@@ -109,8 +115,9 @@ inline void weighted_sum(const float* p, const float* values, const jaxfire::Pag
 
 // o = the softmax of the scores s (overwritten) weighting the value rows of positions
 // first .. first + seen - 1 (seen > 0), as weighted_sum reads them.
-inline void attend(float* s, const float* values, const jaxfire::PagedRows& rows, int64_t h,
-            int64_t first, int64_t seen, float* o) {
+template <class T>
+void attend(float* s, const T* values, const jaxfire::PagedRows& rows, int64_t h, int64_t first,
+            int64_t seen, float* o) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < seen; ++t) top = std::max(top, s[t]);
   const float inv = 1.0f / exp_shifted(s, seen, top);
@@ -141,10 +148,16 @@ struct Token {
   const float *x, *cos, *sin;
   int64_t heads, kv_heads, dim;
   void query(int64_t h, float* out) const { rotate(x + h * dim, cos, sin, dim, out); }
-  void key(int64_t h, float* out) const { rotate(x + (heads + h) * dim, cos, sin, dim, out); }
-  void value(int64_t h, float* out) const {
-    const float* v = x + (heads + kv_heads + h) * dim;
-    std::copy(v, v + dim, out);
+  // The rotated key / the value of KV head h into a pool row (any KV type); `scratch`
+  // holds dim floats.
+  template <class T>
+  void key(int64_t h, T* out, float* scratch) const {
+    rotate(x + (heads + h) * dim, cos, sin, dim, scratch);
+    store_row(scratch, dim, out);
+  }
+  template <class T>
+  void value(int64_t h, T* out) const {
+    store_row(x + (heads + kv_heads + h) * dim, dim, out);
   }
 };
 

@@ -34,14 +34,15 @@ void matmul(xla::ffi::ThreadPool& pool, const float* x, int64_t m, const Packed&
             int64_t n);
 
 // Where a sequence's keys (or values) lie in a layer's page pool [pages][kv_heads][page_size]
-// [dim]: position p of KV head h is row p % page_size of page pages[p / page_size]. Within a
-// page one head's positions are contiguous, so ranges are walked page by page (`runs`), each
-// run a plain stream of rows as a slot of the unpaged cache was.
+// [dim] (of any element type): position p of KV head h is row p % page_size of page
+// pages[p / page_size]. Within a page one head's positions are contiguous, so ranges are
+// walked page by page (`runs`), each run a plain stream of rows as a slot of the unpaged cache
+// was.
 struct PagedRows {
   const int32_t* pages;  // the sequence's page-table row
   int64_t page_size, kv_heads, dim;
 
-  // Offset in floats from the pool's start of row `offset` of KV head h in the sequence's
+  // Offset in elements from the pool's start of row `offset` of KV head h in the sequence's
   // page `page` (an index into its table row).
   int64_t at(int64_t h, int64_t page, int64_t offset) const {
     return ((pages[page] * kv_heads + h) * page_size + offset) * dim;
@@ -86,8 +87,10 @@ const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, in
 // [rows, D / 2]: the rotated key and the value written at positions[b] of sequence row b
 // (through its page-table row table[b]), the query attending to the row's visible positions;
 // out [rows, H D].
+// T: the pools' element type (float, or kv_storage.h's Half or BFloat16).
+template <class T>
 void decode_attention(xla::ffi::ThreadPool& pool, const DecodeGeometry& g, const float* qkv,
                       const float* cos, const float* sin, const int32_t* positions,
-                      const int32_t* table, float* keys, float* values, float* out);
+                      const int32_t* table, T* keys, T* values, float* out);
 
 }  // namespace jaxfire

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "kv_storage.h"
 #include "parallel.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -64,21 +65,22 @@ void add_into(float* y, const float* x, int64_t n) {
 // x [B, D] -> y [B, D]: the layer's output for one token per row at positions [B]. Weights
 // are packed (cpu_kernels.pack): wqkv [D -> (H + 2K) Dh], wo [H Dh -> D], wgu [D -> 2 I]
 // (gate then up), wdown [I -> D]; norms f32[D]; cos / sin [B, Dh / 2]; row b's page-table
-// row table[b] (table [B, pages_per_seq]); the page pools [num_pages, K, page_size, Dh] are
-// updated in place (aliased to the last two results).
+// row table[b] (table [B, pages_per_seq]); the page pools [num_pages, K, page_size, Dh]
+// (float32, float16 or bfloat16) are updated in place (aliased to the last two results).
 ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> input_norm, ffi::AnyBuffer wqkv,
                        ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> table,
-                       ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::AnyBuffer wo,
+                       ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer wo,
                        ffi::Buffer<ffi::F32> post_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
-                       ffi::ResultBuffer<ffi::F32> y,
-                       ffi::ResultBuffer<ffi::F32> keys, ffi::ResultBuffer<ffi::F32> values,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::Result<ffi::AnyBuffer> keys,
+                       ffi::Result<ffi::AnyBuffer> values,
                        int64_t num_heads, int64_t window, float eps) {
   const auto xd = x.dimensions();
   const auto cd = keys->dimensions();
   const auto td = table.dimensions();
-  if (xd.size() != 2 || cd.size() != 4 || td.size() != 2) {
+  if (xd.size() != 2 || cd.size() != 4 || td.size() != 2 ||
+      keys->element_type() != values->element_type()) {
     return ffi::Error::InvalidArgument(
         "x must be [B, D], the page table [B, pages] and caches [num_pages, K, page_size, Dh]");
   }
@@ -115,9 +117,15 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   rms_norm(in, input_norm.typed_data(), rows, d, eps, h.data());
   jaxfire::matmul(pool, h.data(), rows, qkv_w, qkv.data(), width);
-  jaxfire::decode_attention(pool, geo, qkv.data(), cos_table.typed_data(),
-                            sin_table.typed_data(), positions.typed_data(), table.typed_data(),
-                            keys->typed_data(), values->typed_data(), attn.data());
+  const ffi::Error attended = jaxfire::with_kv_type(keys->element_type(), [&](auto kind) {
+    using T = decltype(kind);
+    jaxfire::decode_attention(pool, geo, qkv.data(), cos_table.typed_data(),
+                              sin_table.typed_data(), positions.typed_data(), table.typed_data(),
+                              static_cast<T*>(keys->untyped_data()),
+                              static_cast<T*>(values->untyped_data()), attn.data());
+    return ffi::Error::Success();
+  });
+  if (attended.failure()) return attended;
   jaxfire::matmul(pool, attn.data(), rows, o_w, out, d);
   add_into(out, in, rows * d);
   rms_norm(out, post_norm.typed_data(), rows, d, eps, h.data());
@@ -140,15 +148,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeLayer, DecodeLayer,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page table
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the caches, aliased to
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // the last two results
+                                  .Arg<ffi::AnyBuffer>()         // the caches, aliased to
+                                  .Arg<ffi::AnyBuffer>()         // the last two results
                                   .Arg<ffi::AnyBuffer>()         // wo
                                   .Arg<ffi::Buffer<ffi::F32>>()  // post-attention norm
                                   .Arg<ffi::AnyBuffer>()         // wgu
                                   .Arg<ffi::AnyBuffer>()         // wdown
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("window")
                                   .Attr<float>("eps"));
