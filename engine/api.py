@@ -375,7 +375,7 @@ class Engine:
             for T in prefill.buckets:
                 if self._closing.is_set():
                     return
-                if T < prefill.chunk_bucket:
+                if T < prefill.chunk_bucket and T in prefill.extend_buckets:
                     p.extender(*shapes[:2], T)
                 elif T > prefill.chunk_bucket:  # a whole prompt, scored
                     p.compile_prefill(*shapes[:2], T)

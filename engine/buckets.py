@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 
-def buckets(lo: int, hi: int, midpoints: bool = False) -> list[int]:
-    """Powers of two from lo up to hi (and 1.5 times each between, with `midpoints`), with
-    hi itself last."""
+def buckets(lo: int, hi: int, midpoints: bool = False, factor: int = 2) -> list[int]:
+    """Powers of `factor` times lo up to hi (and 1.5 times each between, with `midpoints`),
+    with hi itself last."""
     out, b = [], lo
     while b < hi:
         out += [b, b * 3 // 2] if midpoints and b * 3 // 2 < hi else [b]
-        b *= 2
+        b *= factor
     return out + [hi]
 
 

@@ -23,11 +23,21 @@ from engine.step import Programs
 class Prefiller:
     def __init__(self, programs: Programs, params: Any, min_bucket: int, max_len: int, chunk: int):
         self.p, self.params = programs, params
-        # Prompts pad to the next bucket, and a prefill costs its padded length: with
-        # midpoints a prompt pays less than half again its own length, not up to double.
-        self.buckets = buckets(min_bucket, max_len, True)
-        # The largest program a chunk needs; warm-up compiles up to it only.
-        self.chunk_bucket = bucket_for(min(chunk, max_len), self.buckets)
+        # Prompts pad to the next bucket. On XLA's ops a prefill costs its padded length:
+        # with midpoints a prompt pays less than half again its own length, not up to
+        # double. The CPU kernels skip padding rows, so there few buckets do (each compiled
+        # program holds ~30 MB of the server's memory).
+        packed = programs.model.packed
+        sizes = buckets(min_bucket, max_len, not packed, 4 if packed else 2)
+        # A chunk (the token budget of a call) is a bucket of its own: the largest program a
+        # chunk needs; warm-up compiles up to it only.
+        self.chunk_bucket = min(chunk, max_len)
+        self.buckets = sorted({*sizes, self.chunk_bucket})
+        # Extensions shorter than a chunk: their own buckets on XLA's ops, padded to a chunk
+        # on the kernels.
+        self.extend_buckets = (
+            [self.chunk_bucket] if packed else [b for b in self.buckets if b <= self.chunk_bucket]
+        )
 
     def compute(
         self, cache: Any, ids: np.ndarray, start: int, n: int, whole: bool, pages: np.ndarray
@@ -41,7 +51,7 @@ class Prefiller:
             tokens[0, :n] = ids[:n]
             rows, _ = self.p.prefill(self.params, tokens, np.int32(n))
             return self.p.insert(cache, rows, pages)
-        if not self.p.extend_ready(T) and n <= self.chunk_bucket:
+        if n <= self.chunk_bucket and (T not in self.extend_buckets or not self.p.extend_ready(T)):
             T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = ids[start : start + n]

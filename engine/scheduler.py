@@ -91,7 +91,11 @@ class Scheduler(Fills):
         self.limits = limits
         self.eos_ids = frozenset(tokenizer.eos_token_ids)
         slots = settings.max_slots
-        self.kv_buckets = buckets(min(settings.min_kv_bucket, settings.max_len), settings.max_len)
+        # Attended-position buckets of the decode programs. The CPU kernels attend to each
+        # row's own positions through its pages, so one program serves every length there
+        # (each compiled decode program holds ~30 MB of the server's memory).
+        kv_low = settings.max_len if programs.model.packed else settings.min_kv_bucket
+        self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
         self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
