@@ -4,7 +4,8 @@
 
 For each KV dtype, starts `jaxfire serve` with `--kv-cache-memory` sized to hold `--tokens`
 tokens (plus the pad page) and `--max-seqs` sequences of the model's context, waits for
-/health, sends one short chat request, and reads the server's VmRSS and VmHWM from /proc.
+/health, sends one short chat request, waits for the RSS to settle (the programs compiled in
+the background), and reads the server's VmRSS and VmHWM from /proc.
 The rest of the RSS is attributed from figures the engine knows: the packed weights' bytes
 and the pool's bytes (the remainder is compiled programs, the XLA runtime and Python).
 Compare llama-server's RSS with `-c TOKENS` on the same GGUF file (`ps -o rss`).
@@ -40,6 +41,18 @@ def get(url: str, body: dict | None = None, timeout: float = 600) -> dict:
         return json.loads(r.read())
 
 
+def settle(pid: int, quiet: float = 30.0, limit: float = 900.0) -> None:
+    """Wait until the server's RSS has grown by under 1% for `quiet` seconds: the programs
+    warm-up compiles in the background are in memory by then."""
+    start = last_change = time.monotonic()
+    last = rss_kib(pid)["VmRSS"]
+    while time.monotonic() - last_change < quiet and time.monotonic() - start < limit:
+        time.sleep(5)
+        now = rss_kib(pid)["VmRSS"]
+        if now > last * 1.01:
+            last, last_change = now, time.monotonic()
+
+
 def measure(args, dtype: str, port: int, config: ModelConfig) -> dict:
     page = default_page_size("cpu")
     size = bytes_per_page(config.num_layers, config.num_kv_heads, config.head_dim,
@@ -63,6 +76,7 @@ def measure(args, dtype: str, port: int, config: ModelConfig) -> dict:
         messages = [{"role": "user", "content": "Name three rivers."}]
         get(f"{base}/v1/chat/completions", {"model": args.model, "messages": messages,
                                            "max_tokens": 16})  # fmt: skip
+        settle(server.pid)
         metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
         pages = next(
             float(line.split()[1])

@@ -103,7 +103,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", *KV_CACHE_DTYPES),
         default="auto",
         help="KV cache storage (auto: the compute dtype; bfloat16/float16 halve a float32 "
-        "cache, on XLA's ops instead of the CPU kernels)",
+        "cache and what each decode step reads)",
     )
     p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
