@@ -6,6 +6,7 @@ short. Choices of one prompt share its pages, copy-on-write for the partly fille
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -172,3 +173,39 @@ def budget_of(pages: int) -> int:
     return pages * bytes_per_page(
         config.num_layers, config.num_kv_heads, config.head_dim, 4, F.PAGE
     )
+
+
+def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypatch):
+    """Prompts longer than the token budget ride in the decode calls chunk by chunk while
+    the pool runs short (a preempted sequence's recompute is chunked too): still the
+    tokens and logprobs of a large pool prefilling every prompt whole."""
+    sched = small.scheduler
+    settings, on_demand = sched.s, sched.mix_on_demand
+    prompts = F.prompts(4, seed=83, lo=26, hi=36)
+    requests = [
+        GenerationRequest(tuple(p), params, max_tokens=24, ignore_eos=True, top_logprobs=2)
+        for p, params in zip(prompts, STATEFUL, strict=True)
+    ]
+    want = run_all(big, requests)
+    F.wait_idle(small)
+    before = small.stats()["preemptions"]
+    sched.s = dataclasses.replace(settings, max_num_batched_tokens=12)
+    sched.mix_on_demand = True
+    carried: list[int] = []
+    decoder = sched.p.decoder
+    monkeypatch.setattr(
+        sched.p, "decoder", lambda *a, **kw: (carried.append(kw["chunk"]), decoder(*a, **kw))[1]
+    )
+    try:
+        got = run_all(small, requests)
+    finally:
+        sched.s, sched.mix_on_demand = settings, on_demand
+    assert small.stats()["preemptions"] > before
+    assert sum(1 for c in carried if c) >= 4  # chunks rode in decode calls
+    for g, w in zip(got, want, strict=True):
+        assert g[0]["ids"] == w[0]["ids"]
+        for a, b in zip(g[0]["logprobs"], w[0]["logprobs"], strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    stats = F.wait_idle(small)
+    assert stats["kv_pages_used"] == 0 and stats["active_slots"] == 0
+    sched.pages.check()
