@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import threading
 
+import jax
 import pytest
 
 from tests import engine_fixtures as F
@@ -247,3 +248,32 @@ def test_failed_programs_leave_no_slot_taken(engine, monkeypatch):
         sched.pages.check()
         out = F.collect(engine.submit(GenerationRequest(tuple(prompt), GREEDY, max_tokens=3)))
         assert out[0]["ids"] == F.hf_greedy(prompt, 3)
+
+
+def test_warmup_compiles_the_mixed_step(monkeypatch):
+    """A server's path: warm-up compiles a mixed program, serving carries chunks in it
+    (compiling nothing on demand) and compiles nothing else either."""
+    engine = F.make_engine(max_len=64, background_compile=False, max_num_batched_tokens=CHUNK)
+    events: list[str] = []
+    carried: list[int] = []
+    sched = engine.scheduler
+    decoder = sched.p.decoder
+    monkeypatch.setattr(
+        sched.p, "decoder", lambda *a, **kw: (carried.append(kw["chunk"]), decoder(*a, **kw))[1]
+    )
+
+    def listener(name: str, duration: float, **kw) -> None:
+        if name.endswith("backend_compile_duration"):
+            events.append(kw.get("fun_name", ""))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        running, long = decode_with_a_long_prompt(engine, mixed=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        engine.close()
+    assert not sched.mix_on_demand and events == []
+    assert [c for c in carried if c] == [CHUNK - 4] * 5  # the widest rows' program: 12 each
+    [short, prompt] = F.prompts(2, seed=68, lo=5, hi=60)
+    assert running["ids"] == F.hf_greedy(short, 40)
+    assert long["ids"] == F.hf_greedy(prompt, 4)
