@@ -40,7 +40,7 @@ import numpy as np
 from engine.disk_cache import cache_root
 
 PANEL = 16  # output columns per panel; matmul.cc's kPanel
-QUANT_BLOCK = 32  # rows per q4/q8 block; matmul.cc's kQuantBlock
+QUANT_BLOCK = 32  # rows per q4/q8 block; weight_formats.h's kQuantBlock
 MATMUL = "jaxfire_cpu_matmul"
 ATTENTION = "jaxfire_cpu_decode_attention"
 PREFILL_ATTENTION = "jaxfire_cpu_prefill_attention"
@@ -53,7 +53,14 @@ _SOURCES = [
 ]
 _HEADERS = [
     Path(__file__).with_name(n)
-    for n in ("parallel.h", "kernels.h", "kv_storage.h", "vector_math.h", "attention_math.h")
+    for n in (
+        "parallel.h",
+        "kernels.h",
+        "kv_storage.h",
+        "vector_math.h",
+        "attention_math.h",
+        "weight_formats.h",
+    )
 ]
 log = logging.getLogger("jaxfire.cpu_kernels")
 

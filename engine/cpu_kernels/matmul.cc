@@ -20,109 +20,18 @@
 
 #include "kernels.h"
 #include "parallel.h"
+#include "weight_formats.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using jaxfire::kPanel;  // output columns per panel (two AVX registers)
+using namespace jaxfire;  // NOLINT: kPanel, kQuantBlock and the weight formats
 constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accumulators)
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 1;
 constexpr int64_t kPrefetchBytes = 8192;
-constexpr int64_t kQuantBlock = 32;  // rows per q4/q8 block (__init__.py's QUANT_BLOCK)
-
-// A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const uint16_t* bf16) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bf16));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-// Plain float32 or bfloat16 (uint16_t) values, [K, 16] row after row.
-template <typename T>
-struct PlainFormat {
-  static constexpr int64_t kBlock = 4;
-  static constexpr bool kQuant = false;
-  static constexpr int64_t kBlockBytes = kBlock * kPanel * sizeof(T);
-  const T* p;
-  PlainFormat(const uint8_t* panel, int64_t b)
-      : p(reinterpret_cast<const T*>(panel + b * kBlockBytes)) {}
-  void load(int64_t j, __m256* lo, __m256* hi) const {
-    *lo = load8(p + j * kPanel);
-    *hi = load8(p + j * kPanel + 8);
-  }
-};
-using F32Format = PlainFormat<float>;
-using BF16Format = PlainFormat<uint16_t>;
-
-// Blocks of 32 rows, each weight = fma(scale, code, offset) with a scale and an offset per
-// column (one rounding: the stored float32 value exactly). Q8: float32 scales and offsets,
-// int8 codes [32][16] (640 bytes). Q8 symmetric (GGUF's Q8_0): float16 scales, no offsets,
-// int8 codes (544 bytes). Q4: float16 scales and offsets, codes 0..15 in 32-bit words, one
-// per (group of 8 rows, column), row r of the group in bits 4r .. 4r+3 (320 bytes).
-enum class Quant { kQ8, kQ8Symmetric, kQ4 };
-
-template <Quant kKind>
-struct QuantFormat {
-  static constexpr int64_t kBlock = kQuantBlock;  // K is a multiple: blocks are always whole
-  static constexpr bool kQuant = true;
-  static constexpr bool kFour = kKind == Quant::kQ4;
-  static constexpr bool kOffsets = kKind != Quant::kQ8Symmetric;
-  static constexpr int64_t kSideBytes =
-      kKind == Quant::kQ8 ? 2 * kPanel * 4 : (kOffsets ? 2 : 1) * kPanel * 2;
-  static constexpr int64_t kBlockBytes = kSideBytes + kBlock * kPanel / (kFour ? 2 : 1);
-  __m256 d0, d1, m0 = _mm256_setzero_ps(), m1 = m0;
-  const uint8_t* q;
-  QuantFormat(const uint8_t* panel, int64_t b) {
-    const uint8_t* s = panel + b * kBlockBytes;
-    if constexpr (kKind == Quant::kQ8) {
-      const float* f = reinterpret_cast<const float*>(s);
-      d0 = _mm256_loadu_ps(f), d1 = _mm256_loadu_ps(f + 8);
-      m0 = _mm256_loadu_ps(f + 16), m1 = _mm256_loadu_ps(f + 24);
-    } else {
-      const __m128i* h = reinterpret_cast<const __m128i*>(s);
-      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
-      if constexpr (kOffsets) {
-        m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2));
-        m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
-      }
-    }
-    q = s + kSideBytes;
-  }
-  // The codes of row j as floats; j is a constant once the block loop is unrolled, so Q4's
-  // nibble choice costs one shift.
-  void codes(int64_t j, __m256* lo, __m256* hi) const {
-    if constexpr (kFour) {
-      const __m256i* words = reinterpret_cast<const __m256i*>(q) + 2 * (j / 8);
-      const __m256i nibble = _mm256_set1_epi32(15);
-      const int shift = 4 * (j % 8);
-      *lo = _mm256_cvtepi32_ps(
-          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words), shift), nibble));
-      *hi = _mm256_cvtepi32_ps(
-          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words + 1), shift), nibble));
-    } else {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
-      *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-      *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
-    }
-  }
-  void load(int64_t j, __m256* lo, __m256* hi) const {
-    codes(j, lo, hi);
-    if constexpr (kOffsets) {
-      *lo = _mm256_fmadd_ps(d0, *lo, m0);
-      *hi = _mm256_fmadd_ps(d1, *hi, m1);
-    } else {
-      *lo = _mm256_mul_ps(d0, *lo);
-      *hi = _mm256_mul_ps(d1, *hi);
-    }
-  }
-};
-using Q8Format = QuantFormat<Quant::kQ8>;
-using Q8SymmetricFormat = QuantFormat<Quant::kQ8Symmetric>;
-using Q4Format = QuantFormat<Quant::kQ4>;
 
 inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   alignas(32) float out[kPanel];
