@@ -1,5 +1,6 @@
 """Sampling: pure functions on logits, one row of parameters per decode slot."""
 
+from samplers import mask
 from samplers.params import (
     SamplingBatch,
     SamplingParams,
@@ -20,6 +21,7 @@ __all__ = [
     "filtered_logits",
     "fork_row",
     "make_row",
+    "mask",
     "sample",
     "write_row",
 ]

@@ -1,8 +1,8 @@
 """sample(): the composed sampling step, one XLA program for every mix of requests.
 
-Order (docs/sampling.md 2.1, binding decision 1): repetition -> frequency/presence -> logit_bias ->
-(greedy rows: argmax) -> / T -> top_k -> top_p -> min_p -> typical_p -> mirostat -> draw ->
-state update.
+Order (docs/sampling.md 2.1, binding decision 1): repetition -> frequency/presence -> logit_bias
+-> grammar mask -> (greedy rows: argmax) -> / T -> top_k -> top_p -> min_p -> typical_p
+-> mirostat -> draw -> state update.
 
 Exactness without a full sort. The filters run on the C = `num_candidates` highest processed
 logits (lax.top_k, ties by lower id, the same order a stable full sort gives) plus a summary of
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from samplers import bias, filters, mirostat, penalties
+from samplers import bias, filters, mask, mirostat, penalties
 from samplers.filters import NEG_INF, Candidates
 from samplers.params import GREEDY_TEMPERATURE, SamplingBatch
 from samplers.threefry import threefry_2x32
@@ -60,8 +60,11 @@ class _Survivors:
     tail_lse: jax.Array  # f32[S]; their log-mass (-inf if none)
 
 
-def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """f32[S, V]: raw logits after repetition, frequency/presence penalties and logit_bias."""
+def processed_logits(
+    logits: jax.Array, batch: SamplingBatch, allowed: jax.Array | None = None
+) -> jax.Array:
+    """f32[S, V]: raw logits after repetition, frequency/presence penalties, logit_bias and the
+    grammar mask `allowed` (i32[S, W], samplers.mask; None: no row constrained)."""
 
     def penalized(x: jax.Array) -> jax.Array:
         seen = batch.prompt_mask | (batch.counts > 0)
@@ -78,13 +81,16 @@ def processed_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
         | (batch.presence_penalty != 0)
     )
     x = jax.lax.cond(any_penalty, penalized, lambda x: x, logits.astype(jnp.float32))
-    return bias.apply(x, batch.bias_ids, batch.bias_values)
+    x = bias.apply(x, batch.bias_ids, batch.bias_values)
+    return x if allowed is None else mask.apply(x, allowed)
 
 
-def _processed_and_scaled(logits: jax.Array, batch: SamplingBatch) -> tuple[jax.Array, jax.Array]:
+def _processed_and_scaled(
+    logits: jax.Array, batch: SamplingBatch, allowed: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     """(x, x / T), each f32[S, V], computed once: without the barrier XLA fuses the penalty
     arithmetic into every consumer and redoes it per pass over the vocabulary."""
-    x = processed_logits(logits, batch)
+    x = processed_logits(logits, batch, allowed)
     return jax.lax.optimization_barrier((x, filters.temperature(x, batch.temperature)))
 
 
@@ -133,7 +139,9 @@ def candidates(
         m = jnp.where(jnp.isfinite(head_z[:, :1]), head_z[:, :1], 0.0)
         mass, weighted = _mass(z_full, m)
         head_mass, head_weighted = _mass(head_z, m)
-        tail = jnp.maximum(mass - head_mass, 0.0)
+        # A tail wholly masked by a grammar has no mass (not a rounding remainder of the
+        # candidates' mass, which could let the draw pick a forbidden token).
+        tail = jnp.where(jnp.isfinite(tail_max), jnp.maximum(mass - head_mass, 0.0), 0.0)
         tail_lse = m[:, 0] + jnp.log(tail)
         tail_mean = jnp.where(
             tail > 0, (weighted - head_weighted) / jnp.where(tail > 0, tail, 1), 0
@@ -142,7 +150,7 @@ def candidates(
     else:
         tail_lse = tail_max = jnp.full((s,), NEG_INF)
         tail_mean, tail_on = jnp.zeros((s,)), none
-    keep = jnp.ones(head_z.shape, bool)
+    keep = jnp.isfinite(head_z)  # a token a grammar forbids (-inf) never survives
     cand = Candidates(head_z, keep, tail_on, tail_lse, tail_mean, tail_max, none)
     return cand, ids[:, :c]
 
@@ -160,7 +168,7 @@ def full_sort_candidates(x: jax.Array, temperature: jax.Array) -> tuple[Candidat
     neg, ids = jax.lax.sort((-x, iota), dimension=1, num_keys=1, is_stable=True)
     z = filters.temperature(-neg, temperature)
     none, no_tail = jnp.zeros((s,), bool), jnp.full((s,), NEG_INF)
-    keep = jnp.ones((s, v), bool)
+    keep = jnp.isfinite(z)
     return Candidates(z, keep, none, no_tail, jnp.zeros((s,)), no_tail, none), ids
 
 
@@ -226,9 +234,10 @@ def filtered_logits(
     num_candidates: int = 256,
     wide_candidates: int = 4096,
     top_k: TopK = jax.lax.top_k,
+    allowed: jax.Array | None = None,
 ) -> jax.Array:
     """f32[S, V]: the logits a sampling row draws from (-inf outside its surviving set)."""
-    x, z = _processed_and_scaled(logits, batch)
+    x, z = _processed_and_scaled(logits, batch, allowed)
     sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k)
     kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | _tail_only(sv)
     return jnp.where(kept, z, NEG_INF)
@@ -268,7 +277,7 @@ def _draw(
         w = jnp.where(mask, jnp.exp(z_full - sv.tail_lse[:, None]), 0.0)
         cum = jnp.cumsum(w, axis=-1)
         idx = jnp.sum(cum <= u[:, -1:] * cum[:, -1:], axis=-1)
-        last = v - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # guard against rounding
+        last = v - 1 - jnp.argmax((w > 0)[:, ::-1], axis=-1)  # guard against rounding
         return jnp.minimum(idx, last).astype(jnp.int32)
 
     tail = jax.lax.cond(jnp.any(tail_wins), tail_token, lambda: jnp.zeros((s,), jnp.int32))
@@ -283,6 +292,7 @@ def sample(
     wide_candidates: int = 4096,
     top_k: TopK = jax.lax.top_k,
     logprob_rows: jax.Array | None = None,
+    allowed: jax.Array | None = None,
 ) -> tuple[jax.Array, LogprobInfo, SamplingBatch]:
     """One sampling step for every slot.
 
@@ -290,12 +300,14 @@ def sample(
     and `wide_candidates` are static; `top_k` is lax.top_k or an equivalent (TopK).
     `logprob_rows` (bool[S], None = all) marks the rows whose caller reads the raw logprobs
     (token_logprob, top_ids, top_logprobs); when no active row does, they are zeros and
-    their passes over the vocabulary are skipped. Returns tokens i32[S], LogprobInfo and the
+    their passes over the vocabulary are skipped. `allowed` (i32[S, W], samplers.mask; None =
+    every token) is each row's grammar mask: the draw and sampling_logprob see only the
+    allowed tokens, the raw logprobs do not. Returns tokens i32[S], LogprobInfo and the
     batch with counts, step and mirostat mu advanced in the active rows (inactive rows
     untouched).
     """
     raw = logits.astype(jnp.float32)
-    x, z = _processed_and_scaled(raw, batch)
+    x, z = _processed_and_scaled(raw, batch, allowed)
     greedy = batch.temperature < GREEDY_TEMPERATURE
     sampling = batch.active & ~greedy
 

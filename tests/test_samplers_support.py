@@ -18,14 +18,19 @@ SAMPLE = jax.jit(sample, static_argnames=STATIC)
 FILTERED = jax.jit(filtered_logits, static_argnames=STATIC[1:])
 
 
-def run_sample(logits, batch):
+def run_sample(logits, batch, allowed=None):
     return SAMPLE(
-        logits, batch, num_logprobs=LOGPROBS, num_candidates=CANDIDATES, wide_candidates=WIDE
+        logits,
+        batch,
+        num_logprobs=LOGPROBS,
+        num_candidates=CANDIDATES,
+        wide_candidates=WIDE,
+        allowed=allowed,
     )
 
 
-def run_filtered(logits, batch):
-    return FILTERED(logits, batch, num_candidates=CANDIDATES, wide_candidates=WIDE)
+def run_filtered(logits, batch, allowed=None):
+    return FILTERED(logits, batch, num_candidates=CANDIDATES, wide_candidates=WIDE, allowed=allowed)
 
 
 def pad_logits(logits, slots: int = SLOTS, vocab: int = VOCAB) -> jnp.ndarray:
