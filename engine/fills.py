@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 import samplers
+from engine.grammar import Grammars
 from engine.paging import OutOfPages, PageAllocator
 from engine.prefill import Prefiller
 from engine.sequences import Choice, Fill, Request
@@ -40,6 +41,7 @@ class Fills(Slots):
         """`settings`: the scheduler's (max_num_batched_tokens and Slots' are read here)."""
         super().__init__(programs, cache, pages, settings, vocab_size)
         self.params, self.tok, self.vocab_size = params, tokenizer, vocab_size
+        self.grammars = Grammars(tokenizer, vocab_size)
         self.prefiller = Prefiller(
             programs,
             params,
@@ -138,6 +140,9 @@ class Fills(Slots):
                 IncrementalDetokenizer(self.tok, context=r.prompt_ids),
                 StopMatcher(r.stop),
                 order=0,
+                constraint=self.grammars.constraint(r.grammar, r.grammar_field)
+                if r.grammar is not None
+                else None,
             )
             try:
                 self._start_choice(owner, choice, seq, row)

@@ -61,6 +61,10 @@ class GenerationRequest:
     top_logprobs: int | None = None  # None: no logprobs; k: raw logprob + k alternatives
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (echo with logprobs)
     context_overflow: ContextOverflow = ContextOverflow.TRUNCATE
+    # llguidance grammar text every token must follow (engine.grammar), and the request
+    # field it came from, named by the error when it cannot be enforced.
+    grammar: str | None = None
+    grammar_field: str = "grammar"
 
     def __post_init__(self) -> None:
         # A list (what a tokenizer returns) or one stop string is what a caller means: store
@@ -132,14 +136,20 @@ class ChatTokenizer(Protocol):
 
     bos_token_id: int | None
     eos_token_ids: frozenset[int]
+    chat_template: str | None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str: ...
 
-    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
 

@@ -20,6 +20,7 @@ from the prefix cache) before it decodes on, exactly where it stopped.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -32,6 +33,7 @@ import numpy as np
 from engine.admission import Limits, check_request
 from engine.buckets import bucket_for, buckets
 from engine.fills import Fills
+from engine.grammar import DecodeMasks
 from engine.handle import DONE, Handle
 from engine.paging import PageAllocator
 from engine.requests import (
@@ -97,6 +99,11 @@ class Scheduler(Fills):
         kv_low = settings.max_len if programs.model.packed else settings.min_kv_bucket
         self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
+        self.masks = DecodeMasks(self.grammars.words)
+        # One-step decode programs (while a constrained choice decodes) compile here, on
+        # first need, so servers that never see a grammar never hold them.
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
+        self._compiling: set[tuple[int, int]] = set()
         self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
         self.queue: collections.deque[Handle] = collections.deque()
@@ -107,6 +114,8 @@ class Scheduler(Fills):
     # ---- caller side (any thread) -------------------------------------------------
     def submit(self, request: GenerationRequest) -> Handle:
         max_tokens = check_request(request, self.limits)
+        if request.grammar is not None:  # compiled now: a bad one fails here, not mid-reply
+            self.grammars.compile(request.grammar, request.grammar_field)
         handle = Handle(request, len(request.prompt_ids), max_tokens)
         with self.lock:
             if len(self.queue) >= self.s.max_queue:  # cancelled requests hold no place
@@ -151,6 +160,8 @@ class Scheduler(Fills):
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
+        if self._compiler is not None:
+            self._compiler.shutdown(cancel_futures=True)
 
     def _busy(self) -> bool:
         return bool(self.queue or self.live or self.filling or self.ready or self.resumes)
@@ -270,8 +281,32 @@ class Scheduler(Fills):
         owner.pending.clear()
 
     # ---- decode ---------------------------------------------------------------------
-    def _decode(self) -> None:
+    def _steps(self) -> int:
+        """k for this call: 1 while a constrained choice decodes (each of its tokens needs the
+        host's next mask) once such a program is compiled for the live rows; until then the
+        configured k, the constrained rows sitting out all but its first step."""
         k = self.s.decode_steps
+        if k == 1 or all(c.constraint is None for _, c in self.live.values()):
+            return k
+        live_pos = max(int(self.slot_pos[s]) for s in self.live)
+        kv_len = bucket_for(min(live_pos + 1, self.s.max_len), self.kv_buckets)
+        rows = [r for r in self.slot_buckets if r > max(self.live)]
+        if any(self.p.decode_ready(1, kv_len, r) for r in rows):
+            return 1
+        if (kv_len, rows[0]) not in self._compiling:
+            self._compiling.add((kv_len, rows[0]))
+            if self._compiler is None:
+                self._compiler = concurrent.futures.ThreadPoolExecutor(1, "jaxfire-compile")
+            shapes = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                (self.params, self.cache, self.state),
+            )
+            done = self._compiler.submit(self.p.decoder, *shapes, k=1, kv_len=kv_len, rows=rows[0])
+            done.add_done_callback(_log_failure)
+        return k
+
+    def _decode(self) -> None:
+        k = self._steps()
         self._reserve_decode(k)
         if not self.live:
             return
@@ -298,7 +333,11 @@ class Scheduler(Fills):
         if mixed:
             carried, n = self._carried(fill, width)
             chunk = [carried]
-        self.cache, self.state, out = decode(self.params, self.cache, self.state, *chunk)
+        constraints = {
+            slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
+        }
+        masks = self.masks.build(rows, constraints)
+        self.cache, self.state, out = decode(self.params, self.cache, self.state, masks, *chunk)
         if mixed:
             self._computed(fill, n)
         out: StepOutput = jax.device_get(out)
@@ -359,3 +398,8 @@ class Scheduler(Fills):
         owners = {id(o): o for o, _ in (*self.live.values(), *self.resumes)}
         owners |= {id(f.owner): f.owner for f in (*self.filling, *self.ready)}
         return list(owners.values())
+
+
+def _log_failure(done: concurrent.futures.Future) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("compiling a one-step decode program failed", exc_info=done.exception())

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.grammar import Constraint
 from engine.handle import Handle
 from engine.requests import ChoiceUpdate, GenerationRequest, TokenLogprob
 from engine.stop import StopMatcher
@@ -30,6 +31,7 @@ class Choice:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     saved_row: Any = None  # its sampling state while preempted
+    constraint: Constraint | None = None  # its grammar state (response_format, tools)
 
     def sequence(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
         """Prompt and generated tokens: position p's K/V is that of token p."""
@@ -98,6 +100,12 @@ def advance(
         if choice.stop.stop_at is not None:
             reason = "stop"
             break
+        if choice.constraint is not None:
+            choice.constraint.consume(tok)
+            if choice.constraint.done:  # complete: only EOS could follow
+                reason = "stop"
+                text += choice.stop.flush()
+                break
         if out.finished[j, slot]:
             is_eos = tok in eos_ids and not r.ignore_eos
             reason = "stop" if is_eos else "length"

@@ -10,6 +10,10 @@ page-table row (engine.kv_cache: which pages of the cache hold its positions) li
 state; the prefill covers the prompt except its last token, which the first decode step
 consumes, so the first generated token is drawn by the same sampling program as every other.
 
+Every decode call takes each row's grammar mask (samplers.mask; all ones for a free row). The
+mask of a constrained row depends on the token before it, which the host reads after the call:
+such a row takes one token per call, and sits out the call's later steps.
+
 A mixed decode program also carries a prompt chunk (Chunk) in its first step: one model call
 over the decode rows and the chunk's tokens (engine.model.Rows blocks), so a long prompt is
 prefilled while the running sequences keep getting tokens, sharing each weight read.
@@ -171,15 +175,21 @@ class Programs:
         rows: int,
         chunk: int = 0,
     ) -> Any:
-        """The compiled decode program for this geometry, compiling it on first use; with
+        """The compiled decode program for this geometry, compiling it on first use, called as
+        decode(params, cache, state, masks) with the rows' grammar masks i32[rows, W]; with
         `chunk` > 0 the mixed one, whose first step also prefills a Chunk of that many tokens
-        (called as decode(params, cache, state, chunk)).
+        (decode(params, cache, state, masks, chunk)).
 
         The arguments may be arrays or their jax.ShapeDtypeStructs (for compiling ahead)."""
         key = (k, kv_len, rows, chunk)
         if key not in self._decoders:
             extra = (self.chunk_shape(chunk),) if chunk else ()
-            lowered = self.decode.lower(params, cache, state, *extra, k=k, kv_len=kv_len, rows=rows)
+            masks = jax.ShapeDtypeStruct(
+                (rows, samplers.mask.words(self.config.vocab_size)), jnp.int32
+            )
+            lowered = self.decode.lower(
+                params, cache, state, masks, *extra, k=k, kv_len=kv_len, rows=rows
+            )
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
 
@@ -270,29 +280,35 @@ class Programs:
         params: Params,
         cache: KVCache,
         state: DecodeState,
+        masks: jax.Array,
         chunk: Chunk | None = None,
         *,
         k: int,
         kv_len: int,
         rows: int,
     ) -> tuple[KVCache, DecodeState, StepOutput]:
-        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]. A chunk
-        rides in the first step: the same model call computes its K/V into its pages."""
+        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]. masks:
+        i32[rows, W], each row's allowed tokens; a constrained row takes the first step only.
+        A chunk rides in the first step: the same model call computes its K/V into its pages."""
+        # Rows with a grammar wait after their first token: the host has the next mask.
+        once = samplers.mask.constrained(masks)
 
-        def step(carry, chunk):
+        def step(carry, xs):
+            chunk, first = xs
             cache, st = carry
             block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, kv_len=kv_len)
             extra = [] if chunk is None else [chunk.block()]
             (logits, *_), cache = self.model.apply({"params": params}, [block, *extra], cache)
-            batch = dataclasses.replace(st.sampling, active=st.active)
+            live = st.active & (first | ~once)
+            batch = dataclasses.replace(st.sampling, active=live)
             tokens, info, batch = sample(
                 logits[:, 0],
                 batch,
                 num_logprobs=self.num_top,
                 top_k=self.top_k,
                 logprob_rows=st.logprobs,
+                allowed=masks,
             )
-            live = st.active
             remaining = st.remaining - live.astype(jnp.int32)
             eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos
             finished = live & (eos | (remaining <= 0))
@@ -308,7 +324,7 @@ class Programs:
             st = st.replace(
                 tokens=jnp.where(live, tokens, st.tokens),
                 positions=st.positions + live.astype(jnp.int32),
-                active=live & ~finished,
+                active=st.active & ~finished,
                 remaining=remaining,
                 sampling=batch,
             )
@@ -317,8 +333,9 @@ class Programs:
         head = jax.tree.map(lambda x: x[:rows], state)
         carry = (cache, head)
         if chunk is not None:
-            carry, first = step(carry, chunk)
-        (cache, head), outputs = jax.lax.scan(step, carry, None, length=k - (chunk is not None))
+            carry, first = step(carry, (chunk, True))
+        later = jnp.arange(chunk is not None, k) == 0  # first step: True
+        (cache, head), outputs = jax.lax.scan(lambda c, f: step(c, (None, f)), carry, later)
         if chunk is not None:
             outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
         state = jax.tree.map(

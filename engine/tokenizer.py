@@ -54,17 +54,28 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template applied to OpenAI-style messages."""
+    @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        return template if isinstance(template, str) else None
+
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """The model's own chat template applied to OpenAI-style messages (and function
+        tools, for a template that renders them)."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         # The template already holds the special tokens; don't let encode add a BOS twice.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:
