@@ -23,6 +23,8 @@ from engine.requests import (
 )
 from serving.errors import bad_request
 from serving.protocol import ChatRequest, CompletionRequest, _CommonRequest
+from serving.structured import response_format_grammar
+from serving.tool_chat import ToolSetup, native_tools, prepare_tools, template_messages
 
 # Fields generation_config.json may default (read from the raw file, docs/sampling.md 1.27).
 CONFIG_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
@@ -80,6 +82,7 @@ class Prepared:
     options: dict  # fireworks-sampling-options, max_tokens added once the engine applies it
     field_names: dict[str, str]  # the engine's field name → the one the client sent
     user: str | None
+    tools: ToolSetup | None = None  # the reply is parsed for tool calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,8 @@ class _Generation:
     top_logprobs: int | None
     max_tokens: int
     overflow: ContextOverflow
+    grammar: str | None  # llguidance grammar every reply must follow
+    grammar_field: str  # the request field it comes from
 
 
 def sampling_params(
@@ -136,6 +141,8 @@ def _generation(req: _CommonRequest, engine: ServingEngine) -> _Generation:
         top_logprobs=k,
         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         overflow=ContextOverflow(req.context_length_exceeded_behavior or "truncate"),
+        grammar=response_format_grammar(req.response_format),
+        grammar_field="response_format",
     )
 
 
@@ -157,7 +164,11 @@ def _echo(req: _CommonRequest, ids: list[int], bos: int | None) -> tuple[list[in
 
 
 def _prepared(
-    kind: Literal["chat", "completion"], req: _CommonRequest, g: _Generation, prompts: list[Prompt]
+    kind: Literal["chat", "completion"],
+    req: _CommonRequest,
+    g: _Generation,
+    prompts: list[Prompt],
+    tools: ToolSetup | None = None,
 ) -> Prepared:
     n = req.n if req.n is not None else 1
     requests = [
@@ -171,6 +182,8 @@ def _prepared(
             top_logprobs=g.top_logprobs,
             prompt_logprobs=bool(p.echo_ids) and g.logprobs_format is not None,
             context_overflow=g.overflow,
+            grammar=g.grammar,
+            grammar_field=g.grammar_field,
         )
         for p in prompts
     ]
@@ -193,6 +206,7 @@ def _prepared(
         options=g.options,
         field_names=req.field_names(),
         user=req.user,
+        tools=tools,
     )
 
 
@@ -215,11 +229,15 @@ def _truncate_messages(
     return messages, ids
 
 
-def _template(tok: ChatTokenizer, messages: list[dict], render: bool) -> Any:
+def _template(
+    tok: ChatTokenizer, messages: list[dict], render: bool, tools: list[dict] | None = None
+) -> Any:
     """The chat template applied (text, or token ids); its errors (role order, a model
     without a template) are the request's fault."""
     try:
-        return tok.render_chat(messages) if render else list(tok.encode_chat(messages))
+        if render:
+            return tok.render_chat(messages, tools=tools)
+        return list(tok.encode_chat(messages, tools=tools))
     except Exception as e:  # noqa: BLE001 - jinja raises anything a template throws
         raise bad_request(f"could not apply the chat template: {e}", "messages") from None
 
@@ -228,25 +246,40 @@ def prepare_chat(req: ChatRequest, engine: ServingEngine) -> Prepared:
     req.check_chat()
     g = _generation(req, engine)
     tok = engine.tokenizer
-    messages = [m.template_dict() for m in req.messages]
-    rendered = _template(tok, messages, render=True)
+    native = native_tools(tok.chat_template)
+    tools, setup, forced = prepare_tools(
+        req.tools, req.tool_choice, req.parallel_tool_calls, tok.chat_template
+    )
+    if forced is not None:
+        if g.grammar is not None:
+            raise bad_request(
+                "tool_choice forcing a call cannot be combined with response_format",
+                "tool_choice",
+            )
+        g = dataclasses.replace(g, grammar=forced, grammar_field="tool_choice")
+    messages = template_messages([m.template_dict() for m in req.messages], tools, native)
+    shown = tools if native else None  # else they are in the system prompt
+    rendered = _template(tok, messages, True, shown)
     if req.prompt_truncate_len is not None:
-        encode = lambda msgs: _template(tok, msgs, render=False)  # noqa: E731
+        encode = lambda msgs: _template(tok, msgs, False, shown)  # noqa: E731
         kept, ids = _truncate_messages(messages, req.prompt_truncate_len, encode)
-        echo_source = _template(tok, kept, render=True) if kept != messages else rendered
+        echo_source = _template(tok, kept, True, shown) if kept != messages else rendered
     else:
-        ids, echo_source = _template(tok, messages, render=False), rendered
+        ids, echo_source = _template(tok, messages, False, shown), rendered
     echo_ids, offset = _echo(req, ids, None)
     echo_text = ""
     if echo_ids:
         full = len(echo_ids) == len(ids)
         echo_text = echo_source if full else tok.decode(echo_ids, skip_special_tokens=False)
     prompt = Prompt(ids, echo_ids, echo_text, offset, fragments=[rendered])
-    return _prepared("chat", req, g, [prompt])
+    return _prepared("chat", req, g, [prompt], setup)
 
 
 def prepare_completion(req: CompletionRequest, engine: ServingEngine) -> Prepared:
     req.check_completion()
+    for field in ("tools", "tool_choice", "parallel_tool_calls"):
+        if getattr(req, field) not in (None, "none"):
+            raise bad_request(f"{field} is only supported on /v1/chat/completions", field)
     g = _generation(req, engine)
     tok = engine.tokenizer
     bos = tok.bos_token_id

@@ -85,8 +85,8 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
     def template_dict(self) -> dict:
-        if self.tool_calls:
-            raise bad_request("tool calls are not supported by this server", "messages")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise bad_request("only assistant messages carry tool_calls", "messages")
         if self.function_call is not None:
             raise bad_request("function calls are not supported by this server", "messages")
         if self.audio is not None:
@@ -99,7 +99,28 @@ class ChatMessage(_Strict):
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [_tool_call(c) for c in self.tool_calls]
         return message
+
+
+def _tool_call(call: Any) -> dict:
+    """An assistant message's tool call, as OpenAI sends it back: {"id", "type": "function",
+    "function": {"name", "arguments": a JSON string}}."""
+    f = call.get("function") if isinstance(call, dict) else None
+    if (
+        not isinstance(f, dict)
+        or call.get("type", "function") != "function"
+        or not isinstance(call.get("id"), str)
+        or not isinstance(f.get("name"), str)
+        or not isinstance(f.get("arguments"), str)
+    ):
+        raise bad_request(
+            "each tool call must be {'id': str, 'type': 'function', 'function': "
+            "{'name': str, 'arguments': str}}",
+            "messages",
+        )
+    return {"id": call["id"], "type": "function", "function": dict(f)}
 
 
 class _CommonRequest(_Strict):
@@ -143,12 +164,14 @@ class _CommonRequest(_Strict):
     safety_identifier: str | None = None
     prediction: Any = None  # a speed hint only; the output is the same
     speculation: Any = None
-    # accepted only with their neutral value: anything else can't be honoured
-    store: bool | None = None
+    # structured output: serving.structured checks it and builds its grammar
     response_format: Any = None
-    tools: list[Any] | None = None
+    # function calling (chat): serving.tool_chat checks them
+    tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # accepted only with their neutral value: anything else can't be honoured
+    store: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     best_of: int | None = None
@@ -168,11 +191,6 @@ class _CommonRequest(_Strict):
                 )
         if self.store:
             raise bad_request("store is not supported: this server keeps no completions", "store")
-        _check_response_format(self.response_format)
-        if self.tools:
-            raise bad_request("tools are not supported by this server yet", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported without tools", "tool_choice")
         if self.functions:
             raise bad_request("functions are not supported by this server", "functions")
         if self.function_call not in (None, "none", "auto"):
@@ -227,21 +245,6 @@ class _CommonRequest(_Strict):
         if self.max_completion_tokens is not None:
             names["max_tokens"] = "max_completion_tokens"
         return names
-
-
-def _check_response_format(rf: Any) -> None:
-    if rf is None:
-        return
-    kind = rf.get("type") if isinstance(rf, dict) else None
-    if kind == "text" and set(rf) == {"type"}:
-        return
-    if kind == "json_schema" and rf.get("json_schema") is None and rf.get("schema") is None:
-        raise bad_request("response_format json_schema requires a json_schema", "response_format")
-    raise bad_request(
-        f"response_format {show(kind or rf)} is not supported yet "
-        "(only {'type': 'text'}); constrained decoding is not implemented",
-        "response_format",
-    )
 
 
 class ChatRequest(_CommonRequest):

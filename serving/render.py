@@ -17,6 +17,8 @@ from serving.logprobs import LogprobRenderer, TextOffsets
 from serving.metrics import Metrics
 from serving.prepare import Prepared
 from serving.streams import ClientGone, EngineFailure
+from serving.tool_calls import parse_reply
+from serving.tool_stream import ArgumentsDelta, ContentDelta, ToolCallStart, ToolCallStream
 
 log = logging.getLogger("jaxfire.server")
 
@@ -193,11 +195,12 @@ class Reply:
                 logprobs = LogprobRenderer.merge(fmt, logprobs, more)
             text = echo_text + "".join(c.text)
             choice: dict[str, Any] = {"index": i}
+            reason = c.finish_reason or "length"
             if chat:
-                choice["message"] = {"role": "assistant", "content": text, "tool_calls": None}
+                choice["message"], reason = self._message(text, reason)
             else:
                 choice["text"] = text
-            choice["finish_reason"] = c.finish_reason or "length"
+            choice["finish_reason"] = reason
             choice["logprobs"] = logprobs
             if self.p.raw_output:
                 choice["raw_output"] = self._raw_output(i)
@@ -219,6 +222,25 @@ class Reply:
         if self.p.perf_metrics:
             body["perf_metrics"] = self.perf_metrics()
         return body
+
+    def _message(self, text: str, reason: str) -> tuple[dict, str]:
+        """The assistant message and finish reason of a chat choice: with tools, the calls
+        the reply makes are its tool_calls (finish_reason "tool_calls")."""
+        tools = self.p.tools
+        if tools is None:
+            return {"role": "assistant", "content": text, "tool_calls": None}, reason
+        content, calls = parse_reply(text, tools.fmt, tools.names)
+        message = {"role": "assistant", "content": content, "tool_calls": None}
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in calls
+            ]
+        return message, _call_reason(bool(calls), reason)
 
     # ------------------------------------------------------------------------ streaming
 
@@ -292,25 +314,46 @@ class Reply:
         pending_text = [""] * n_choices
         pending_lps: list[list[TokenLogprob]] = [[] for _ in range(n_choices)]
         pending_ids: list[list[int]] = [[] for _ in range(n_choices)]
+        tools = self.p.tools if self.p.kind == "chat" else None
+        calls = [ToolCallStream(tools.fmt, tools.names) if tools else None for _ in self.choices]
+        called = [False] * n_choices
+
+        def content(index: int) -> bytes | None:
+            """The chunk of a choice's text (with its tokens' logprobs) not yet sent."""
+            if not pending_text[index]:
+                return None
+            delta = self._delta(index, pending_text[index], pending_lps[index], pending_ids[index])
+            pending_text[index], pending_lps[index], pending_ids[index] = "", [], []
+            return self._chunk(delta)
+
         try:
             for chunk in self._openings():
                 yield chunk
             async for index, prompt, u in updates:
                 self.add(index, prompt, u)
-                pending_text[index] += u.text
                 pending_lps[index] += list(u.logprobs or ())
                 pending_ids[index] += list(u.token_ids)
-                if pending_text[index]:
-                    yield self._chunk(
-                        self._delta(
-                            index, pending_text[index], pending_lps[index], pending_ids[index]
-                        )
-                    )
-                    pending_text[index], pending_lps[index], pending_ids[index] = "", [], []
+                stream = calls[index]
+                if stream is None:
+                    events: list[Any] = [ContentDelta(u.text)]
+                else:  # text that may open a tool call is held back
+                    events = stream.feed(u.text)
+                    events += stream.finish() if u.finish_reason is not None else []
+                for event in events:
+                    if isinstance(event, ContentDelta):
+                        pending_text[index] += event.text
+                        continue
+                    if chunk := content(index):
+                        yield chunk
+                    called[index] = True
+                    yield self._chunk(_tool_call_delta(index, event))
+                if chunk := content(index):
+                    yield chunk
                 if u.finish_reason is not None:
                     lps = pending_lps[index] if pending_lps[index] else None
                     ids = pending_ids[index]
-                    choice = self._delta(index, None, lps, ids, finish=u.finish_reason)
+                    reason = _call_reason(called[index], u.finish_reason)
+                    choice = self._delta(index, None, lps, ids, finish=reason)
                     if self.p.raw_output:
                         choice["raw_output"] = self._raw_output(index)
                     extra = {"perf_metrics": self.perf_metrics()} if self.p.perf_metrics else {}
@@ -330,3 +373,27 @@ class Reply:
             self.status = error.status
             yield b"data: " + dumps(error.body()).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
+
+
+def _call_reason(called: bool, reason: str) -> str:
+    """A reply that ended (not cut by max_tokens) after making tool calls: "tool_calls"."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _tool_call_delta(index: int, event: ToolCallStart | ArgumentsDelta) -> dict:
+    """A streamed tool call: its id, type and name first, then its argument fragments."""
+    if isinstance(event, ToolCallStart):
+        call = {
+            "index": event.index,
+            "id": event.id,
+            "type": "function",
+            "function": {"name": event.name, "arguments": ""},
+        }
+    else:
+        call = {"index": event.index, "function": {"arguments": event.fragment}}
+    return {
+        "index": index,
+        "delta": {"tool_calls": [call]},
+        "finish_reason": None,
+        "logprobs": None,
+    }

@@ -37,6 +37,7 @@ class FakeTokenizer:
     """Bytes are tokens 0..255, plus three special tokens; a ChatML-like template."""
 
     hf = None
+    chat_template = None  # ChatML-like, in render_chat; no tools of its own
     eos_token_ids = frozenset({EOS})
     bos_token_id = BOS
     vocab_size = 259
@@ -64,14 +65,21 @@ class FakeTokenizer:
                 out += SPECIAL_TEXT[t].encode()
         return out.decode("utf-8", "replace")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        if tools is not None:
+            raise ValueError("this template renders no tools")
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if messages and messages[0]["role"] == "bad-role-for-tests":
             raise ValueError("template failure")
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in SPECIAL_TEXT

@@ -407,11 +407,15 @@ def test_openai_sdk_fields_accepted(client):
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "maybe"},
+            "tool_choice",
+        ),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": {"name": "f"}}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_object", "strict": True}}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "grammar", "grammar": "root ::= 'a'"}}, "response_format"),
         ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
@@ -451,7 +455,17 @@ def test_message_shapes(client):
     assert_400(chat(client, messages="Hi"), "messages")
     tool_call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     msg = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
-    assert_400(chat(client, messages=[*HI, msg]), "messages")
+    result = {"role": "tool", "tool_call_id": "1", "content": "42"}
+    assert_200(chat(client, messages=[*HI, msg, result]))  # a tool exchange replayed
+    for bad in (
+        {**tool_call, "function": {"name": "f", "arguments": {}}},  # arguments not a string
+        {**tool_call, "function": {"name": "f", "arguments": "[1]"}},  # not an object
+        {**tool_call, "function": {"name": "f", "arguments": "{"}},  # not JSON
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}},  # no id
+    ):
+        bad_msg = {"role": "assistant", "content": None, "tool_calls": [bad]}
+        assert_400(chat(client, messages=[*HI, bad_msg]), "messages")
+    assert_400(chat(client, messages=[{**HI[0], "tool_calls": [tool_call]}]), "messages")
 
 
 def test_prompt_shapes(client):
