@@ -20,7 +20,6 @@ from the prefix cache) before it decodes on, exactly where it stopped.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -35,6 +34,7 @@ from engine.buckets import bucket_for, buckets
 from engine.fills import Fills
 from engine.grammar import DecodeMasks
 from engine.handle import DONE, Handle
+from engine.one_step import OneStepPrograms
 from engine.paging import PageAllocator
 from engine.requests import (
     ChoiceUpdate,
@@ -100,10 +100,7 @@ class Scheduler(Fills):
         self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
         self.masks = DecodeMasks(self.grammars.words)
-        # One-step decode programs (while a constrained choice decodes) compile here, on
-        # first need, so servers that never see a grammar never hold them.
-        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
-        self._compiling: set[tuple[int, int]] = set()
+        self.one_step = OneStepPrograms(programs)
         self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
         self.queue: collections.deque[Handle] = collections.deque()
@@ -160,8 +157,7 @@ class Scheduler(Fills):
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
-        if self._compiler is not None:
-            self._compiler.shutdown(cancel_futures=True)
+        self.one_step.close()
 
     def _busy(self) -> bool:
         return bool(self.queue or self.live or self.filling or self.ready or self.resumes)
@@ -282,28 +278,19 @@ class Scheduler(Fills):
 
     # ---- decode ---------------------------------------------------------------------
     def _steps(self) -> int:
-        """k for this call: 1 while a constrained choice decodes (each of its tokens needs the
-        host's next mask) once such a program is compiled for the live rows; until then the
-        configured k, the constrained rows sitting out all but its first step."""
+        """k for this call: the configured k, or 1 while a constrained choice decodes
+        (engine.one_step)."""
         k = self.s.decode_steps
         if k == 1 or all(c.constraint is None for _, c in self.live.values()):
             return k
         live_pos = max(int(self.slot_pos[s]) for s in self.live)
         kv_len = bucket_for(min(live_pos + 1, self.s.max_len), self.kv_buckets)
         rows = [r for r in self.slot_buckets if r > max(self.live)]
-        if any(self.p.decode_ready(1, kv_len, r) for r in rows):
-            return 1
-        if (kv_len, rows[0]) not in self._compiling:
-            self._compiling.add((kv_len, rows[0]))
-            if self._compiler is None:
-                self._compiler = concurrent.futures.ThreadPoolExecutor(1, "jaxfire-compile")
-            shapes = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                (self.params, self.cache, self.state),
-            )
-            done = self._compiler.submit(self.p.decoder, *shapes, k=1, kv_len=kv_len, rows=rows[0])
-            done.add_done_callback(_log_failure)
-        return k
+        shapes = lambda: jax.tree.map(  # noqa: E731
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (self.params, self.cache, self.state),
+        )
+        return self.one_step.steps(k, kv_len, rows, shapes)
 
     def _decode(self) -> None:
         k = self._steps()
@@ -398,8 +385,3 @@ class Scheduler(Fills):
         owners = {id(o): o for o, _ in (*self.live.values(), *self.resumes)}
         owners |= {id(f.owner): f.owner for f in (*self.filling, *self.ready)}
         return list(owners.values())
-
-
-def _log_failure(done: concurrent.futures.Future) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.error("compiling a one-step decode program failed", exc_info=done.exception())

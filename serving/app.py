@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -131,6 +132,10 @@ class _Server:
             raise error from None
         return handles
 
+    def _admit(self, kind: str, body: Any) -> tuple[Prepared, list[RequestHandle]]:
+        prepared = self._prepare(kind, body)
+        return prepared, self._submit(prepared)
+
     def _prepare(self, kind: str, body: dict) -> Prepared:
         schema = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
         req = protocol.parse_request(schema, body)
@@ -158,8 +163,12 @@ class _Server:
         path = request.url.path
         try:
             self._auth(request)
-            prepared = self._prepare(kind, parse_json(await self._body(request)))
-            handles = self._submit(prepared)
+            body = parse_json(await self._body(request))
+            if isinstance(body, dict) and (body.get("response_format") or body.get("tools")):
+                # Building and compiling a grammar can take a while: off the event loop.
+                prepared, handles = await run_in_threadpool(self._admit, kind, body)
+            else:
+                prepared, handles = self._admit(kind, body)
         except APIError as e:
             response = error_response(e)
             _log_access(path, e.status, t0=t0, param=e.param)
