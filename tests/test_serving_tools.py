@@ -161,3 +161,18 @@ def test_transformers_renders_tools_through_the_template(tmp_path):
     )
     text = tok.render_chat(ASK, tools=[WEATHER])
     assert text.startswith("TOOL get_weather\nuser: Weather in Paris?")
+
+
+def test_each_of_n_choices_is_parsed_streamed_or_not(client):
+    r = client.chat.completions.create(model=M, messages=ASK, tools=[WEATHER], n=2)
+    assert [c.finish_reason for c in r.choices] == ["tool_calls"] * 2
+    assert all(c.message.tool_calls[0].function.name == "get_weather" for c in r.choices)
+    names: dict[int, str] = {}
+    for chunk in client.chat.completions.create(
+        model=M, messages=ASK, tools=[WEATHER], n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            for t in choice.delta.tool_calls or ():
+                if t.id:
+                    names[choice.index] = t.function.name
+    assert names == {0: "get_weather", 1: "get_weather"}
