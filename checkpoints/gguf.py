@@ -28,12 +28,14 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Metadata arrays read only when the tokenizer is written: decoding them costs seconds.
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 # llama.cpp writes llama-arch Q/K rows interleaved for its rotary kernel (convert_hf_to_gguf's
-# `permute`); qwen2 is written unpermuted.
+# `permute`); qwen2 and qwen3 are written unpermuted.
 _PERMUTED_ARCHS = ("llama", "mistral")
 
 
@@ -86,7 +88,7 @@ def _reader(path: Path) -> GGUFReader:
 
 
 def open_gguf(path: Path) -> Checkpoint:
-    """Open a GGUF file of a llama / mistral / qwen2 model."""
+    """Open a GGUF file of a llama / mistral / qwen2 / qwen3 model."""
     reader = _reader(path)
     try:
         meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}

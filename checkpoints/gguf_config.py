@@ -11,6 +11,7 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
 # llama.cpp assumes these when Llama 3.1 writes its rope scaling as a `rope_freqs` tensor.
 _LLAMA3_ORIGINAL_CONTEXT = 8192

@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 
 # What the engine's Llama-family model implements, as HF and as llama.cpp spell them.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
 
 
 class CheckpointError(Exception):

@@ -18,6 +18,7 @@ _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
@@ -58,6 +59,9 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
             shapes[p + "self_attn.k_proj.bias"] = (kv_heads * head_dim,)
             shapes[p + "self_attn.v_proj.bias"] = (kv_heads * head_dim,)
+        if _qk_norm(config):  # Qwen3: an RMSNorm over each head's q and k
+            shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
         shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
         shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
         shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
@@ -67,6 +71,10 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (config["vocab_size"], hidden)
     return shapes
+
+
+def _qk_norm(config: dict) -> bool:
+    return architecture(config) == "Qwen3ForCausalLM"
 
 
 def validate_tensors(checkpoint: Checkpoint) -> None:

@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 
@@ -40,6 +41,7 @@ class ModelConfig:
     attention_bias: bool
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # frozen form of the HF rope dict
     sliding_window: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotation
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
@@ -81,6 +83,7 @@ class ModelConfig:
                 ),
                 rope_scaling=tuple(sorted(rope.items())) if rope_type != "default" else (),
                 sliding_window=int(window) if window else None,
+                qk_norm=SUPPORTED_ARCHITECTURES[arch] == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"config is missing required key {e.args[0]!r}") from None

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) in Flax.
 
 One forward serves prefill (T tokens per row), decode (T = 1 for every slot) and both in one
 step (a block of each, Rows): it writes the new K/V at explicit `positions` into the
@@ -136,11 +136,22 @@ class Attention(nn.Module):
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
-            parts = _split(qkv, blocks)
+            q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
         else:
             q = dense(q_out, "q_proj", cfg.attention_bias)(x)
             k = dense(kv_out, "k_proj", cfg.attention_bias)(x)
             v = dense(kv_out, "v_proj", cfg.attention_bias)(x)
+        if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normed, before the rotation
+
+            def per_head(y: jax.Array, heads: int, name: str) -> jax.Array:
+                heads_last = y.reshape(*y.shape[:-1], heads, cfg.head_dim)
+                return RMSNorm(cfg.rms_norm_eps, self.dtype, name=name)(heads_last).reshape(y.shape)
+
+            q, k = per_head(q, cfg.num_heads, "q_norm"), per_head(k, cfg.num_kv_heads, "k_norm")
+        if self.packed:
+            qkv = jnp.concatenate([q, k, v], axis=-1) if cfg.qk_norm else qkv
+            parts = _split(qkv, blocks)
+        else:
             parts = list(zip(*(_split(y, blocks) for y in (q, k, v)), strict=True))
         outs = []
         for part, block, rotation in zip(parts, blocks, rotations, strict=True):
@@ -182,7 +193,7 @@ class DecoderLayer(nn.Module):
         cfg, eps = self.config, self.config.rms_norm_eps
         only = blocks[0]
         decode = len(blocks) == 1 and only.tokens.shape[1] == 1 and not only.fresh
-        if self.packed and decode and not cfg.attention_bias:
+        if self.packed and decode and not (cfg.attention_bias or cfg.qk_norm):
             # Decode: the whole layer in one kernel call (the same math as below).
             cos, sin = rotations[0]
             y, *new_kv = cpu_kernels.decode_layer(

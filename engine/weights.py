@@ -42,6 +42,9 @@ def params_from_hf(
     def norm(name: str) -> dict:
         return {"weight": get(f"{name}.weight", (config.hidden_size,)).astype(np.float32)}
 
+    def head_norm(name: str) -> dict:
+        return {"weight": get(f"{name}.weight", (config.head_dim,)).astype(np.float32)}
+
     d, hd = config.hidden_size, config.head_dim
     q_out, kv_out, inter = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
     bias = config.attention_bias
@@ -55,6 +58,14 @@ def params_from_hf(
             "input_layernorm": norm(f"{p}.input_layernorm"),
             "post_attention_layernorm": norm(f"{p}.post_attention_layernorm"),
             "self_attn": {
+                **(
+                    {
+                        "q_norm": head_norm(f"{p}.self_attn.q_norm"),
+                        "k_norm": head_norm(f"{p}.self_attn.k_norm"),
+                    }
+                    if config.qk_norm
+                    else {}
+                ),
                 "q_proj": linear(f"{p}.self_attn.q_proj", d, q_out, bias),
                 "k_proj": linear(f"{p}.self_attn.k_proj", d, kv_out, bias),
                 "v_proj": linear(f"{p}.self_attn.v_proj", d, kv_out, bias),
@@ -99,7 +110,11 @@ def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
         layer = dict(params[f"layers_{i}"])
         for block, (fused, names) in FUSED.items():
             mods = layer[block]
-            layer[block] = {n: linear([m]) for n, m in mods.items() if n not in names}
+            layer[block] = {
+                n: m if n.endswith("_norm") else linear([m])
+                for n, m in mods.items()
+                if n not in names
+            }
             layer[block][fused] = linear([mods[n] for n in names])
         packed[f"layers_{i}"] = layer
     head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]

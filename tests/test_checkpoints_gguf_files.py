@@ -24,10 +24,14 @@ _GGUF_PARTS = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
-def hf_tensors(layers: int = 2, bias: bool = False, tied: bool = False) -> dict[str, np.ndarray]:
+def hf_tensors(
+    layers: int = 2, bias: bool = False, tied: bool = False, qk_norm: bool = False
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
     if not tied:
@@ -45,6 +49,11 @@ def hf_tensors(layers: int = 2, bias: bool = False, tied: bool = False) -> dict[
             p + "input_layernorm.weight": (HIDDEN,),
             p + "post_attention_layernorm.weight": (HIDDEN,),
         }
+        if qk_norm:
+            shapes |= {
+                p + "self_attn.q_norm.weight": (HEAD_DIM,),
+                p + "self_attn.k_norm.weight": (HEAD_DIM,),
+            }
         if bias:
             shapes |= {
                 p + "self_attn.q_proj.bias": (HEADS * HEAD_DIM,),
@@ -109,9 +118,9 @@ def write_gguf(
     for key, value in (overrides or {}).items():
         writer.add_uint32(key, value)
     for name, w in tensors.items():
-        if arch != "qwen2" and "q_proj" in name:
+        if arch in ("llama", "mistral") and "q_proj" in name:
             w = llama_cpp_permute(w, HEADS)
-        elif arch != "qwen2" and "k_proj" in name:
+        elif arch in ("llama", "mistral") and "k_proj" in name:
             w = llama_cpp_permute(w, KV_HEADS)
         if w.ndim == 2 and qtype != Q.F32:
             writer.add_tensor(gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
@@ -176,6 +185,15 @@ def test_qwen2_biases_unpermuted_and_tied(tmp_path):
     assert checkpoint.config["architectures"] == ["Qwen2ForCausalLM"]
     assert checkpoint.config["tie_word_embeddings"] is True
     assert checkpoint.config["attention_bias"] is True
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(checkpoint.tensor(name), want, err_msg=name)
+
+
+def test_qwen3_head_norms_unpermuted(tmp_path):
+    tensors = hf_tensors(tied=True, qk_norm=True)
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "q3.gguf", tensors, arch="qwen3"))
+    assert checkpoint.config["architectures"] == ["Qwen3ForCausalLM"]
+    assert checkpoint.config["attention_bias"] is False
     for name, want in tensors.items():
         np.testing.assert_array_equal(checkpoint.tensor(name), want, err_msg=name)
 

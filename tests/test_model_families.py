@@ -1,0 +1,93 @@
+"""Families beyond Llama through the whole engine (load, paged prefill, batched decode): a
+tiny random Qwen3 checkpoint (HF folder) decodes HF transformers' greedy tokens on the CPU
+kernels and on XLA's ops. (tests/test_model_parity.py holds the logits to HF's.)"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import pytest
+
+from engine import cpu_kernels
+from tests import engine_fixtures as F
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+QWEN3 = dict(
+    vocab_size=F.VOCAB,  # the default model's tokenizer
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=8,  # not hidden / heads, as in the real Qwen3 configs
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    tie_word_embeddings=True,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=F.EOS,
+)
+
+
+@functools.cache
+def qwen3():
+    """(folder, HF model): random weights, norms (q/k norms too) noised off 1."""
+    from checkpoints import registry
+
+    folder = F._root() / "tiny-qwen3"
+    torch.manual_seed(1)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    if not (folder / "model.safetensors").exists():
+        hf.save_pretrained(folder)
+        registry.resolve(registry.DEFAULT_MODEL).open().save_tokenizer(folder)
+    return folder, hf
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=F.EOS
+    )
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize(
+    "cpu_kernel",
+    [
+        pytest.param(True, marks=pytest.mark.skipif(not cpu_kernels.available(), reason="kernels")),
+        False,
+    ],
+)
+def test_qwen3_decodes_hf_greedy_tokens(cpu_kernel):
+    from engine.api import Engine
+    from samplers import SamplingParams
+
+    folder, hf = qwen3()
+    engine = Engine.from_pretrained(
+        str(folder),
+        max_slots=4,
+        max_len=64,
+        page_size=F.PAGE,
+        dtype=jnp.float32,
+        cpu_kernel=cpu_kernel,
+        warmup=False,
+    )
+    try:
+        assert engine.programs.model.config.qk_norm
+        prompts = F.prompts(3, seed=8, lo=5, hi=30)  # several pages, one batch
+        outs = engine.generate(
+            prompts, SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True
+        )
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert list(out.token_ids) == hf_greedy(hf, prompt, 12)
+    finally:
+        engine.close()
