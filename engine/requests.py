@@ -147,9 +147,12 @@ class ChatTokenizer(Protocol):
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        options: dict | None = None,
     ) -> str: ...
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
+    def encode_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
+    ) -> list[int]: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
 

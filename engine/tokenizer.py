@@ -64,18 +64,27 @@ class Tokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        options: dict | None = None,
     ) -> str:
         """The model's own chat template applied to OpenAI-style messages (and function
-        tools, for a template that renders them)."""
+        tools, for a template that renders them); `options` are variables the template
+        reads (Qwen3's enable_thinking, say)."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use the completions endpoint")
         return self.hf.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(options or {}),
         )
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
+    ) -> list[int]:
         # The template already holds the special tokens; don't let encode add a BOS twice.
-        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+        text = self.render_chat(messages, tools=tools, options=options)
+        return self.encode(text, add_special_tokens=False)
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:

@@ -230,14 +230,18 @@ def _truncate_messages(
 
 
 def _template(
-    tok: ChatTokenizer, messages: list[dict], render: bool, tools: list[dict] | None = None
+    tok: ChatTokenizer,
+    messages: list[dict],
+    render: bool,
+    tools: list[dict] | None = None,
+    options: dict | None = None,
 ) -> Any:
     """The chat template applied (text, or token ids); its errors (role order, a model
-    without a template) are the request's fault."""
+    without a template, an option it rejects) are the request's fault."""
     try:
         if render:
-            return tok.render_chat(messages, tools=tools)
-        return list(tok.encode_chat(messages, tools=tools))
+            return tok.render_chat(messages, tools=tools, options=options)
+        return list(tok.encode_chat(messages, tools=tools, options=options))
     except Exception as e:  # noqa: BLE001 - jinja raises anything a template throws
         raise bad_request(f"could not apply the chat template: {e}", "messages") from None
 
@@ -259,13 +263,14 @@ def prepare_chat(req: ChatRequest, engine: ServingEngine) -> Prepared:
         g = dataclasses.replace(g, grammar=forced, grammar_field="tool_choice")
     messages = template_messages([m.template_dict() for m in req.messages], tools, native)
     shown = tools if native else None  # else they are in the system prompt
-    rendered = _template(tok, messages, True, shown)
+    options = req.chat_template_kwargs
+    rendered = _template(tok, messages, True, shown, options)
     if req.prompt_truncate_len is not None:
-        encode = lambda msgs: _template(tok, msgs, False, shown)  # noqa: E731
+        encode = lambda msgs: _template(tok, msgs, False, shown, options)  # noqa: E731
         kept, ids = _truncate_messages(messages, req.prompt_truncate_len, encode)
-        echo_source = _template(tok, kept, True, shown) if kept != messages else rendered
+        echo_source = _template(tok, kept, True, shown, options) if kept != messages else rendered
     else:
-        ids, echo_source = _template(tok, messages, False, shown), rendered
+        ids, echo_source = _template(tok, messages, False, shown, options), rendered
     echo_ids, offset = _echo(req, ids, None)
     echo_text = ""
     if echo_ids:

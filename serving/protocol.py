@@ -247,8 +247,13 @@ class _CommonRequest(_Strict):
         return names
 
 
+# What apply_chat_template sets itself: a template variable of these names is not the client's.
+_TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "tokenize"}
+
+
 class ChatRequest(_CommonRequest):
     messages: list[ChatMessage]
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables (vLLM's field)
     prompt_truncate_len: int | None = None
     modalities: list[str] | None = None
     audio: Any = None
@@ -258,6 +263,12 @@ class ChatRequest(_CommonRequest):
     def check_chat(self) -> None:
         if not self.messages:
             raise bad_request("messages must hold at least one message", "messages")
+        reserved = _TEMPLATE_RESERVED & set(self.chat_template_kwargs or ())
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs may not set {', '.join(sorted(reserved))}",
+                "chat_template_kwargs",
+            )
         if self.prompt_truncate_len is not None and self.prompt_truncate_len < 1:
             raise bad_request(
                 f"prompt_truncate_len must be at least 1: {self.prompt_truncate_len}",

@@ -70,16 +70,22 @@ class FakeTokenizer:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        options: dict | None = None,
     ) -> str:
         if tools is not None:
             raise ValueError("this template renders no tools")
+        if options and options.get("fail"):
+            raise ValueError("the template failed on an option")
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if messages and messages[0]["role"] == "bad-role-for-tests":
             raise ValueError("template failure")
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.encode(self.render_chat(messages, tools=tools), add_special_tokens=False)
+    def encode_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, options: dict | None = None
+    ) -> list[int]:
+        text = self.render_chat(messages, tools=tools, options=options)
+        return self.encode(text, add_special_tokens=False)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in SPECIAL_TEXT

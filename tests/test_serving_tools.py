@@ -128,7 +128,7 @@ class _NativeTokenizer(FakeTokenizer):
 
     chat_template = "{{ tools }} ... <tool_call>"
 
-    def render_chat(self, messages, add_generation_prompt=True, tools=None):
+    def render_chat(self, messages, add_generation_prompt=True, tools=None, options=None):
         self.seen = (messages, tools)
         return "".join(m["content"] or "" for m in messages)
 

@@ -444,6 +444,13 @@ def test_image_content_rejected(client):
     assert "image" in err["message"]
 
 
+def test_chat_template_kwargs(client):
+    assert_200(chat(client, chat_template_kwargs={"enable_thinking": False}))
+    assert_400(chat(client, chat_template_kwargs={"tools": []}), "chat_template_kwargs")
+    assert_400(chat(client, chat_template_kwargs="x"), "chat_template_kwargs")
+    assert_400(chat(client, chat_template_kwargs={"fail": True}), "messages")  # the template's
+
+
 def test_message_shapes(client):
     parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
     assert_200(chat(client, messages=[{"role": "user", "content": parts}]))

@@ -60,3 +60,22 @@ def _is_utf8(b: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_template_variables_reach_the_template(tok):
+    """chat_template_kwargs: Qwen3's templates read enable_thinking this way."""
+    hf = tok.hf
+    saved = hf.chat_template
+    hf.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    )
+    try:
+        hi = [{"role": "user", "content": "Hi"}]
+        assert tok.render_chat(hi) == "Hi"
+        assert tok.render_chat(hi, options={"enable_thinking": False}) == "Hi<think></think>"
+        assert tok.encode_chat(hi, options={"enable_thinking": False}) == tok.encode(
+            "Hi<think></think>", add_special_tokens=False
+        )
+    finally:
+        hf.chat_template = saved
