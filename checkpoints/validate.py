@@ -19,6 +19,7 @@ _BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -48,6 +49,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     # Qwen2 always has q/k/v biases; its config.json does not say so.
     qkv_bias = config.get("attention_bias") or config.get("model_type") == "qwen2"
 
+    gemma = architecture(config) == "Gemma3ForCausalLM"
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -59,7 +61,10 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
             shapes[p + "self_attn.k_proj.bias"] = (kv_heads * head_dim,)
             shapes[p + "self_attn.v_proj.bias"] = (kv_heads * head_dim,)
-        if _qk_norm(config):  # Qwen3: an RMSNorm over each head's q and k
+        if gemma:  # norms around the attention's and the MLP's outputs too
+            shapes[p + "pre_feedforward_layernorm.weight"] = (hidden,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (hidden,)
+        if gemma or architecture(config) == "Qwen3ForCausalLM":  # RMSNorm of each q / k head
             shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
         shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
@@ -71,10 +76,6 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (config["vocab_size"], hidden)
     return shapes
-
-
-def _qk_norm(config: dict) -> bool:
-    return architecture(config) == "Qwen3ForCausalLM"
 
 
 def validate_tensors(checkpoint: Checkpoint) -> None:

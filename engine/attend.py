@@ -46,17 +46,21 @@ def attention_mask(positions: jax.Array, kv_len: int, window: int | None) -> jax
 
 
 def attend_packed(
-    cfg: ModelConfig, qkv: jax.Array, block: Rows, rotation: KV, cache_kv: KV
+    cfg: ModelConfig, qkv: jax.Array, block: Rows, rotation: KV, cache_kv: KV, window: int | None
 ) -> tuple[jax.Array, KV] | None:
     """The block's attention through engine.cpu_kernels from its fused projection qkv
-    [B, T, (H + 2K) D]: (out [B, T, H D], cache), or None where no kernel applies (several
-    rows of several tokens: XLA's ops then)."""
+    [B, T, (H + 2K) D], in a layer of sliding `window` (None: global): (out [B, T, H D],
+    cache), or None where no kernel applies (several rows of several tokens: XLA's ops)."""
     cos, sin = rotation
     B, T = block.tokens.shape
+    if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
+        # The kernels scale by head_dim**-0.5: q rescaled before its rotation (linear).
+        q_out, ratio = cfg.num_heads * cfg.head_dim, cfg.attn_scale * cfg.head_dim**0.5
+        qkv = jnp.concatenate([qkv[..., :q_out] * ratio, qkv[..., q_out:]], axis=-1)
     if block.fresh:  # positions are 0 .. T-1 in every row: the kernel's prefill
         rows = B * T if block.valid is None else block.valid
         out, *new_kv = cpu_kernels.prefill_attention(
-            qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window
+            qkv, cos[0], sin[0], rows, cfg.num_heads, cfg.num_kv_heads, window
         )
         return out, tuple(new_kv)
     if T == 1:  # decode: the kernel writes the cache in place and attends
@@ -68,7 +72,7 @@ def attend_packed(
             block.page_table,
             *cache_kv,
             cfg.num_heads,
-            cfg.sliding_window,
+            window,
         )
         return out[:, None], tuple(new_kv)
     if B == 1:  # one sequence's next T positions, after what its pages hold
@@ -81,7 +85,7 @@ def attend_packed(
             block.page_table[0],
             *cache_kv,
             cfg.num_heads,
-            cfg.sliding_window,
+            window,
         )
         return out, tuple(new_kv)
     return None
@@ -96,9 +100,11 @@ def attend_xla(
     block: Rows,
     rotation: KV,
     cache_kv: KV,
+    window: int | None,
 ) -> tuple[jax.Array, KV]:
-    """The block's attention on XLA's ops from q [B, T, H D], k and v [B, T, K D]:
-    (out [B, T, H D], cache with the block's K/V written)."""
+    """The block's attention on XLA's ops from q [B, T, H D], k and v [B, T, K D], in a layer
+    of sliding `window` (None: global): (out [B, T, H D], cache with the block's K/V
+    written)."""
     B, T = block.tokens.shape
     cos, sin = rotation
     kv_len = block.kv_len or block.page_table.shape[1] * cache_kv[0].shape[2]
@@ -112,25 +118,26 @@ def attend_xla(
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
     keys = read_pages(k_cache, block.page_table, kv_len)
     values = read_pages(v_cache, block.page_table, kv_len)
-    mask = attention_mask(block.positions, kv_len, cfg.sliding_window)
+    mask = attention_mask(block.positions, kv_len, window)
     if T == 1 and jax.default_backend() == "cpu":
-        out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], dtype)[:, None]
+        out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], dtype, cfg.attn_scale)
+        out = out[:, None]
     else:
         scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=F32)
-        scores = scores * (cfg.head_dim**-0.5)
+        scores = scores * cfg.attn_scale
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
     return out.reshape(B, T, cfg.num_heads * cfg.head_dim), (k_cache, v_cache)
 
 
-def _cpu_decode_attention(q, keys, values, mask, dtype) -> jax.Array:
+def _cpu_decode_attention(q, keys, values, mask, dtype, scale: float) -> jax.Array:
     """One token per row as broadcast multiply-reduces, in [B, K, G, S] throughout.
 
     q [B, K, G, D], keys / values [B, K, S, D], mask [B, S] -> [B, K, G, D]. XLA CPU ran the
     batched [G, D] x [D, S] dots of a single token well below memory speed (a third slower
     at batch 32); TPU/GPU keep the dots, which their matrix units run."""
-    q = q.astype(F32) * (q.shape[-1] ** -0.5)
+    q = q.astype(F32) * scale
     scores = jnp.sum(q[:, :, :, None, :] * keys[:, :, None].astype(F32), axis=-1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)

@@ -17,7 +17,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
+_ROPE_TYPES = ("default", "llama3", "linear")
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,17 @@ class ModelConfig:
     attention_bias: bool
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # frozen form of the HF rope dict
     sliding_window: int | None = None
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotation
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's q and k before rope
+    # Gemma 3: layers of sliding-window attention with their own rope (the others global);
+    # embeddings scaled by sqrt(hidden); GeGLU; norms around the attention and MLP outputs
+    # too (its RMSNorm scales by 1 + weight: engine.weights adds the 1); attention scaled
+    # by query_pre_attn_scalar**-0.5.
+    local_layers: tuple[bool, ...] = ()  # per layer: sliding window and local rope
+    local_rope_theta: float | None = None
+    embed_scale: float | None = None
+    hidden_act: str = "silu"  # or "gelu_tanh"
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
@@ -49,6 +61,7 @@ class ModelConfig:
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None and not archs:  # configs built in code name only the model_type
             by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
+            by_type["gemma3_text"] = "Gemma3ForCausalLM"
             arch = by_type.get(cfg.get("model_type"))
         if arch is None:
             raise ConfigError(
@@ -58,10 +71,12 @@ class ModelConfig:
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
-            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            family = SUPPORTED_ARCHITECTURES[arch]
+            extra = _gemma3_fields(cfg) if family == "gemma3" else {}
+            rope = _global_rope(cfg)
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "llama3", "linear"):
+            if rope_type not in _ROPE_TYPES:
                 raise ConfigError(f"unsupported rope scaling type {rope_type!r}")
             # Qwen2 configs carry a sliding_window that is disabled unless use_sliding_window.
             window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
@@ -78,12 +93,11 @@ class ModelConfig:
                 rope_theta=theta,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(
-                    cfg.get("attention_bias", SUPPORTED_ARCHITECTURES[arch] == "qwen2")
-                ),
+                attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
                 rope_scaling=tuple(sorted(rope.items())) if rope_type != "default" else (),
                 sliding_window=int(window) if window else None,
-                qk_norm=SUPPORTED_ARCHITECTURES[arch] == "qwen3",
+                qk_norm=family in ("qwen3", "gemma3"),
+                **extra,
             )
         except KeyError as e:
             raise ConfigError(f"config is missing required key {e.args[0]!r}") from None
@@ -96,10 +110,25 @@ class ModelConfig:
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def inv_freq(self) -> np.ndarray:
-        """RoPE inverse frequencies [head_dim/2], with HF's rope scaling applied."""
+    @property
+    def attn_scale(self) -> float:
+        """What q.k is multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window (None: it attends to every earlier position)."""
+        if self.local_layers:
+            return self.sliding_window if self.local_layers[layer] else None
+        return self.sliding_window
+
+    def inv_freq(self, local: bool = False) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim/2], with HF's rope scaling applied; `local`:
+        those of Gemma 3's sliding-window layers (their own base, unscaled)."""
         dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+        if local:
+            return (1.0 / (self.local_rope_theta**exponents)).astype(np.float32)
+        inv = 1.0 / (self.rope_theta**exponents)
         rope = dict(self.rope_scaling)
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind == "linear":
@@ -107,6 +136,40 @@ class ModelConfig:
         elif kind == "llama3":
             inv = _llama3_scaling(inv, rope)
         return inv.astype(np.float32)
+
+
+def _global_rope(cfg: dict) -> dict:
+    """The rope dict of the (global) attention layers: transformers 5 nests it per layer
+    type in rope_parameters; older configs keep rope_theta beside a rope_scaling dict."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if "full_attention" in params:
+        return dict(params["full_attention"])
+    return params
+
+
+def _gemma3_fields(cfg: dict) -> dict:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:  # Gemma 2's; Gemma 3 configs set them null
+            raise ConfigError(f"{key} is not supported")
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = int(cfg.get("sliding_window_pattern", 6))
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(layers)
+        ]
+    local = dict((cfg.get("rope_parameters") or {}).get("sliding_attention") or {})
+    if local.get("rope_type", "default") != "default":
+        raise ConfigError(f"unsupported local rope type {local['rope_type']!r}")
+    return dict(
+        local_layers=tuple(t == "sliding_attention" for t in types),
+        local_rope_theta=float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))),
+        embed_scale=float(cfg["hidden_size"]) ** 0.5,
+        hidden_act="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg["head_dim"]),
+    )
 
 
 def _llama3_scaling(inv: np.ndarray, rope: dict) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) in Flax.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3 text) in Flax.
 
 One forward serves prefill (T tokens per row), decode (T = 1 for every slot) and both in one
 step (a block of each, Rows): it writes the new K/V at explicit `positions` into the
@@ -14,6 +14,7 @@ kernels stored [in, out], so loading is a transpose per matrix.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import flax.linen as nn
 import flax.struct
@@ -127,6 +128,7 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     packed: bool
+    window: int | None  # this layer's sliding window (None: global attention)
 
     @nn.compact
     def __call__(self, xs, blocks, rotations, cache_kv):
@@ -155,11 +157,11 @@ class Attention(nn.Module):
             parts = list(zip(*(_split(y, blocks) for y in (q, k, v)), strict=True))
         outs = []
         for part, block, rotation in zip(parts, blocks, rotations, strict=True):
-            done = self.packed and attend_packed(cfg, part, block, rotation, cache_kv)
+            done = self.packed and attend_packed(cfg, part, block, rotation, cache_kv, self.window)
             if not done:
                 if self.packed:
                     part = jnp.split(part, [q_out, q_out + kv_out], axis=-1)
-                done = attend_xla(cfg, self.dtype, *part, block, rotation, cache_kv)
+                done = attend_xla(cfg, self.dtype, *part, block, rotation, cache_kv, self.window)
             out, cache_kv = done
             outs.append(out)
         o_proj = dense(cfg.hidden_size, "o_proj", False)
@@ -179,7 +181,8 @@ class MLP(nn.Module):
             gate, up = jnp.split(dense(2 * inter, "gate_up_proj")(x, valid_rows), 2, axis=-1)
         else:
             gate, up = dense(inter, "gate_proj")(x), dense(inter, "up_proj")(x)
-        h = nn.silu(gate) * up
+        act = nn.silu if self.config.hidden_act == "silu" else partial(nn.gelu, approximate=True)
+        h = act(gate) * up
         return dense(self.config.hidden_size, "down_proj")(h, valid_rows)
 
 
@@ -187,13 +190,14 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     packed: bool
+    window: int | None = None  # this layer's sliding window (None: global attention)
 
     @nn.compact
     def __call__(self, xs, blocks, rotations, cache_kv):
         cfg, eps = self.config, self.config.rms_norm_eps
         only = blocks[0]
         decode = len(blocks) == 1 and only.tokens.shape[1] == 1 and not only.fresh
-        if self.packed and decode and not (cfg.attention_bias or cfg.qk_norm):
+        if self.packed and decode and not (cfg.attention_bias or cfg.qk_norm or cfg.sandwich_norms):
             # Decode: the whole layer in one kernel call (the same math as below).
             cos, sin = rotations[0]
             y, *new_kv = cpu_kernels.decode_layer(
@@ -205,18 +209,24 @@ class DecoderLayer(nn.Module):
                 only.page_table,
                 *cache_kv,
                 cfg.num_heads,
-                cfg.sliding_window,
+                self.window,
                 eps,
             )
             return [y[:, None].astype(self.dtype)], tuple(new_kv)
         norm = RMSNorm(eps, self.dtype, name="input_layernorm")
-        hs, cache_kv = Attention(self.config, self.dtype, self.packed, name="self_attn")(
-            [norm(x) for x in xs], blocks, rotations, cache_kv
-        )
+        attention = Attention(cfg, self.dtype, self.packed, self.window, name="self_attn")
+        hs, cache_kv = attention([norm(x) for x in xs], blocks, rotations, cache_kv)
+        if cfg.sandwich_norms:  # Gemma 3: the attention's output normed, then the MLP's input
+            out_norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+            hs = [out_norm(h) for h in hs]
         xs = [x + h for x, h in zip(xs, hs, strict=True)]
-        norm = RMSNorm(eps, self.dtype, name="post_attention_layernorm")
+        name = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        norm = RMSNorm(eps, self.dtype, name=name)
         mlp = MLP(self.config, self.dtype, self.packed, name="mlp")
         hs = _split(mlp(_joined([norm(x) for x in xs]), _valid_rows(blocks)), blocks)
+        if cfg.sandwich_norms:
+            out_norm = RMSNorm(eps, self.dtype, name="post_feedforward_layernorm")
+            hs = [out_norm(h) for h in hs]
         return [x + h for x, h in zip(xs, hs, strict=True)], cache_kv
 
 
@@ -252,13 +262,20 @@ class Transformer(nn.Module):
             self.dtype,
         )
         xs = [jnp.take(embed, b.tokens, axis=0).astype(self.dtype) for b in blocks]
-        # Once for every layer: the positions' rotation angles.
-        inv_freq = jnp.asarray(cfg.inv_freq())
-        rotations = [rope_tables(b.positions, inv_freq) for b in blocks]
+        if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), in the embedding's dtype
+            xs = [x * jnp.asarray(cfg.embed_scale, embed.dtype).astype(self.dtype) for x in xs]
+        # Once for every layer: the positions' rotation angles (Gemma 3's local layers
+        # rotate with their own base).
+        kinds = sorted(set(cfg.local_layers)) or [False]
+        rotations = {
+            local: [rope_tables(b.positions, jnp.asarray(cfg.inv_freq(local))) for b in blocks]
+            for local in kinds
+        }
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
-            layer = DecoderLayer(cfg, self.dtype, self.packed, name=f"layers_{i}")
-            xs, kv = layer(xs, blocks, rotations, cache[i])
+            layer = DecoderLayer(cfg, self.dtype, self.packed, cfg.window(i), name=f"layers_{i}")
+            local = bool(cfg.local_layers and cfg.local_layers[i])
+            xs, kv = layer(xs, blocks, rotations[local], cache[i])
             new_cache.append(kv)
         norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         xs = [norm(x) for x in xs]

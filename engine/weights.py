@@ -39,11 +39,14 @@ def params_from_hf(
             out["bias"] = get(f"{name}.bias", (n_out,)).astype(np_dtype)
         return out
 
-    def norm(name: str) -> dict:
-        return {"weight": get(f"{name}.weight", (config.hidden_size,)).astype(np.float32)}
+    # Gemma's RMSNorm scales by 1 + weight: the 1 is added here, in float32 as HF does.
+    offset = np.float32(1.0 if config.sandwich_norms else 0.0)
+
+    def norm(name: str, size: int = config.hidden_size) -> dict:
+        return {"weight": get(f"{name}.weight", (size,)).astype(np.float32) + offset}
 
     def head_norm(name: str) -> dict:
-        return {"weight": get(f"{name}.weight", (config.head_dim,)).astype(np.float32)}
+        return norm(name, config.head_dim)
 
     d, hd = config.hidden_size, config.head_dim
     q_out, kv_out, inter = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
@@ -57,6 +60,14 @@ def params_from_hf(
         params[f"layers_{i}"] = {
             "input_layernorm": norm(f"{p}.input_layernorm"),
             "post_attention_layernorm": norm(f"{p}.post_attention_layernorm"),
+            **(
+                {
+                    "pre_feedforward_layernorm": norm(f"{p}.pre_feedforward_layernorm"),
+                    "post_feedforward_layernorm": norm(f"{p}.post_feedforward_layernorm"),
+                }
+                if config.sandwich_norms
+                else {}
+            ),
             "self_attn": {
                 **(
                     {

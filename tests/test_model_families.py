@@ -1,6 +1,6 @@
-"""Families beyond Llama through the whole engine (load, paged prefill, batched decode): a
-tiny random Qwen3 checkpoint (HF folder) decodes HF transformers' greedy tokens on the CPU
-kernels and on XLA's ops. (tests/test_model_parity.py holds the logits to HF's.)"""
+"""Families beyond Llama through the whole engine (load, paged prefill, batched decode): tiny
+random Qwen3 and Gemma 3 checkpoints (HF folders) decode HF transformers' greedy tokens on
+the CPU kernels and on XLA's ops. (tests/test_model_parity.py holds the logits to HF's.)"""
 
 from __future__ import annotations
 
@@ -15,32 +15,47 @@ from tests import engine_fixtures as F
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-QWEN3 = dict(
+SHAPE = dict(
     vocab_size=F.VOCAB,  # the default model's tokenizer
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=2,
+    num_hidden_layers=3,
     num_attention_heads=8,
     num_key_value_heads=4,
-    head_dim=8,  # not hidden / heads, as in the real Qwen3 configs
+    head_dim=8,  # not hidden / heads, as in the real configs
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
     tie_word_embeddings=True,
     initializer_range=0.3,
     bos_token_id=1,
     eos_token_id=F.EOS,
+    pad_token_id=F.EOS,
 )
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1_000_000.0)),
+    # Two local layers of window 8 (the prompts and outputs cross it) around a global one.
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=12,
+        ),
+    ),
+}
 
 
 @functools.cache
-def qwen3():
-    """(folder, HF model): random weights, norms (q/k norms too) noised off 1."""
+def build(family: str):
+    """(folder, HF model): random weights, norms (q/k norms too) noised off their init."""
     from checkpoints import registry
 
-    folder = F._root() / "tiny-qwen3"
+    config_cls, model_cls, extra = FAMILIES[family]
+    folder = F._root() / f"tiny-{family}"
     torch.manual_seed(1)
-    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3)).eval()
+    config = getattr(transformers, config_cls)(**SHAPE, **extra)
+    hf = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
@@ -60,6 +75,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize(
     "cpu_kernel",
     [
@@ -67,11 +83,11 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
         False,
     ],
 )
-def test_qwen3_decodes_hf_greedy_tokens(cpu_kernel):
+def test_decodes_hf_greedy_tokens(family, cpu_kernel):
     from engine.api import Engine
     from samplers import SamplingParams
 
-    folder, hf = qwen3()
+    folder, hf = build(family)
     engine = Engine.from_pretrained(
         str(folder),
         max_slots=4,
@@ -82,7 +98,7 @@ def test_qwen3_decodes_hf_greedy_tokens(cpu_kernel):
         warmup=False,
     )
     try:
-        assert engine.programs.model.config.qk_norm
+        assert engine.programs.model.packed == cpu_kernel
         prompts = F.prompts(3, seed=8, lo=5, hi=30)  # several pages, one batch
         outs = engine.generate(
             prompts, SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True
