@@ -31,6 +31,14 @@ _BLOCK_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+# Gemma 3's norms around the attention's and the MLP's outputs; its pre-MLP norm is what
+# llama.cpp calls ffn_norm, which in the other families is HF's post_attention_layernorm.
+_GEMMA3_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Metadata arrays read only when the tokenizer is written: decoding them costs seconds.
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -51,14 +59,15 @@ def field_value(field) -> object:
     return field.parts[field.data[0]].tolist()[0]
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None when a Llama-family model has no such tensor."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor, or None when a model of `arch` has no such tensor."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA3_NAMES if arch == "gemma3" else _BLOCK_NAMES
     match = _BLOCK.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     return None
 
 
@@ -88,7 +97,7 @@ def _reader(path: Path) -> GGUFReader:
 
 
 def open_gguf(path: Path) -> Checkpoint:
-    """Open a GGUF file of a llama / mistral / qwen2 / qwen3 model."""
+    """Open a GGUF file of a llama / mistral / qwen2 / qwen3 / gemma3 model."""
     reader = _reader(path)
     try:
         meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}
@@ -106,7 +115,7 @@ def open_gguf(path: Path) -> Checkpoint:
         if t.name == "rope_freqs.weight":  # llama3 rope scaling, folded into the config
             rope_freqs = dequantize(t.data, t.tensor_type)
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             raise CheckpointError(f"{path}: tensor {t.name} has no counterpart in a {arch} model")
         if not _supported(t.tensor_type):
@@ -132,6 +141,8 @@ def open_gguf(path: Path) -> Checkpoint:
         proj = name.split(".")[-2]
         if arch in _PERMUTED_ARCHS and proj in heads:
             w = unpermute_rows(w, heads[proj])
+        if arch == "gemma3" and proj.endswith("norm"):
+            w = w - np.float32(1.0)  # llama.cpp stores Gemma's norms as 1 + HF's weight
         # An F32 tensor comes back as a read-only view of the memory-mapped file.
         return w if w.flags.writeable and w.dtype == np.float32 else w.astype(np.float32)
 

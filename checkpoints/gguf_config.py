@@ -12,7 +12,13 @@ ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+# What llama.cpp assumes of Gemma 3 rather than store: every 6th layer global, the others a
+# sliding window with a rope base of 10,000; GELU (tanh); q scaled by head_dim**-0.5 except
+# in the 27B model (hidden / heads).
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_BASE = 10000.0
 # llama.cpp assumes these when Llama 3.1 writes its rope scaling as a `rope_freqs` tensor.
 _LLAMA3_ORIGINAL_CONTEXT = 8192
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -109,4 +115,15 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple], rope_freqs=None) 
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
     if get("attention.sliding_window"):
         config["sliding_window"] = int(get("attention.sliding_window"))
+    if arch == "gemma3":
+        layers = config["num_hidden_layers"]
+        config["layer_types"] = [
+            "full_attention" if (i + 1) % _GEMMA3_PATTERN == 0 else "sliding_attention"
+            for i in range(layers)
+        ]
+        config["rope_local_base_freq"] = _GEMMA3_LOCAL_BASE
+        del config["hidden_act"]
+        config["hidden_activation"] = "gelu_pytorch_tanh"
+        big = "27b" in str(meta.get("general.size_label", "")).lower()
+        config["query_pre_attn_scalar"] = hidden // heads if big else head_dim
     return config

@@ -184,14 +184,17 @@ class Programs:
         key = (k, kv_len, rows, chunk)
         if key not in self._decoders:
             extra = (self.chunk_shape(chunk),) if chunk else ()
-            masks = jax.ShapeDtypeStruct(
-                (rows, samplers.mask.words(self.config.vocab_size)), jnp.int32
-            )
+            masks = self.masks_shape(rows)
             lowered = self.decode.lower(
                 params, cache, state, masks, *extra, k=k, kv_len=kv_len, rows=rows
             )
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
+
+    def masks_shape(self, rows: int) -> jax.ShapeDtypeStruct:
+        """The grammar masks of a decode call over `rows` slots (samplers.mask)."""
+        words = samplers.mask.words(self.config.vocab_size)
+        return jax.ShapeDtypeStruct((rows, words), jnp.int32)
 
     def chunk_shape(self, tokens: int) -> Chunk:
         scalar = jax.ShapeDtypeStruct((), jnp.int32)

@@ -49,7 +49,10 @@ def test_mixed_step_memory_grows_linearly_with_the_token_budget():
     mixed, whole = [], []
     for size in SIZES:
         chunk = programs.chunk_shape(size)
-        lowered = programs.decode.lower(params, cache, state, chunk, k=1, kv_len=64, rows=SLOTS)
+        masks = programs.masks_shape(SLOTS)
+        lowered = programs.decode.lower(
+            params, cache, state, masks, chunk, k=1, kv_len=64, rows=SLOTS
+        )
         mixed.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         ids = jax.ShapeDtypeStruct((1, size), jnp.int32)
         prefill = programs.prefill.lower(params, ids, scalar).compile()
