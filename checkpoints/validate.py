@@ -20,6 +20,7 @@ _BY_MODEL_TYPE = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -50,12 +51,19 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     qkv_bias = config.get("attention_bias") or config.get("model_type") == "qwen2"
 
     gemma = architecture(config) == "Gemma3ForCausalLM"
+    phi3 = architecture(config) == "Phi3ForCausalLM"
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
-        shapes[p + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+        if phi3:  # q/k/v and gate/up fused
+            shapes[p + "self_attn.qkv_proj.weight"] = ((heads + 2 * kv_heads) * head_dim, hidden)
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, hidden)
+        else:
+            shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
+            shapes[p + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
+            shapes[p + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+            shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+            shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
         shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
         if qkv_bias:
             shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
@@ -67,8 +75,6 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         if gemma or architecture(config) == "Qwen3ForCausalLM":  # RMSNorm of each q / k head
             shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
         shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
         shapes[p + "input_layernorm.weight"] = (hidden,)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)

@@ -18,8 +18,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
-_ROPE_TYPES = ("default", "llama3", "linear")
+_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,11 @@ class ModelConfig:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in _ROPE_TYPES:
                 raise ConfigError(f"unsupported rope scaling type {rope_type!r}")
+            partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+            if float(partial) != 1.0:
+                raise ConfigError(f"partial_rotary_factor {partial} is not supported")
+            if rope_type == "yarn":  # its defaults, as HF reads them
+                rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
             # Qwen2 configs carry a sliding_window that is disabled unless use_sliding_window.
             window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
             return cls(
@@ -105,6 +111,10 @@ class ModelConfig:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"config has a malformed value: {e}") from None
+
+    @property
+    def family(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
 
     @property
     def kv_groups(self) -> int:
@@ -135,7 +145,22 @@ class ModelConfig:
             inv = inv / float(rope["factor"])
         elif kind == "llama3":
             inv = _llama3_scaling(inv, rope)
+        elif kind == "yarn":
+            inv = _yarn_scaling(inv, rope, dim, self.rope_theta)
         return inv.astype(np.float32)
+
+    def rope_attention_factor(self, local: bool = False) -> float:
+        """What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise)."""
+        rope = dict(self.rope_scaling)
+        if local or rope.get("rope_type", rope.get("type")) != "yarn":
+            return 1.0
+        if rope.get("attention_factor") is not None:
+            return float(rope["attention_factor"])
+        factor = float(rope["factor"])
+        mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and all_dim:
+            return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(all_dim))
+        return _yarn_mscale(factor)
 
 
 def _global_rope(cfg: dict) -> dict:
@@ -170,6 +195,32 @@ def _gemma3_fields(cfg: dict) -> dict:
         sandwich_norms=True,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg["head_dim"]),
     )
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scaling(inv: np.ndarray, rope: dict, dim: int, theta: float) -> np.ndarray:
+    """YaRN (HF's _compute_yarn_parameters): interpolate the low frequencies by `factor`,
+    keep the high ones, ramp linearly between the dimensions of beta_fast and beta_slow
+    rotations over the original context."""
+    factor = float(rope["factor"])
+    original = float(rope["original_max_position_embeddings"])
+    fast, slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    return inv / factor * (1 - keep) + inv * keep
 
 
 def _llama3_scaling(inv: np.ndarray, rope: dict) -> np.ndarray:

@@ -64,10 +64,15 @@ class Linear(nn.Module):
         return y
 
 
-def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of each position's rotation angles: f32[..., D/2] for positions [...]."""
+def rope_tables(
+    positions: jax.Array, inv_freq: jax.Array, factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of each position's rotation angles, times `factor` (YaRN's attention
+    factor): f32[..., D/2] for positions [...]."""
     freqs = positions.astype(F32)[..., None] * inv_freq
-    return jnp.cos(freqs), jnp.sin(freqs)
+    if factor == 1.0:
+        return jnp.cos(freqs), jnp.sin(freqs)
+    return jnp.cos(freqs) * factor, jnp.sin(freqs) * factor
 
 
 @flax.struct.dataclass
@@ -268,7 +273,14 @@ class Transformer(nn.Module):
         # rotate with their own base).
         kinds = sorted(set(cfg.local_layers)) or [False]
         rotations = {
-            local: [rope_tables(b.positions, jnp.asarray(cfg.inv_freq(local))) for b in blocks]
+            local: [
+                rope_tables(
+                    b.positions,
+                    jnp.asarray(cfg.inv_freq(local)),
+                    cfg.rope_attention_factor(local),
+                )
+                for b in blocks
+            ]
             for local in kinds
         }
         new_cache = []

@@ -26,6 +26,8 @@ def params_from_hf(
     Returns numpy arrays so the caller decides placement (device_put with shardings).
     """
     np_dtype = np.dtype(dtype)
+    if config.family == "phi3":
+        tensor = _unfused(tensor, config)
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         arr = np.asarray(tensor(name))
@@ -91,6 +93,44 @@ def params_from_hf(
     if not config.tie_word_embeddings:
         params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T.astype(np_dtype)
     return params
+
+
+# Phi-3's checkpoints hold q/k/v and gate/up fused, as [q; k; v] and [gate; up] rows.
+_FUSED_PARTS = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _unfused(
+    tensor: Callable[[str], np.ndarray], config: ModelConfig
+) -> Callable[[str], np.ndarray]:
+    """`tensor` with each part of a fused matrix under the name Llama gives it."""
+    q, kv, inter = (
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+        config.intermediate_size,
+    )
+    sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [inter, inter]}
+
+    def get(name: str) -> np.ndarray:
+        parts = name.rsplit(".", 2)
+        if len(parts) < 3 or parts[1] not in _FUSED_PARTS:
+            return tensor(name)
+        prefix, module, kind = parts
+        fused, i = _FUSED_PARTS[module]
+        bounds = np.cumsum([0, *sizes[fused]])
+        whole = np.asarray(tensor(f"{prefix}.{fused}.{kind}"))
+        if whole.shape[0] != bounds[-1]:
+            raise ConfigError(
+                f"{prefix}.{fused}.{kind} has {whole.shape[0]} rows, not {bounds[-1]}"
+            )
+        return whole[bounds[i] : bounds[i + 1]]
+
+    return get
 
 
 # Matrices that read the same input, packed side by side as one (engine.model's `packed`):

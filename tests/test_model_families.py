@@ -1,5 +1,5 @@
 """Families beyond Llama through the whole engine (load, paged prefill, batched decode): tiny
-random Qwen3 and Gemma 3 checkpoints (HF folders) decode HF transformers' greedy tokens on
+random Qwen3, Gemma 3 and Phi-3 checkpoints (HF folders) decode HF transformers' greedy tokens on
 the CPU kernels and on XLA's ops. (tests/test_model_parity.py holds the logits to HF's.)"""
 
 from __future__ import annotations
@@ -32,7 +32,21 @@ SHAPE = dict(
     pad_token_id=F.EOS,
 )
 FAMILIES = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1_000_000.0)),
+    # YaRN, as Qwen3 configs extend their context
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=1_000_000.0,
+                factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    # Fused q/k/v and gate/up in the checkpoint, a window of 8
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=8)),
     # Two local layers of window 8 (the prompts and outputs cross it) around a global one.
     "gemma3": (
         "Gemma3TextConfig",

@@ -35,7 +35,21 @@ CASES = {
             rope_theta=500000.0,
         ),
     ),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # q/k/v and gate/up fused in the checkpoint; a sliding window the sequences cross
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=6, pad_token_id=0)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     # q/k norms (random weights: the norms are noised below); head_dim not hidden / heads
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=8)),
