@@ -213,9 +213,11 @@ class Engine:
             raise ValueError(f"max_seqs={max_seqs} and its alias max_slots={max_slots} differ")
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
+        max_len = max_len or model.config.max_position_embeddings
+        model = dataclasses.replace(model, config=model.config.for_context(max_len))
         settings = SchedulerSettings(
             max_slots=max_seqs or max_slots or 16,
-            max_len=max_len or model.config.max_position_embeddings,
+            max_len=max_len,
             decode_steps=decode_steps,
             max_queue=max_queue,
             prefill_budget=prefill_budget,

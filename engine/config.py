@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
 }
-_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+_ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,9 @@ class ModelConfig:
     hidden_act: str = "silu"  # or "gelu_tanh"
     sandwich_norms: bool = False
     query_pre_attn_scalar: float | None = None
+    # longrope (Phi-3 128k, Phi-3.5): the long factors, for a context past the original one
+    # (Engine sets it from max_len: one set of frequencies for every position of a sequence).
+    long_context: bool = False
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
@@ -77,13 +80,19 @@ class ModelConfig:
             rope = _global_rope(cfg)
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type == "su":  # Phi-3's first name for longrope
+                rope_type = rope["rope_type"] = "longrope"
             if rope_type not in _ROPE_TYPES:
                 raise ConfigError(f"unsupported rope scaling type {rope_type!r}")
             partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
             if float(partial) != 1.0:
                 raise ConfigError(f"partial_rotary_factor {partial} is not supported")
-            if rope_type == "yarn":  # its defaults, as HF reads them
-                rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
+            if rope_type in ("yarn", "longrope"):  # where HF reads the original context
+                original = cfg.get(
+                    "original_max_position_embeddings", cfg["max_position_embeddings"]
+                )
+                rope.setdefault("original_max_position_embeddings", original)
+                rope.setdefault("max_position_embeddings", cfg["max_position_embeddings"])
             # Qwen2 configs carry a sliding_window that is disabled unless use_sliding_window.
             window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
             return cls(
@@ -100,7 +109,7 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-                rope_scaling=tuple(sorted(rope.items())) if rope_type != "default" else (),
+                rope_scaling=_frozen(rope) if rope_type != "default" else (),
                 sliding_window=int(window) if window else None,
                 qk_norm=family in ("qwen3", "gemma3"),
                 **extra,
@@ -147,16 +156,32 @@ class ModelConfig:
             inv = _llama3_scaling(inv, rope)
         elif kind == "yarn":
             inv = _yarn_scaling(inv, rope, dim, self.rope_theta)
+        elif kind == "longrope":
+            factors = rope["long_factor" if self.long_context else "short_factor"]
+            inv = inv / np.asarray(factors, np.float64)
         return inv.astype(np.float32)
+
+    def for_context(self, max_len: int) -> ModelConfig:
+        """This config serving `max_len` positions: longrope takes its long factors past the
+        original context."""
+        rope = dict(self.rope_scaling)
+        if rope.get("rope_type") != "longrope":
+            return self
+        long = max_len > int(rope["original_max_position_embeddings"])
+        return dataclasses.replace(self, long_context=long)
 
     def rope_attention_factor(self, local: bool = False) -> float:
         """What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise)."""
         rope = dict(self.rope_scaling)
-        if local or rope.get("rope_type", rope.get("type")) != "yarn":
+        kind = rope.get("rope_type", rope.get("type"))
+        if local or kind not in ("yarn", "longrope"):
             return 1.0
         if rope.get("attention_factor") is not None:
             return float(rope["attention_factor"])
-        factor = float(rope["factor"])
+        original = float(rope["original_max_position_embeddings"])
+        factor = float(rope.get("factor") or rope["max_position_embeddings"] / original)
+        if kind == "longrope":
+            return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
         mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         if mscale and all_dim:
             return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(all_dim))
@@ -195,6 +220,11 @@ def _gemma3_fields(cfg: dict) -> dict:
         sandwich_norms=True,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg["head_dim"]),
     )
+
+
+def _frozen(rope: dict) -> tuple:
+    """The rope dict as sorted items, lists as tuples: the config stays hashable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -17,6 +17,18 @@ transformers = pytest.importorskip("transformers")
 
 from tests.tiny_config import TINY  # noqa: E402
 
+HALF = TINY["hidden_size"] // TINY["num_attention_heads"] // 2
+LONGROPE = dict(
+    pad_token_id=0,
+    rope_parameters=dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        short_factor=list(np.linspace(1.0, 1.5, HALF)),
+        long_factor=list(np.linspace(1.0, 6.0, HALF)),
+    ),
+)
+LONGEST = 14  # positions the tests reach: longrope picks its factors by the context
+
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=10000.0)),
     "llama3-scaled-untied": (
@@ -50,6 +62,17 @@ CASES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     # q/k/v and gate/up fused in the checkpoint; a sliding window the sequences cross
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=6, pad_token_id=0)),
+    # longrope within its original context (short factors) and past it (long factors)
+    "phi3-longrope-short": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(LONGROPE, original_max_position_embeddings=16),
+    ),
+    "phi3-longrope-long": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(LONGROPE, original_max_position_embeddings=4),
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     # q/k norms (random weights: the norms are noised below); head_dim not hidden / heads
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=8)),
@@ -82,7 +105,7 @@ def build_pair(case: str):
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    config = ModelConfig.from_hf(hf_cfg.to_dict())
+    config = ModelConfig.from_hf(hf_cfg.to_dict()).for_context(LONGEST)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     params = params_from_hf(state.__getitem__, config)
     return hf, config, params
