@@ -81,6 +81,8 @@ def test_one_program_serves_every_mix_and_greedy_is_the_argmax():
         [SamplingParams(top_k=64, top_p=0.95, min_p=0.05, seed=i) for i in range(ROWS)],
         [SamplingParams(mirostat_target=3.0, seed=i) for i in range(ROWS)],
     ]
+    SAMPLE(x, batch(mixes[0]), num_logprobs=5)
+    compiled = SAMPLE._cache_size()  # shared with other jits of sample() in the process
     for params in mixes:
         tokens, info, _ = SAMPLE(x, batch(params), num_logprobs=5)
         for r, p in enumerate(params):
@@ -90,4 +92,4 @@ def test_one_program_serves_every_mix_and_greedy_is_the_argmax():
                 kw = {k: getattr(p, k) for k in ("top_p", "top_k", "min_p")}
                 allowed = reference_probs(np.asarray(x[r]), **kw) > 0
                 assert p.mirostat_target is not None or allowed[int(tokens[r])]
-    assert SAMPLE._cache_size() == 1  # nothing recompiled for new parameters
+    assert SAMPLE._cache_size() == compiled  # nothing recompiled for new parameters
