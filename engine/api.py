@@ -348,10 +348,7 @@ class Engine:
         s.state = p.stop_slot(s.state, zero)
         s.cache = p.copy_page(s.cache, zero, zero)
         jax.block_until_ready((s.state, s.cache))
-        shapes = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            (s.params, s.cache, s.state),
-        )
+        shapes = s.program_shapes()
         k, widest = s.s.decode_steps, s.slot_buckets[-1]
         first = [kv for kv in s.kv_buckets if kv <= WARM_KV_LEN] or s.kv_buckets[:1]
         later = [(kv, widest) for kv in s.kv_buckets if kv not in first]

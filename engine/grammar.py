@@ -12,7 +12,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from typing import Any
 
+import jax
 import llguidance
 import llguidance.hf
 import llguidance.numpy
@@ -59,11 +61,6 @@ class Grammars:
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
 
-    @property
-    def words(self) -> int:
-        """W: int32 words of one mask row."""
-        return (self.vocab_size + 31) // 32
-
     def _lltokenizer(self) -> llguidance.LLTokenizer:
         # Built on the first grammar (about 0.5 s), so servers that never see one skip it.
         if self._tokenizer is None:
@@ -107,18 +104,21 @@ class DecodeMasks:
 
     def __init__(self, words: int):
         self.words = words
-        self._free: dict[int, np.ndarray] = {}
+        self._free: dict[tuple[int, Any], jax.Array] = {}
         self._executor: llguidance.LLExecutor | None = None
         # Seconds per fill of the constrained rows of one call (the benchmark reads them).
         self.fill_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
 
-    def build(self, rows: int, constraints: dict[int, Constraint]) -> np.ndarray:
-        """i32[rows, W] for a call over the first `rows` slots; `constraints`: slot → the
-        constraint of the choice decoding there."""
+    def build(self, rows: int, constraints: dict[int, Constraint], sharding: Any) -> jax.Array:
+        """i32[rows, W] for a call over the first `rows` slots, placed as the decode program
+        takes it (`sharding`); `constraints`: slot → the constraint of the choice decoding
+        there. Free calls reuse one array on the device: no copy per call."""
         if not constraints:
-            if rows not in self._free:
-                self._free[rows] = np.full((rows, self.words), -1, np.int32)
-            return self._free[rows]
+            key = (rows, sharding)
+            if key not in self._free:
+                free = np.full((rows, self.words), -1, np.int32)
+                self._free[key] = jax.device_put(free, sharding)
+            return self._free[key]
         start = time.perf_counter()
         masks = np.full((rows, self.words), -1, np.int32)
         if len(constraints) == 1:
@@ -130,4 +130,4 @@ class DecodeMasks:
             pairs = [(c.matcher, slot) for slot, c in constraints.items()]
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, masks)
         self.fill_seconds.append(time.perf_counter() - start)
-        return masks
+        return jax.device_put(masks, sharding)

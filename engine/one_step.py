@@ -24,6 +24,7 @@ class OneStepPrograms:
         self.p = programs
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self._asked: set[tuple[int, int]] = set()
+        self._pending: list[concurrent.futures.Future] = []
 
     def steps(self, k: int, kv_len: int, rows: list[int], shapes: Callable[[], Any]) -> int:
         """k for a call with a constrained choice: 1 once a one-step program for `rows` (the
@@ -38,7 +39,12 @@ class OneStepPrograms:
                 self.p.decoder, *shapes(), k=1, kv_len=kv_len, rows=rows[0]
             )
             done.add_done_callback(_log_failure)
+            self._pending.append(done)
         return 1 if any(self.p.decode_ready(1, kv_len, r) for r in rows) else k
+
+    def wait(self) -> None:
+        """Until every compilation asked for has finished."""
+        concurrent.futures.wait(self._pending)
 
     def close(self) -> None:
         if self._compiler is not None:

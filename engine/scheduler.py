@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import samplers
 from engine.admission import Limits, check_request
 from engine.buckets import bucket_for, buckets
 from engine.fills import Fills
@@ -99,7 +100,7 @@ class Scheduler(Fills):
         kv_low = settings.max_len if programs.model.packed else settings.min_kv_bucket
         self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
         self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
-        self.masks = DecodeMasks(self.grammars.words)
+        self.masks = DecodeMasks(samplers.mask.words(limits.vocab_size))
         self.one_step = OneStepPrograms(programs)
         self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
@@ -286,11 +287,14 @@ class Scheduler(Fills):
         live_pos = max(int(self.slot_pos[s]) for s in self.live)
         kv_len = bucket_for(min(live_pos + 1, self.s.max_len), self.kv_buckets)
         rows = [r for r in self.slot_buckets if r > max(self.live)]
-        shapes = lambda: jax.tree.map(  # noqa: E731
+        return self.one_step.steps(k, kv_len, rows, self.program_shapes)
+
+    def program_shapes(self) -> tuple:
+        """(params, cache, state) as the ShapeDtypeStructs a program compiles for."""
+        return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             (self.params, self.cache, self.state),
         )
-        return self.one_step.steps(k, kv_len, rows, shapes)
 
     def _decode(self) -> None:
         k = self._steps()
@@ -323,7 +327,7 @@ class Scheduler(Fills):
         constraints = {
             slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
         }
-        masks = self.masks.build(rows, constraints)
+        masks = self.masks.build(rows, constraints, decode.input_shardings[0][3])
         self.cache, self.state, out = decode(self.params, self.cache, self.state, masks, *chunk)
         if mixed:
             self._computed(fill, n)
