@@ -33,7 +33,7 @@ from engine.kv_cache import (
     kv_dtype_named,
     pool_pages,
 )
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, default_quantization, load_model
 from engine.paging import PageAllocator, parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
@@ -170,6 +170,7 @@ class Engine:
         distributed: bool = False,
         cpu_kernel: bool | None = None,
         max_slots: int | None = None,
+        quantize: str | None = None,
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
@@ -189,17 +190,28 @@ class Engine:
         cache, and the bytes each decode step reads from it). `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
-        uses them wherever they apply: float32 on one CPU device that can build them."""
+        uses them wherever they apply: float32 on one CPU device that can build them.
+        `quantize` ("int8", "fp8" or "none"; engine.quantize) keeps XLA's layer matrices in
+        one byte a weight; by default a GGUF file's 4- and 8-bit matrices load as int8 off
+        the CPU (on the CPU its kernels keep them packed)."""
         if distributed:
             jax.distributed.initialize()
         enable_compilation_cache()
         mesh = mesh or make_mesh()
-        dtype = dtype or default_dtype()
+        dtype = jnp.dtype(dtype or default_dtype())
         kv_dtype = kv_dtype_named(kv_cache_dtype or dtype)
-        usable = mesh.size == 1 and jnp.dtype(dtype) == jnp.float32 and cpu_kernels.available()
+        if quantize is None:
+            quantize = default_quantization(name_or_path, mesh)
+        quantize = None if quantize == "none" else quantize
+        usable = (
+            mesh.size == 1
+            and jnp.dtype(dtype) == jnp.float32
+            and not quantize
+            and cpu_kernels.available()
+        )
         if cpu_kernel and not usable:
             raise ValueError(
-                "cpu_kernel=True needs float32 weights on one CPU device with "
+                "cpu_kernel=True needs unquantized float32 weights on one CPU device with "
                 "AVX2, FMA, F16C and a C++ compiler (see the log for what was missing)"
             )
         cpu_kernel = usable if cpu_kernel is None else cpu_kernel
@@ -208,6 +220,7 @@ class Engine:
             dtype=dtype,
             shardings=lambda abstract: param_shardings(abstract, mesh),
             packed=cpu_kernel,
+            quantize=quantize,
         )
         if max_seqs is not None and max_slots is not None and max_seqs != max_slots:
             raise ValueError(f"max_seqs={max_seqs} and its alias max_slots={max_slots} differ")

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import registry, store
+from checkpoints import gguf, registry, store
 from engine import disk_cache
 from engine.config import ModelConfig
+from engine.quantize import check_format, quantize_layer
 from engine.tokenizer import Tokenizer
-from engine.weights import pack_for_cpu_kernels, params_from_hf
+from engine.weights import fuse_layer, pack_for_cpu_kernels, params_from_hf
 
 
 @dataclasses.dataclass
@@ -82,11 +83,13 @@ def load_model(
     dtype: jnp.dtype = jnp.float32,
     shardings: Callable[[Any], Any] | None = None,
     packed: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Restore a model, converting it into the cache on first use.
 
     `shardings` maps the abstract parameter tree to a tree of Shardings; `packed` lays the
-    matrices out for engine.cpu_kernels (one CPU device, float32 activations)."""
+    matrices out for engine.cpu_kernels (one CPU device, float32 activations); `quantize`
+    ("int8" or "fp8", engine.quantize) stores XLA's matrices in one byte a weight."""
     resolved = registry.resolve(name_or_path)
     cached = disk_cache.converted_dir(resolved.name, resolved.source)
     folder = resolved.source if store.is_complete(resolved.source) else cached
@@ -104,6 +107,9 @@ def load_model(
         return jax.ShapeDtypeStruct(leaf.shape, want, sharding=sharding)
 
     params = store.restore(folder, jax.tree.map(target, abstract, placement))
+    if packed and quantize:
+        raise ValueError("quantize is for XLA's path; the CPU kernels pack weights themselves")
+    params = _fused(params, config, shardings, quantize and check_format(quantize))
     if packed:
         params = jax.device_put(pack_for_cpu_kernels(params, config))
     _return_freed_memory()
@@ -118,6 +124,41 @@ def load_model(
         folder=folder,
         packed=packed,
     )
+
+
+def default_quantization(name_or_path: str, mesh: jax.sharding.Mesh) -> str:
+    """int8 for a GGUF file with quantized matrices on an accelerator (not expanded to
+    the compute dtype there), else none."""
+    if mesh.devices.flat[0].platform == "cpu":
+        return "none"
+    source = registry.resolve(name_or_path).source
+    quantized = source.suffix == ".gguf" and gguf.has_quantized_matrices(source)
+    return "int8" if quantized else "none"
+
+
+def _fused(
+    params: Any,
+    config: ModelConfig,
+    shardings: Callable[[Any], Any] | None,
+    quantize: str | None,
+) -> Any:
+    """The restored tree with each layer's q/k/v and gate/up fused (engine.weights.FUSED)
+    and, with `quantize`, its matrices quantized (engine.quantize), layer by layer on the
+    device with the new matrices' own shardings, so the extra memory is one layer's."""
+    params = dict(params)
+
+    def fuse(layer: Any) -> Any:
+        fused = fuse_layer(layer, config)
+        return quantize_layer(fused, quantize) if quantize else fused
+
+    for i in range(config.num_layers):
+        name = f"layers_{i}"
+        layer = params[name]
+        placement = shardings(jax.eval_shape(fuse, layer)) if shardings else None
+        params[name] = jax.jit(fuse, out_shardings=placement)(layer)
+        for leaf in jax.tree.leaves(layer):
+            leaf.delete()
+    return params
 
 
 def _return_freed_memory() -> None:

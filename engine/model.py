@@ -7,8 +7,9 @@ preallocated cache, a pool of pages that each row reaches through its page-table
 are independent, which is what lets the engine batch sequences of different lengths slot by
 slot.
 
-Parameter names follow HF's module names (`layers_3/self_attn/q_proj/kernel`), with
-kernels stored [in, out], so loading is a transpose per matrix.
+Parameter names follow HF's module names (`layers_3/self_attn/o_proj/kernel`), with
+kernels stored [in, out]; q/k/v and gate/up are one matrix each (`qkv_proj`,
+`gate_up_proj`, built by engine.weights.fuse_projections), so a layer is four products.
 """
 
 from __future__ import annotations
@@ -42,26 +43,47 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """x @ kernel (+ bias). `packed`: the kernel was packed by cpu_kernels.pack (16-column
-    panels, q4/q8 blocks, bfloat16 or float32) and runs through cpu_kernels.matmul."""
+    """x @ kernel (+ bias), contracting x's last axis with the kernel's first.
 
-    features: int
+    `features`: the output's trailing shape; a tuple keeps fused matrices' parts apart
+    (q/k/v per KV head, gate/up), so tensor parallelism splits each part on its own axis.
+    Two stored forms besides the plain one, told apart by the parameters present:
+    `packed` — packed by cpu_kernels.pack (16-column panels, q4/q8 blocks, bfloat16 or
+    float32), run through cpu_kernels.matmul; a `scale` beside the kernel — weights
+    quantized by engine.quantize (int8 or float8, one scale per output column), multiplied
+    in the compute dtype with float32 accumulation and scaled after."""
+
+    features: int | tuple[int, ...]
     use_bias: bool
     dtype: jnp.dtype
     packed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_rows: jax.Array | None = None) -> jax.Array:
+        shape = (self.features,) if isinstance(self.features, int) else self.features
         if self.packed:  # packed at load time (its format sets its shape); never initialised
             kernel = self.get_variable("params", "kernel")
             y = cpu_kernels.matmul(x, kernel, self.features, valid_rows).astype(self.dtype)
+        elif self.has_variable("params", "scale"):  # quantized at load time, never initialised
+            kernel, scale = (
+                self.get_variable("params", "kernel"),
+                self.get_variable("params", "scale"),
+            )
+            y = _contract(x.astype(self.dtype), kernel.astype(self.dtype), F32)
+            y = (y * scale).astype(self.dtype)
         else:
             init = nn.initializers.lecun_normal()
-            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
-            y = jnp.dot(x.astype(self.dtype), kernel)
+            kernel = self.param("kernel", init, (x.shape[-1], *shape), self.dtype)
+            y = _contract(x.astype(self.dtype), kernel, None)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, shape, self.dtype)
         return y
+
+
+def _contract(x: jax.Array, kernel: jax.Array, accumulate: jnp.dtype | None) -> jax.Array:
+    """x [..., D] times kernel [D, *F] -> [..., *F]: one matrix product."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, kernel, dims, preferred_element_type=accumulate)
 
 
 def rope_tables(
@@ -144,10 +166,13 @@ class Attention(nn.Module):
         if self.packed:  # packed side by side (weights.pack_for_cpu_kernels): one call
             qkv = dense(q_out + 2 * kv_out, "qkv_proj", cfg.attention_bias)(x, valid_rows)
             q, k, v = jnp.split(qkv, [q_out, q_out + kv_out], axis=-1)
-        else:
-            q = dense(q_out, "q_proj", cfg.attention_bias)(x)
-            k = dense(kv_out, "k_proj", cfg.attention_bias)(x)
-            v = dense(kv_out, "v_proj", cfg.attention_bias)(x)
+        else:  # one product: per KV head, its group of query heads, its key, its value
+            group = cfg.num_heads // cfg.num_kv_heads
+            parts = (cfg.num_kv_heads, group + 2, cfg.head_dim)
+            qkv = dense(parts, "qkv_proj", cfg.attention_bias)(x)
+            q = qkv[..., :group, :].reshape(*x.shape[:-1], q_out)
+            k = qkv[..., group, :].reshape(*x.shape[:-1], kv_out)
+            v = qkv[..., group + 1, :].reshape(*x.shape[:-1], kv_out)
         if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normed, before the rotation
 
             def per_head(y: jax.Array, heads: int, name: str) -> jax.Array:
@@ -184,8 +209,9 @@ class MLP(nn.Module):
         inter = self.config.intermediate_size
         if self.packed:  # packed side by side, as in Attention
             gate, up = jnp.split(dense(2 * inter, "gate_up_proj")(x, valid_rows), 2, axis=-1)
-        else:
-            gate, up = dense(inter, "gate_proj")(x), dense(inter, "up_proj")(x)
+        else:  # one product, gate and up on their own axis
+            gate_up = dense((2, inter), "gate_up_proj")(x)
+            gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         act = nn.silu if self.config.hidden_act == "silu" else partial(nn.gelu, approximate=True)
         h = act(gate) * up
         return dense(self.config.hidden_size, "down_proj")(h, valid_rows)

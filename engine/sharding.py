@@ -40,11 +40,9 @@ def _fit(mesh: Mesh, shape: tuple[int, ...], spec: tuple) -> NamedSharding:
 _PARAM_RULES = {
     "embed_tokens": ("model", None),  # [V, D]: vocabulary split
     "lm_head": (None, "model"),  # [D, V]
-    "q_proj": (None, "model"),  # kernels [in, out]: column-parallel
-    "k_proj": (None, "model"),
-    "v_proj": (None, "model"),
-    "gate_proj": (None, "model"),
-    "up_proj": (None, "model"),
+    # kernels [in, *out]: column-parallel, q/k/v by KV head, gate/up by intermediate column
+    "qkv_proj": (None, "model", None, None),  # [D, kv_heads, group + 2, head_dim]
+    "gate_up_proj": (None, None, "model"),  # [D, 2, intermediate]
     "o_proj": ("model", None),  # row-parallel
     "down_proj": ("model", None),
 }
@@ -57,8 +55,8 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
         names = [getattr(k, "key", str(k)) for k in path]
         module = next((n for n in reversed(names) if n in _PARAM_RULES), None)
         spec = _PARAM_RULES.get(module, ())
-        if names[-1] == "bias":
-            spec = spec[1:]  # a column-parallel layer's bias follows its output axis
+        if names[-1] in ("bias", "scale"):
+            spec = spec[1:]  # a bias or quantization scale follows its output axes
         spec = tuple(spec)[: leaf.ndim] + (None,) * (leaf.ndim - len(spec))
         return _fit(mesh, leaf.shape, spec)
 

@@ -133,40 +133,86 @@ def _unfused(
     return get
 
 
-# Matrices that read the same input, packed side by side as one (engine.model's `packed`):
-# one kernel call instead of three or two, each call costing a few microseconds of its own.
-# A fused matrix takes the roomiest format any of its parts needs (all Q4_1 in the default
-# GGUF; a mixed K-quant file may put a part in 8 bits, or in bf16 where no grid fits).
+# Matrices that read the same input, fused into one (engine.model): one product instead of
+# three or two. For XLA's ops the parts stay on their own axes ([D, kv_heads, group + 2,
+# head_dim] and [D, 2, intermediate]) so tensor parallelism splits each head's q, k and v
+# alike; the CPU kernels take them side by side ([D, q | k | v]), each call costing a few
+# microseconds of its own. A packed matrix takes the roomiest format any of its parts needs
+# (all Q4_1 in the default GGUF; a mixed K-quant file may put a part in 8 bits, or in bf16
+# where no grid fits).
 FUSED = {
     "self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
     "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
 }
 
 
+def fuse_layer(layer: Params, config: ModelConfig) -> Params:
+    """One layer's q/k/v and gate/up matrices (and biases) as XLA's fused ones."""
+    heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    group = heads // kv_heads
+
+    def qkv(q, k, v):  # [..., H*hd], [..., KV*hd] x2 -> [..., KV, group + 2, hd]
+        lead = q.shape[:-1]
+        q = q.reshape(*lead, kv_heads, group, hd)
+        k, v = (t.reshape(*lead, kv_heads, 1, hd) for t in (k, v))
+        return jnp.concatenate([q, k, v], axis=-2)
+
+    def gate_up(gate, up):  # [..., I] x2 -> [..., 2, I]
+        return jnp.stack([gate, up], axis=-2)
+
+    join = {"qkv_proj": qkv, "gate_up_proj": gate_up}
+    out = dict(layer)
+    for block, (fused, names) in FUSED.items():
+        mods = layer[block]
+        out[block] = {n: m for n, m in mods.items() if n not in names}
+        parts = [mods[n] for n in names]
+        out[block][fused] = {key: join[fused](*(p[key] for p in parts)) for key in parts[0]}
+    return out
+
+
+def fuse_projections(params: Params, config: ModelConfig) -> Params:
+    """params_from_hf's tree with every layer fused (fuse_layer): what engine.model reads."""
+    fused = dict(params)
+    for i in range(config.num_layers):
+        fused[f"layers_{i}"] = fuse_layer(params[f"layers_{i}"], config)
+    return fused
+
+
+def _side_by_side(fused: str, value: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """A fused kernel [D, *parts] (or bias [*parts]) as the CPU kernels' [D, q | k | v]
+    (or [gate | up]) columns."""
+    if fused == "gate_up_proj":
+        return value.reshape(*value.shape[:-2], -1)
+    group = config.num_heads // config.num_kv_heads
+    lead = value.shape[:-3]
+    q = value[..., :group, :].reshape(*lead, -1)
+    k, v = (value[..., group + i, :].reshape(*lead, -1) for i in (0, 1))
+    return np.concatenate([q, k, v], axis=-1)
+
+
 def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
-    """Every linear kernel and the LM head as cpu_kernels panels (engine.model's `packed`),
-    with q/k/v and gate/up fused (FUSED).
+    """Every linear kernel of a fused tree (fuse_projections) and the LM head as cpu_kernels
+    panels (engine.model's `packed`), q/k/v and gate/up side by side.
 
     A tied head gets its own packed copy of the embedding; the embedding itself stays for
     the token lookup."""
 
-    def linear(parts: list[dict]) -> dict:
-        out = {"kernel": cpu_kernels.pack(np.concatenate([p["kernel"] for p in parts], axis=1))}
-        if "bias" in parts[0]:
-            out["bias"] = np.concatenate([p["bias"] for p in parts])
+    def linear(module: dict, fused: str | None = None) -> dict:
+        side = (lambda a: _side_by_side(fused, np.asarray(a), config)) if fused else np.asarray
+        out = {"kernel": cpu_kernels.pack(side(module["kernel"]))}
+        if "bias" in module:
+            out["bias"] = side(module["bias"])
         return out
 
     packed = dict(params)
+    fused_names = {fused for fused, _ in FUSED.values()}
     for i in range(config.num_layers):
         layer = dict(params[f"layers_{i}"])
-        for block, (fused, names) in FUSED.items():
-            mods = layer[block]
+        for block in FUSED:
             layer[block] = {
-                n: m if n.endswith("_norm") else linear([m])
-                for n, m in mods.items()
-                if n not in names
+                n: m if n.endswith("_norm") else linear(m, n if n in fused_names else None)
+                for n, m in layer[block].items()
             }
-            layer[block][fused] = linear([mods[n] for n in names])
         packed[f"layers_{i}"] = layer
     head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
     packed["lm_head"] = cpu_kernels.pack(np.asarray(head))

@@ -105,6 +105,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="KV cache storage (auto: the compute dtype; bfloat16/float16 halve a float32 "
         "cache and what each decode step reads)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="compute dtype (auto: float32 on CPU, bfloat16 on GPU and TPU)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("auto", "none", "int8", "fp8"),
+        default="auto",
+        help="weight-only quantization of the layers' matrices on XLA's path (auto: int8 for "
+        "a GGUF file's 4/8-bit matrices on GPU and TPU, else none)",
+    )
     p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
         "--prefill-budget",
@@ -161,6 +174,8 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         kv_cache_memory=args.kv_cache_memory,
         page_size=args.page_size,
         kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        quantize=None if args.quantize == "auto" else args.quantize,
         decode_steps=args.decode_steps,
         prefill_budget=args.prefill_budget,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -245,7 +245,7 @@ def mesh_main() -> None:
         engine.scheduler.forget_cached()  # the same programs again, not cached prefixes
         again = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
         params = engine.scheduler.params
-        q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        qkv = params["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
         result = {
             "mesh": [data, model],
             "tokens": [list(c.token_ids) for c in first],
@@ -253,7 +253,7 @@ def mesh_main() -> None:
             "recompiles": list(compiles),
             "cache_spec": spec(engine.scheduler.cache[0][0]),
             "state_spec": spec(engine.scheduler.state.sampling.counts),
-            "q_spec": spec(q),
+            "qkv_spec": spec(qkv),
             "embed_spec": spec(params["embed_tokens"]),
             "seconds": round(time.perf_counter() - t, 1),
         }

@@ -57,12 +57,13 @@ def test_mesh_tokens_equal_single_device(mesh_results, single_device_tokens, dat
     assert r["again"] == single_device_tokens
     assert r["recompiles"] == []  # shardings are stable from one step to the next
 
-    # Slots over "data"; 4 KV heads and 8 query heads over "model" (both divide). A
+    # Slots over "data"; 4 KV heads over "model" (it divides), in the cache and in the fused
+    # q/k/v matrix [D, kv_heads, group + 2, head_dim]. A
     # size-1 "model" axis may be named or not: both mean replicated.
     def heads(axis):
         return "model" if model > 1 or axis == "model" else None
 
     assert r["cache_spec"] == ["data", heads(r["cache_spec"][1]), None, None]
     assert r["state_spec"] == ["data", None]
-    assert r["q_spec"] == [None, heads(r["q_spec"][1])]
+    assert r["qkv_spec"] == [None, heads(r["qkv_spec"][1]), None, None]
     assert r["embed_spec"] == [heads(r["embed_spec"][0]), None]

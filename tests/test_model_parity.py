@@ -10,7 +10,7 @@ import pytest
 from engine.config import ConfigError, ModelConfig
 from engine.kv_cache import init_cache, one_page_per_slot
 from engine.model import Rows, Transformer
-from engine.weights import params_from_hf
+from engine.weights import fuse_projections, params_from_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def build_pair(case: str):
                 p.add_(torch.randn_like(p) * 0.1)
     config = ModelConfig.from_hf(hf_cfg.to_dict()).for_context(LONGEST)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = params_from_hf(state.__getitem__, config)
+    params = fuse_projections(params_from_hf(state.__getitem__, config), config)
     return hf, config, params
 
 
