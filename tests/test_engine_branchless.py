@@ -6,33 +6,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from engine.config import ModelConfig
-from engine.kv_cache import init_cache
-from engine.model import Rows, Transformer
-from engine.step import DecodeState, Programs
-from tests.tiny_config import TINY
+from engine.step import Programs
+from tests.test_engine_memory import CONFIG, PAGE, abstract_args
 
-CONFIG = ModelConfig.from_hf({**TINY, "architectures": ["LlamaForCausalLM"]})
-PAGE, MAX_LEN, SLOTS = 16, 128, 4
+MAX_LEN, SLOTS = 128, 4
 CONDITIONALS = ("stablehlo.case", "stablehlo.if")
 
 
 def decode_text(branchless: bool | None, chunk: int) -> str:
     """The lowered decode program of 2 steps over SLOTS rows, with a prompt chunk if > 0."""
     programs = Programs(CONFIG, jnp.float32, 2, [0], MAX_LEN // PAGE, branchless=branchless)
-    pages = SLOTS * MAX_LEN // PAGE + 1
-    cache = jax.eval_shape(lambda: init_cache(CONFIG, pages, PAGE, jnp.float32))
-    probe = np.zeros((1, 1), np.int32)
-    params = jax.eval_shape(
-        lambda: Transformer(CONFIG).init(
-            jax.random.key(0), [Rows(probe, probe, probe)], init_cache(CONFIG, 1, PAGE, jnp.float32)
-        )["params"]
-    )
-    table = np.zeros((SLOTS, MAX_LEN // PAGE), np.int32)
-    state = jax.eval_shape(lambda: DecodeState.empty(table, CONFIG.vocab_size, 4))
+    params, cache, state = abstract_args(SLOTS, MAX_LEN)
     extra = (programs.chunk_shape(chunk),) if chunk else ()
     masks = programs.masks_shape(SLOTS)
     lowered = programs.decode.lower(
