@@ -125,15 +125,18 @@ class Programs:
         cache_shardings: Any = None,
         state_shardings: Any = None,
         packed: bool = False,
+        branchless: bool | None = None,
     ):
         """`cache_shardings` / `state_shardings` (trees of Shardings, or None) pin the
         layout of the cache and decode state every program returns. Left to XLA, an output
         may come back laid out differently from the input, and the next program called on
-        it compiles again for the new layout (on a mesh, in the middle of serving)."""
+        it compiles again for the new layout (on a mesh, in the middle of serving).
+        `branchless` forces the sampler's form (samplers.branching); None: branch-free on GPU."""
         self.config = config
         self.pages_per_seq = pages_per_seq  # the length of a page-table row
         self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
+        self.branchless = branchless
         # The packed model runs on engine.cpu_kernels, which has the sampler's top_k too.
         self.top_k = cpu_kernels.top_k if packed else jax.lax.top_k
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
@@ -295,6 +298,8 @@ class Programs:
         A chunk rides in the first step: the same model call computes its K/V into its pages."""
         # Rows with a grammar wait after their first token: the host has the next mask.
         once = samplers.mask.constrained(masks)
+        # Chosen at trace time: on GPU a conditional would sync with the host inside the step.
+        branchless = jax.default_backend() == "gpu" if self.branchless is None else self.branchless
 
         def step(carry, xs):
             chunk, first = xs
@@ -311,6 +316,7 @@ class Programs:
                 top_k=self.top_k,
                 logprob_rows=st.logprobs,
                 allowed=masks,
+                branchless=branchless,
             )
             remaining = st.remaining - live.astype(jnp.int32)
             eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from samplers.branching import when
 from samplers.params import GREEDY_TEMPERATURE
 
 NEG_INF = -jnp.inf
@@ -87,7 +88,7 @@ def min_p(c: Candidates, m: jax.Array) -> Candidates:
     return c.update(keep, on, spill=on & (c.tail_max - z_max >= floor))
 
 
-def typical_p(c: Candidates, t: jax.Array) -> Candidates:
+def typical_p(c: Candidates, t: jax.Array, *, branchless: bool = False) -> Candidates:
     """Locally typical sampling, HF's definition (docs/sampling.md 1.7). t: f32[S]; 1 = off.
 
     score_i = |-ln p_i - H| = |z_i - centre| with centre = ln Z - H. Tokens are taken by
@@ -97,7 +98,7 @@ def typical_p(c: Candidates, t: jax.Array) -> Candidates:
     """
     on = t < 1.0
     # Sorting by score is the costly part: skip it when no row asks for typical_p.
-    return jax.lax.cond(jnp.any(on), _typical_p, lambda c, t, on: c, c, t, on)
+    return when(jnp.any(on), _typical_p, lambda c, t, on: c, c, t, on, branchless=branchless)
 
 
 def _typical_p(c: Candidates, t: jax.Array, on: jax.Array) -> Candidates:

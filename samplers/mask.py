@@ -9,6 +9,7 @@ temperature, so every filter and the draw see only the allowed tokens.
 import jax
 import jax.numpy as jnp
 
+from samplers.branching import when
 from samplers.filters import NEG_INF
 
 
@@ -29,11 +30,11 @@ def unpack(allowed: jax.Array, vocab_size: int) -> jax.Array:
     return bits.reshape(s, w * 32)[:, :vocab_size].astype(bool)
 
 
-def apply(x: jax.Array, allowed: jax.Array) -> jax.Array:
+def apply(x: jax.Array, allowed: jax.Array, *, branchless: bool = False) -> jax.Array:
     """x: f32[S, V] -> x with the forbidden tokens at -inf. Skips the pass over the vocabulary
-    when no row is constrained (the common batch)."""
+    when no row is constrained (the common batch), unless `branchless` (samplers.branching)."""
 
     def masked(x: jax.Array) -> jax.Array:
         return jnp.where(unpack(allowed, x.shape[1]), x, NEG_INF)
 
-    return jax.lax.cond(jnp.any(constrained(allowed)), masked, lambda x: x, x)
+    return when(jnp.any(constrained(allowed)), masked, lambda x: x, x, branchless=branchless)

@@ -20,6 +20,10 @@ branch its batch took: Gumbel-max over the surviving candidates, with noise keye
 step, token id), against one extra item standing for the surviving tail (its log-mass plus its
 own Gumbel). If the tail wins, the token is drawn from the tail by inverse CDF (in id order).
 This is exact: the max over the tail tokens of z + Gumbel is a Gumbel at the tail's log-mass.
+
+Every conditional here (each shortcut above, and the skipped passes) is samplers.branching.when:
+lax.cond, or with `branchless=True` (GPU, where a conditional syncs with the host) both sides
+and a select, giving the same values bit for bit.
 """
 
 import dataclasses
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers import bias, filters, mask, mirostat, penalties
+from samplers.branching import when
 from samplers.filters import NEG_INF, Candidates
 from samplers.params import GREEDY_TEMPERATURE, SamplingBatch
 from samplers.threefry import threefry_2x32
@@ -61,7 +66,11 @@ class _Survivors:
 
 
 def processed_logits(
-    logits: jax.Array, batch: SamplingBatch, allowed: jax.Array | None = None
+    logits: jax.Array,
+    batch: SamplingBatch,
+    allowed: jax.Array | None = None,
+    *,
+    branchless: bool = False,
 ) -> jax.Array:
     """f32[S, V]: raw logits after repetition, frequency/presence penalties, logit_bias and the
     grammar mask `allowed` (i32[S, W], samplers.mask; None: no row constrained)."""
@@ -80,26 +89,27 @@ def processed_logits(
         | (batch.frequency_penalty != 0)
         | (batch.presence_penalty != 0)
     )
-    x = jax.lax.cond(any_penalty, penalized, lambda x: x, logits.astype(jnp.float32))
+    x = logits.astype(jnp.float32)
+    x = when(any_penalty, penalized, lambda x: x, x, branchless=branchless)
     x = bias.apply(x, batch.bias_ids, batch.bias_values)
-    return x if allowed is None else mask.apply(x, allowed)
+    return x if allowed is None else mask.apply(x, allowed, branchless=branchless)
 
 
 def _processed_and_scaled(
-    logits: jax.Array, batch: SamplingBatch, allowed: jax.Array | None
+    logits: jax.Array, batch: SamplingBatch, allowed: jax.Array | None, branchless: bool
 ) -> tuple[jax.Array, jax.Array]:
     """(x, x / T), each f32[S, V], computed once: without the barrier XLA fuses the penalty
     arithmetic into every consumer and redoes it per pass over the vocabulary."""
-    x = processed_logits(logits, batch, allowed)
+    x = processed_logits(logits, batch, allowed, branchless=branchless)
     return jax.lax.optimization_barrier((x, filters.temperature(x, batch.temperature)))
 
 
-def truncate(c: Candidates, batch: SamplingBatch) -> Candidates:
+def truncate(c: Candidates, batch: SamplingBatch, *, branchless: bool = False) -> Candidates:
     """top_k -> top_p -> min_p -> typical_p -> mirostat, on the candidates."""
     c = filters.top_k(c, batch.top_k)
     c = filters.top_p(c, batch.top_p)
     c = filters.min_p(c, batch.min_p)
-    c = filters.typical_p(c, batch.typical_p)
+    c = filters.typical_p(c, batch.typical_p, branchless=branchless)
     return mirostat.truncate(c, batch.mirostat_on, batch.mirostat_mu)
 
 
@@ -178,12 +188,13 @@ def _survivors(
     batch: SamplingBatch,
     num_candidates: int,
     wide: int,
-    top_k: TopK = jax.lax.top_k,
+    top_k: TopK,
+    branchless: bool,
 ) -> _Survivors:
     """x: processed logits f32[S, V]; z_full: x / T. Runs the filters, exactly (module doc)."""
     v = x.shape[1]
     cand, head_ids = candidates(x, z_full, batch.temperature, num_candidates, top_k)
-    fast = truncate(cand, batch)
+    fast = truncate(cand, batch, branchless=branchless)
     s, c = cand.z.shape
 
     def candidates_only():
@@ -193,7 +204,7 @@ def _survivors(
 
     def full_sort():
         full_cand, ids = full_sort_candidates(x, batch.temperature)
-        keep = truncate(full_cand, batch).keep
+        keep = truncate(full_cand, batch, branchless=branchless).keep
         tail_mask = _scatter(ids[:, c:], keep[:, c:], v)
         # A row keeping its whole tail reuses the candidate path's tail mass, so its draw does
         # not depend on which branch the batch took.
@@ -204,7 +215,7 @@ def _survivors(
     def wider():
         # The first c of the wide candidates are the candidates, in the same order.
         wide_cand, wide_ids = candidates(x, z_full, batch.temperature, wide, top_k)
-        w = truncate(wide_cand, batch)
+        w = truncate(wide_cand, batch, branchless=branchless)
 
         def wide_only():
             outside = ~_scatter(wide_ids, jnp.ones_like(w.keep), v)
@@ -213,12 +224,12 @@ def _survivors(
             tail_lse = jnp.where(whole, cand.tail_lse, _masked_lse(z_full, tail_mask))
             return w.keep[:, :c], tail_mask, tail_lse
 
-        return jax.lax.cond(jnp.any(w.fail & sampling), full_sort, wide_only)
+        return when(jnp.any(w.fail & sampling), full_sort, wide_only, branchless=branchless)
 
     sampling = batch.active & (batch.temperature >= GREEDY_TEMPERATURE)
-    keep, tail_mask, tail_lse = jax.lax.cond(
-        jnp.any(fast.fail & sampling), wider if c < wide < v else full_sort, candidates_only
-    )
+    slow = wider if c < wide < v else full_sort
+    failed = jnp.any(fast.fail & sampling)
+    keep, tail_mask, tail_lse = when(failed, slow, candidates_only, branchless=branchless)
     return _Survivors(cand.z, head_ids, keep, tail_mask, tail_lse)
 
 
@@ -235,10 +246,12 @@ def filtered_logits(
     wide_candidates: int = 4096,
     top_k: TopK = jax.lax.top_k,
     allowed: jax.Array | None = None,
+    *,
+    branchless: bool = False,
 ) -> jax.Array:
     """f32[S, V]: the logits a sampling row draws from (-inf outside its surviving set)."""
-    x, z = _processed_and_scaled(logits, batch, allowed)
-    sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k)
+    x, z = _processed_and_scaled(logits, batch, allowed, branchless)
+    sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k, branchless)
     kept = _scatter(sv.head_ids, sv.head_keep, x.shape[1]) | _tail_only(sv)
     return jnp.where(kept, z, NEG_INF)
 
@@ -259,7 +272,7 @@ def _uniform(batch: SamplingBatch, ids: jax.Array) -> jax.Array:
 
 
 def _draw(
-    sv: _Survivors, z_full: jax.Array, batch: SamplingBatch, sampling: jax.Array
+    sv: _Survivors, z_full: jax.Array, batch: SamplingBatch, sampling: jax.Array, branchless: bool
 ) -> jax.Array:
     """i32[S]: a token from softmax(z) over the surviving set (module doc)."""
     s, v = z_full.shape
@@ -280,7 +293,8 @@ def _draw(
         last = v - 1 - jnp.argmax((w > 0)[:, ::-1], axis=-1)  # guard against rounding
         return jnp.minimum(idx, last).astype(jnp.int32)
 
-    tail = jax.lax.cond(jnp.any(tail_wins), tail_token, lambda: jnp.zeros((s,), jnp.int32))
+    none = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731
+    tail = when(jnp.any(tail_wins), tail_token, none, branchless=branchless)
     return jnp.where(tail_wins, tail, head_token)
 
 
@@ -293,6 +307,8 @@ def sample(
     top_k: TopK = jax.lax.top_k,
     logprob_rows: jax.Array | None = None,
     allowed: jax.Array | None = None,
+    *,
+    branchless: bool = False,
 ) -> tuple[jax.Array, LogprobInfo, SamplingBatch]:
     """One sampling step for every slot.
 
@@ -302,18 +318,19 @@ def sample(
     (token_logprob, top_ids, top_logprobs); when no active row does, they are zeros and
     their passes over the vocabulary are skipped. `allowed` (i32[S, W], samplers.mask; None =
     every token) is each row's grammar mask: the draw and sampling_logprob see only the
-    allowed tokens, the raw logprobs do not. Returns tokens i32[S], LogprobInfo and the
-    batch with counts, step and mirostat mu advanced in the active rows (inactive rows
-    untouched).
+    allowed tokens, the raw logprobs do not. `branchless` (static) replaces every conditional
+    by both sides and a select, with the same values (samplers.branching). Returns tokens
+    i32[S], LogprobInfo and the batch with counts, step and mirostat mu advanced in the
+    active rows (inactive rows untouched).
     """
     raw = logits.astype(jnp.float32)
-    x, z = _processed_and_scaled(raw, batch, allowed)
+    x, z = _processed_and_scaled(raw, batch, allowed, branchless)
     greedy = batch.temperature < GREEDY_TEMPERATURE
     sampling = batch.active & ~greedy
 
     def draw() -> tuple[jax.Array, jax.Array]:
-        sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k)
-        drawn = _draw(sv, z, batch, sampling)
+        sv = _survivors(x, z, batch, num_candidates, wide_candidates, top_k, branchless)
+        drawn = _draw(sv, z, batch, sampling, branchless)
         tokens = jnp.where(greedy, sv.head_ids[:, 0], drawn)  # head_ids[:, 0] = argmax of x
         head_lse = jax.nn.logsumexp(jnp.where(sv.head_keep, sv.head_z, NEG_INF), axis=-1)
         norm = jnp.logaddexp(head_lse, sv.tail_lse)
@@ -324,7 +341,7 @@ def sample(
         # as in the candidates' order).
         return jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.zeros(x.shape[0], jnp.float32)
 
-    tokens, log_q = jax.lax.cond(jnp.any(sampling), draw, argmax_only)
+    tokens, log_q = when(jnp.any(sampling), draw, argmax_only, branchless=branchless)
 
     def raw_logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
         raw_lse = jax.nn.logsumexp(raw, axis=-1)
@@ -341,7 +358,9 @@ def sample(
         )
 
     wanted = batch.active if logprob_rows is None else batch.active & logprob_rows
-    token_logprob, top_ids, top_logprobs = jax.lax.cond(jnp.any(wanted), raw_logprobs, no_logprobs)
+    token_logprob, top_ids, top_logprobs = when(
+        jnp.any(wanted), raw_logprobs, no_logprobs, branchless=branchless
+    )
     info = LogprobInfo(
         token_logprob=token_logprob,
         top_ids=top_ids,

@@ -33,9 +33,10 @@ def growth(temp: list[int]) -> float:
     return (temp[2] - temp[1]) / (temp[1] - temp[0])
 
 
-def test_mixed_step_memory_grows_linearly_with_the_token_budget():
-    programs = Programs(CONFIG, jnp.float32, 2, [], MAX_LEN // PAGE)
-    pages = SLOTS * MAX_LEN // PAGE + 1
+def abstract_args(slots: int, max_len: int) -> tuple:
+    """(params, cache, decode state) of CONFIG as ShapeDtypeStructs: a cache of pages of PAGE
+    tokens, enough for `slots` sequences of `max_len`."""
+    pages = slots * max_len // PAGE + 1
     cache = jax.eval_shape(lambda: init_cache(CONFIG, pages, PAGE, jnp.float32))
     probe = np.zeros((1, 1), np.int32)
     params = jax.eval_shape(
@@ -43,8 +44,13 @@ def test_mixed_step_memory_grows_linearly_with_the_token_budget():
             jax.random.key(0), [Rows(probe, probe, probe)], init_cache(CONFIG, 1, PAGE, jnp.float32)
         )["params"]
     )
-    table = np.zeros((SLOTS, MAX_LEN // PAGE), np.int32)
-    state = shapes(DecodeState.empty(table, CONFIG.vocab_size, 4))
+    table = np.zeros((slots, max_len // PAGE), np.int32)
+    return params, cache, shapes(DecodeState.empty(table, CONFIG.vocab_size, 4))
+
+
+def test_mixed_step_memory_grows_linearly_with_the_token_budget():
+    programs = Programs(CONFIG, jnp.float32, 2, [], MAX_LEN // PAGE)
+    params, cache, state = abstract_args(SLOTS, MAX_LEN)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     mixed, whole = [], []
     for size in SIZES:
