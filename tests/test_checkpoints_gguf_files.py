@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
 from checkpoints import CheckpointError, open_checkpoint
+from checkpoints.gguf import has_quantized_matrices
 from checkpoints.gguf_config import llama3_rope_scaling
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
@@ -291,3 +292,10 @@ def test_rope_freqs_tensor_sets_llama3_config(tmp_path):
     )
     scaling = open_checkpoint(path).config["rope_scaling"]
     assert scaling["rope_type"] == "llama3" and scaling["factor"] == 4.0
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_quantized_matrices_told_from_the_header(tmp_path, qtype):
+    """What decides whether a GGUF file loads as int8 off the CPU (engine.loading)."""
+    path = write_gguf(tmp_path / "m.gguf", hf_tensors(), qtype=qtype)
+    assert has_quantized_matrices(path) == (qtype in (Q.Q8_0, Q.Q4_1))
