@@ -114,9 +114,13 @@ class Engine:
             multiple=self.mesh.shape["data"],
         )
         pages_per_seq = -(-settings.max_len // page_size)
-        cache = init_cache(model.config, num_pages, page_size, kv_dtype)
-        cache_shardings = jax.tree.map(lambda x: cache_sharding(self.mesh, x.shape), cache)
-        cache = jax.device_put(cache, cache_shardings)
+        # Made where it lives, page shards on their devices (a cache made whole and then
+        # moved would first fill one device).
+        make_cache = lambda: init_cache(model.config, num_pages, page_size, kv_dtype)  # noqa: E731
+        cache_shardings = jax.tree.map(
+            lambda x: cache_sharding(self.mesh, x.shape), jax.eval_shape(make_cache)
+        )
+        cache = jax.jit(make_cache, out_shardings=cache_shardings)()
         no_pages = np.zeros((settings.max_slots, pages_per_seq), np.int32)
         empty_state = jax.eval_shape(
             lambda: DecodeState.empty(no_pages, self.vocab_size, settings.max_bias)
@@ -141,7 +145,6 @@ class Engine:
             self.limits,
         )
         sched = self.scheduler
-        sched.state = jax.device_put(sched.state, slot_shardings(sched.state, self.mesh))
         self._closing = threading.Event()
         self._compiler: threading.Thread | None = None
         if warmup:

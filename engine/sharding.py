@@ -20,10 +20,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
+class MeshError(ValueError):
+    """A mesh this machine's devices cannot form."""
+
+
 def make_mesh(data: int = 1, model: int = 1, devices: list | None = None) -> Mesh:
     devices = devices if devices is not None else jax.devices()
     if data * model > len(devices):
-        raise ValueError(f"mesh data={data} x model={model} needs more than {len(devices)} devices")
+        raise MeshError(
+            f"data parallel {data} x tensor parallel {model} needs {data * model} devices; "
+            f"{len(devices)} {jax.default_backend()} device(s) here"
+        )
     return Mesh(np.asarray(devices[: data * model]).reshape(data, model), ("data", "model"))
 
 

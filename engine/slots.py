@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.paging import PAD_PAGE, OutOfPages, PageAllocator, pages_for
 from engine.sequences import Choice, Request
-from engine.step import DecodeState, Programs
+from engine.step import Programs
 
 log = logging.getLogger("jaxfire.engine")
 
@@ -39,7 +39,7 @@ class Slots:
         slots = settings.max_slots
         self.tables = np.full((slots, programs.pages_per_seq), PAD_PAGE, np.int32)
         self.tables_changed = False
-        self.state = DecodeState.empty(self.tables, vocab_size, settings.max_bias)
+        self.state = programs.empty_state(self.tables, vocab_size, settings.max_bias)
         # A heap: new sequences take the lowest free slot, which keeps the live ones packed
         # low and the decoded slot bucket small.
         self.free = list(range(slots))

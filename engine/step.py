@@ -136,7 +136,8 @@ class Programs:
         self.pages_per_seq = pages_per_seq  # the length of a page-table row
         self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
-        self.branchless = branchless
+        # On GPU a conditional in the step is a round trip to the host (samplers.branching).
+        self.branchless = jax.default_backend() == "gpu" if branchless is None else branchless
         # The packed model runs on engine.cpu_kernels, which has the sampler's top_k too.
         self.top_k = cpu_kernels.top_k if packed else jax.lax.top_k
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
@@ -159,6 +160,8 @@ class Programs:
             **decode_out,
         )
         self._decoders: dict[tuple[int, int, int], Any] = {}
+        # Made where it lives (each slot's row on its data shard), never whole on one device.
+        self.empty_state = jax.jit(DecodeState.empty, static_argnums=(1, 2), **state_out)
         self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
         self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
         self.sampling_row = jax.jit(_sampling_row)
@@ -298,8 +301,6 @@ class Programs:
         A chunk rides in the first step: the same model call computes its K/V into its pages."""
         # Rows with a grammar wait after their first token: the host has the next mask.
         once = samplers.mask.constrained(masks)
-        # Chosen at trace time: on GPU a conditional would sync with the host inside the step.
-        branchless = jax.default_backend() == "gpu" if self.branchless is None else self.branchless
 
         def step(carry, xs):
             chunk, first = xs
@@ -316,7 +317,7 @@ class Programs:
                 top_k=self.top_k,
                 logprob_rows=st.logprobs,
                 allowed=masks,
-                branchless=branchless,
+                branchless=self.branchless,
             )
             remaining = st.remaining - live.astype(jnp.int32)
             eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos

@@ -115,7 +115,9 @@ def engine_round(engine, batch: int, new: int, seed: int) -> dict:
     }
 
 
-def bench_engine(model: str, batch: int, new: int, repeats: int, max_len: int, k: int) -> dict:
+def bench_engine(
+    model: str, batch: int, new: int, repeats: int, max_len: int, k: int, quantize: str | None
+) -> dict:
     from engine.api import Engine
 
     t = time.perf_counter()
@@ -129,6 +131,7 @@ def bench_engine(model: str, batch: int, new: int, repeats: int, max_len: int, k
         max_queue=max(256, batch),
         prefill_budget=batch * PROMPT,
         warmup=False,
+        quantize=quantize,
     )
     engine_round(engine, batch, 2 * k, seed=0)  # compiles what the rounds use, no more
     startup = time.perf_counter() - t
@@ -234,6 +237,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="decode_steps for the batch sweep")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument(
+        "--quantize", choices=("none", "int8", "fp8"), help="jaxfire's --quantize (default: auto)"
+    )
+    parser.add_argument(
         "--model",
         default="smollm2-135m-instruct",
         help="registered name, checkpoint or HF folder (scripts/random_model.py makes one)",
@@ -265,7 +271,7 @@ def main() -> None:
     jf: dict[int, dict] = {}
     for b in batches:
         reps = repeats if b <= 8 else max(1, repeats - 1)
-        jf[b] = bench_engine(args.model, b, new, reps, args.max_len, args.k)
+        jf[b] = bench_engine(args.model, b, new, reps, args.max_len, args.k, args.quantize)
         print(
             f"jaxfire B={b:3d} k={args.k}: {jf[b]['decode_tps']:8.1f} tok/s decode, "
             f"median TTFT in the burst {jf[b]['ttft_s'] * 1e3:6.0f} ms  "
@@ -296,7 +302,7 @@ def main() -> None:
         if k == args.k and 8 in jf:
             sweep[k] = jf[8]
         else:
-            sweep[k] = bench_engine(args.model, 8, new, repeats, args.max_len, k)
+            sweep[k] = bench_engine(args.model, 8, new, repeats, args.max_len, k, args.quantize)
         print(
             f"  k={k}: {sweep[k]['decode_tps']:8.1f} tok/s "
             f"(other load {sweep[k]['other_load']:.2f} cores)",

@@ -25,6 +25,7 @@ from engine.requests import (
     SamplingParams,
     SamplingParamsError,
 )
+from engine.sharding import MeshError, make_mesh
 
 log = logging.getLogger("jaxfire.cli")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,6 +37,7 @@ USER_ERRORS = (
     SamplingParamsError,
     InvalidRequest,
     ContextLengthExceeded,
+    MeshError,
 )
 
 
@@ -106,6 +108,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "cache and what each decode step reads)",
     )
     p.add_argument(
+        "--tensor-parallel",
+        type=_int_in(1),
+        default=1,
+        help='devices each model is split over (the mesh\'s "model" axis: heads, MLP '
+        "columns, vocabulary)",
+    )
+    p.add_argument(
+        "--data-parallel",
+        type=_int_in(1),
+        default=1,
+        help='groups of devices decoding their own sequences (the mesh\'s "data" axis)',
+    )
+    p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
@@ -167,8 +182,10 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         args.model,
     )
     t0 = time.perf_counter()
+    mesh = make_mesh(args.data_parallel, args.tensor_parallel)
     engine = Engine.from_pretrained(
         args.model,
+        mesh=mesh,
         max_seqs=args.max_seqs,
         max_len=args.max_len,
         kv_cache_memory=args.kv_cache_memory,

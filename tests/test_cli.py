@@ -56,6 +56,14 @@ def runs(tmp_path_factory):
         "convert without tokenizer": ["convert", str(no_tokenizer), str(tmp / "out" / "model")],
         "generate bad temperature": ["generate", "--model", missing, "--temperature", "3", "hi"],
         "serve bad flag": ["serve", "--max-top-logprobs", "21"],
+        "generate mesh too big": [
+            "generate",
+            "--tensor-parallel",
+            "2",
+            "--data-parallel",
+            "2",
+            "hi",
+        ],
     }
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = {
@@ -78,6 +86,7 @@ def runs(tmp_path_factory):
         ("generate missing model", "no-such-model' is neither a registered model"),
         ("convert without tokenizer", "hf: no tokenizer files"),
         ("generate bad temperature", "temperature must be between 0 and 2: 3.0"),
+        ("generate mesh too big", "tensor parallel 2 needs 4 devices; 1 cpu device(s) here"),
     ],
 )
 def test_a_user_error_is_one_line_and_exit_status_2(runs, case, problem):
@@ -161,3 +170,24 @@ def test_the_token_budget_keeps_its_old_name(monkeypatch, flag):
     monkeypatch.setattr("serving.cli._configure_logging", lambda level: None)
     main(["serve", flag, "128"])
     assert ran[0].max_num_batched_tokens == 128
+
+
+def test_generate_on_a_mesh_from_the_flags_equals_one_device():
+    """--data-parallel 2 --tensor-parallel 2 on 4 simulated devices: the same greedy text as
+    one device (tests/test_engine_mesh holds meshes to single-device tokens in detail)."""
+
+    def generate(devices: int, *flags: str) -> str:
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        }
+        argv = ["generate", "--max-tokens", "12", "--max-len", "256", *flags, "The sea is"]
+        done = subprocess.run(
+            [str(JAXFIRE), *argv], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    meshed = generate(4, "--data-parallel", "2", "--tensor-parallel", "2")
+    assert meshed.strip() and meshed == generate(1)
