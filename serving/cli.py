@@ -174,6 +174,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
     """The engine; `warmup=False` compiles only what the first requests use (a one-shot
     `generate`), instead of every program a server needs."""
     registry.resolve(args.model)  # a wrong --model fails now, not after the kernels build
+    mesh = make_mesh(args.data_parallel, args.tensor_parallel)  # likewise a mesh too big
     from engine.api import Engine
 
     log.info(
@@ -182,7 +183,6 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         args.model,
     )
     t0 = time.perf_counter()
-    mesh = make_mesh(args.data_parallel, args.tensor_parallel)
     engine = Engine.from_pretrained(
         args.model,
         mesh=mesh,
