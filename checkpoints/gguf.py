@@ -176,15 +176,12 @@ def open_gguf(path: Path) -> Checkpoint:
     )
 
 
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-
 def has_quantized_matrices(path: str | Path) -> bool:
     """Whether a GGUF file stores its layers' matrices in a quantized type (Q8_0, Q4_K, ...):
     the header only, no tensor is read."""
     reader = GGUFReader(path)
     return any(
-        t.tensor_type not in _FLOAT_TYPES
+        t.tensor_type not in _FLOATS
         for t in reader.tensors
         if _BLOCK.fullmatch(t.name) and len(t.shape) == 2
     )
