@@ -136,7 +136,7 @@ def test_loading_in_bfloat16_keeps_every_norm_float32(tmp_path):
     model = load_model(str(convert(str(src), tmp_path / "c", progress=False)), dtype=jnp.bfloat16)
     dtypes = {path: leaf.dtype for path, leaf in leaves(model.params).items()}
     assert dtypes[("layers_0", "self_attn", "q_norm", "weight")] == jnp.float32
-    assert dtypes[("layers_0", "self_attn", "q_proj", "bias")] == jnp.bfloat16
+    assert dtypes[("layers_0", "self_attn", "qkv_proj", "bias")] == jnp.bfloat16
     assert all(d == (jnp.float32 if is_norm(p) else jnp.bfloat16) for p, d in dtypes.items())
 
 
