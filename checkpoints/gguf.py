@@ -1,10 +1,12 @@
-"""GGUF files: llama.cpp names and layouts translated to HF's, tensors dequantized to float32."""
+"""GGUF files: llama.cpp names and layouts translated to HF's; F32 / F16 / BF16 tensors keep
+their dtype, quantized ones are dequantized to float32."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
@@ -45,6 +47,12 @@ _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenize
 # llama.cpp writes llama-arch Q/K rows interleaved for its rotary kernel (convert_hf_to_gguf's
 # `permute`); qwen2 and qwen3 are written unpermuted.
 _PERMUTED_ARCHS = ("llama", "mistral")
+# Tensor types stored as plain floats: read as they are, not widened.
+_FLOATS = {
+    GGMLQuantizationType.F32: np.float32,
+    GGMLQuantizationType.F16: np.float16,
+    GGMLQuantizationType.BF16: ml_dtypes.bfloat16,
+}
 
 
 def field_value(field) -> object:
@@ -132,19 +140,28 @@ def open_gguf(path: Path) -> Checkpoint:
     def field(key: str) -> object | None:
         return field_value(reader.fields[key]) if key in reader.fields else None
 
-    def read(name: str) -> np.ndarray:
-        t = tensors[name]
+    def read(name: str, start: int, stop: int) -> np.ndarray:
+        t, shape = tensors[name], shapes[name]
+        proj = name.split(".")[-2]
+        n_head = heads.get(proj) if arch in _PERMUTED_ARCHS else None
+        lo, hi = start, stop
+        if n_head:  # the permutation stays within a head: read whole heads
+            head_rows = shape[0] // n_head
+            lo, hi = lo - lo % head_rows, -(-hi // head_rows) * head_rows
+        data = t.data[lo:hi]  # a quantized row is whole blocks, so rows slice the bytes
         try:
-            w = dequantize(t.data, t.tensor_type).reshape(shapes[name])
+            if t.tensor_type in _FLOATS:  # copied out of the memory-mapped file
+                w = np.array(data).view(_FLOATS[t.tensor_type])
+            else:
+                w = dequantize(data, t.tensor_type)
+            w = w.reshape(hi - lo, *shape[1:])
         except (ValueError, IndexError) as e:
             raise CheckpointError(f"{path}: cannot dequantize {t.name} ({e})") from None
-        proj = name.split(".")[-2]
-        if arch in _PERMUTED_ARCHS and proj in heads:
-            w = unpermute_rows(w, heads[proj])
+        if n_head:
+            w = unpermute_rows(w, (hi - lo) // head_rows)[start - lo : stop - lo]
         if arch == "gemma3" and proj.endswith("norm"):
             w = w - np.float32(1.0)  # llama.cpp stores Gemma's norms as 1 + HF's weight
-        # An F32 tensor comes back as a read-only view of the memory-mapped file.
-        return w if w.flags.writeable and w.dtype == np.float32 else w.astype(np.float32)
+        return w
 
     has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
     return Checkpoint(
@@ -159,15 +176,12 @@ def open_gguf(path: Path) -> Checkpoint:
     )
 
 
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-
-
 def has_quantized_matrices(path: str | Path) -> bool:
     """Whether a GGUF file stores its layers' matrices in a quantized type (Q8_0, Q4_K, ...):
     the header only, no tensor is read."""
     reader = GGUFReader(path)
     return any(
-        t.tensor_type not in _FLOAT_TYPES
+        t.tensor_type not in _FLOATS
         for t in reader.tensors
         if _BLOCK.fullmatch(t.name) and len(t.shape) == 2
     )

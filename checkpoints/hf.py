@@ -9,7 +9,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from checkpoints.source import Checkpoint, CheckpointError
 
@@ -73,19 +72,25 @@ def _shard_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_tensor(path: Path, name: str, info: dict) -> np.ndarray:
+# safetensors dtypes a weight may have, as numpy reads them (bfloat16 from ml_dtypes, jax's own).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def _read_rows(path: Path, name: str, info: dict, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor, read straight from the file into one new array."""
+    dtype = _DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {name} has dtype {info['dtype']}; supported: {', '.join(_DTYPES)}"
+        )
+    shape = info["shape"]
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    offset, count = info["start"] + start * row_bytes, (stop - start) * row_bytes
     try:
-        if info["dtype"] == "BF16":
-            # safetensors' numpy API has no bfloat16; ml_dtypes (jax's own) does.
-            count = info["data_offsets"][1] - info["data_offsets"][0]
-            with path.open("rb") as f:
-                f.seek(info["start"])
-                raw = f.read(count)
-            return np.frombuffer(raw, ml_dtypes.bfloat16).reshape(info["shape"]).copy()
-        with safe_open(str(path), framework="np") as f:
-            return f.get_tensor(name)
-    except (OSError, ValueError, TypeError) as e:
+        raw = np.fromfile(path, np.uint8, count=count, offset=offset)
+    except OSError as e:
         raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+    return raw.view(dtype).reshape(stop - start, *shape[1:])
 
 
 def _tokenizer_writer(folder: Path, present: list[Path]):
@@ -118,9 +123,9 @@ def open_hf(folder: Path) -> Checkpoint:
         for name, info in _header(shard).items():
             where[name] = (shard, info)
 
-    def read(name: str) -> np.ndarray:
+    def read(name: str, start: int, stop: int) -> np.ndarray:
         shard, info = where[name]
-        return _read_tensor(shard, name, info)
+        return _read_rows(shard, name, info, start, stop)
 
     tokenizer_files = [folder / n for n in _TOKENIZER_FILES if (folder / n).exists()]
     return Checkpoint(

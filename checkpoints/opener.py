@@ -20,6 +20,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} is a converted jaxfire checkpoint; restore it with checkpoints.store.restore"
         )
+    store.refuse_other_format(path)
     if path.is_dir():
         checkpoint = open_hf(path)
     elif path.suffix.lower() == ".gguf":

@@ -28,7 +28,7 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
-    """An opened weight source. Tensors are read lazily, one at a time, on `tensor(name)`."""
+    """An opened weight source. Tensors are read lazily, on `tensor(name)`, whole or by rows."""
 
     config: dict
     generation_config: dict | None
@@ -36,14 +36,21 @@ class Checkpoint:
     shapes: dict[str, tuple[int, ...]]
     source: Path
     missing_tokenizer: str | None  # why the source has no tokenizer, or None if it has one
-    _read: Callable[[str], np.ndarray] = field(repr=False)
+    _read: Callable[[str, int, int], np.ndarray] = field(repr=False)  # (name, start, stop)
     _write_tokenizer: Callable[[Path], None] = field(repr=False)
 
-    def tensor(self, name: str) -> np.ndarray:
-        """The tensor in HF layout ([out, in] for a Linear weight)."""
+    def tensor(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The tensor in HF layout ([out, in] for a Linear weight), or its rows [start, stop)
+        along the first axis, reading only those: a caller that copies a large tensor block by
+        block never holds it twice. Float tensors keep the file's dtype (bfloat16 via
+        ml_dtypes); quantized GGUF tensors come dequantized to float32."""
         if name not in self.shapes:
             raise CheckpointError(f"{self.source}: no tensor named {name!r}")
-        return self._read(name)
+        rows = self.shapes[name][0]
+        stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.source}: rows [{start}, {stop}) of {name} ({rows} rows)")
+        return self._read(name, start, stop)
 
     def require_tokenizer(self) -> None:
         """Raise CheckpointError if the source has no tokenizer. Known at open, so a

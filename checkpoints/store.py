@@ -1,13 +1,18 @@
-"""Converted weights on disk: an orbax checkpoint of any pytree, restored sharded.
+"""Converted weights on disk: a tree of nested dicts of arrays, saved as orbax checkpoints a
+part at a time and restored sharded.
 
 A stored checkpoint is a folder:
-    arrays/                    the orbax checkpoint of the tree
+    arrays/                    the tree's arrays in parts: 0/, 1/, ... each an orbax checkpoint
+                               of the arrays that fill it (or of one larger array), so a tree is
+                               saved while it is being built, never held whole
+    arrays/parts.json          which leaves each part holds, with their shapes and dtypes
     config.json                the source's HF config (if given)
     generation_config.json     sampling defaults (if given)
     tokenizer files            whatever `write_tokenizer` wrote, so the folder also loads
                                with AutoTokenizer.from_pretrained
-    jaxfire_checkpoint.json    caller's metadata; written last, inside a temporary folder that
-                               is renamed into place, so its presence means the save finished
+    jaxfire_checkpoint.json    the format and the caller's metadata; written last, inside a
+                               temporary folder that is renamed into place, so its presence
+                               means the save finished
 """
 
 from __future__ import annotations
@@ -16,19 +21,29 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from checkpoints.source import CheckpointError
 
 _ARRAYS = "arrays"
+_PARTS = "parts.json"
 _MARKER = "jaxfire_checkpoint.json"
-_FORMAT = 1
+# 1: one orbax checkpoint of the whole tree. 2: the tree in parts, arrays in their own dtype.
+FORMAT = 2
+# A part is written once its arrays reach this size: large enough that a model is a few
+# hundred parts at most (each costs an orbax call to save and to restore), small enough
+# that the arrays waiting for their part are little beside the largest one.
+_PART_BYTES = 32 << 20
+
+Tree = Any  # nested dicts with str keys; a leaf is an array or a function returning one
 
 
 @dataclass
@@ -38,27 +53,107 @@ class StoredInfo:
     metadata: dict
 
 
+def _stored_format(path: Path) -> int | None:
+    """The format a jaxfire checkpoint at `path` was written in; None if it is not one."""
+    try:
+        return json.loads((path / _MARKER).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_complete(path: str | Path) -> bool:
-    """True only for a folder that a `save` finished writing."""
+    """True only for a folder that a `save` of this format finished writing."""
     path = Path(path).expanduser()
-    return (path / _MARKER).is_file() and (path / _ARRAYS).is_dir()
+    return (path / _ARRAYS).is_dir() and _stored_format(path) == FORMAT
+
+
+def refuse_other_format(path: str | Path) -> None:
+    """Raise CheckpointError if `path` holds a jaxfire checkpoint of another format."""
+    found = _stored_format(Path(path).expanduser())
+    if found not in (None, FORMAT):
+        raise CheckpointError(
+            f"{path}: a jaxfire checkpoint of format {found}, which this version does not read "
+            f"(it reads format {FORMAT}); convert its source again"
+        )
 
 
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _flat(tree: Tree) -> dict[tuple[str, ...], Any]:
+    """{key path: leaf} of a tree of nested dicts."""
+    if not isinstance(tree, Mapping):
+        return {(): tree}
+    return {(key, *rest): leaf for key, sub in tree.items() for rest, leaf in _flat(sub).items()}
+
+
+def _nested(flat: dict[tuple[str, ...], Any]) -> Tree:
+    tree: dict = {}
+    for keys, leaf in flat.items():
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = leaf
+    return tree
+
+
+def _writer() -> ocp.Checkpointer:
+    # The arrays are handed over and dropped once written, so orbax need not copy them first
+    # (its default), and uncompressed data is written from them as they are: saving a part
+    # costs no memory beyond its arrays.
+    numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, numpy), (jax.Array, ocp.type_handlers.ArrayHandler())
+    )
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    return ocp.Checkpointer(handler)
+
+
+def _save_arrays(folder: Path, tree: Tree) -> None:
+    """Each leaf made (if a function), gathered into the current part, and the part written
+    once it fills up."""
+    folder.mkdir()
+    parts: list[list[dict]] = []
+    part: dict[tuple[str, ...], np.ndarray | jax.Array] = {}
+    with _writer() as writer:
+
+        def write_part() -> None:
+            writer.save(folder / str(len(parts)), args=ocp.args.PyTreeSave(_nested(part)))
+            parts.append(
+                [
+                    {"path": list(k), "shape": a.shape, "dtype": a.dtype.name}
+                    for k, a in part.items()
+                ]
+            )
+            part.clear()
+
+        for key, leaf in _flat(tree).items():
+            # Held by the part alone (no local name), so it is freed once its part is written.
+            part[key] = leaf() if callable(leaf) else leaf
+            if not isinstance(part[key], np.ndarray | jax.Array):  # e.g. a list: not walked
+                raise TypeError(f"{'/'.join(key)}: not an array but {type(part[key]).__name__}")
+            if sum(a.nbytes for a in part.values()) >= _PART_BYTES:
+                write_part()
+        if part:
+            write_part()
+    _write_json(folder / _PARTS, {"parts": parts})
+
+
 def save(
     path: str | Path,
-    tree: Any,
+    tree: Tree,
     *,
     metadata: dict,
     config: dict | None = None,
     generation_config: dict | None = None,
     write_tokenizer: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save a pytree of arrays (numpy or jax, any sharding) at `path`, replacing what is there.
+    """Save a tree of nested dicts at `path`, replacing what is there.
 
+    A leaf is an array (numpy, or jax on this host) or a function that returns one, called
+    when its turn comes: its array is written with its part and then dropped, so a tree of
+    functions is saved holding one array at a time (and at most _PART_BYTES of small ones).
     Everything is written into a temporary sibling folder first and renamed into place, so an
     interrupted save leaves no folder that `is_complete` accepts. Single-host only.
     """
@@ -66,15 +161,14 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / _ARRAYS, tree)
+        _save_arrays(tmp / _ARRAYS, tree)
         if config is not None:
             _write_json(tmp / "config.json", config)
         if generation_config is not None:
             _write_json(tmp / "generation_config.json", generation_config)
         if write_tokenizer is not None:
             write_tokenizer(tmp)
-        _write_json(tmp / _MARKER, {"format": _FORMAT, "metadata": metadata})
+        _write_json(tmp / _MARKER, {"format": FORMAT, "metadata": metadata})
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rename(path, old / path.name)
@@ -89,8 +183,10 @@ def save(
 
 
 def _require_complete(path: Path) -> None:
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: not a complete jaxfire checkpoint (missing or interrupted)")
+    if is_complete(path):
+        return
+    refuse_other_format(path)
+    raise CheckpointError(f"{path}: not a complete jaxfire checkpoint (missing or interrupted)")
 
 
 def load_info(path: str | Path) -> StoredInfo:
@@ -109,21 +205,31 @@ def load_info(path: str | Path) -> StoredInfo:
     )
 
 
-def stored_arrays(path: str | Path) -> Any:
+def _parts(path: Path) -> list[list[dict]]:
+    _require_complete(path)
+    return json.loads((path / _ARRAYS / _PARTS).read_text())["parts"]
+
+
+def stored_arrays(path: str | Path) -> Tree:
     """The stored tree with a jax.ShapeDtypeStruct per array; nothing is read but metadata."""
     path = Path(path).expanduser().absolute()
-    _require_complete(path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path / _ARRAYS).item_metadata.tree
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    return _nested(
+        {
+            tuple(leaf["path"]): jax.ShapeDtypeStruct(
+                tuple(leaf["shape"]), jnp.dtype(leaf["dtype"])
+            )
+            for part in _parts(path)
+            for leaf in part
+        }
+    )
 
 
-def restore(path: str | Path, shardings: Any = None) -> Any:
+def restore(path: str | Path, shardings: Any = None) -> Tree:
     """Restore the tree saved at `path`.
 
     `shardings` has the saved tree's structure, a `jax.sharding.Sharding` per array, or a
     `jax.ShapeDtypeStruct` with a sharding (its dtype casts on restore). orbax reads each
-    device's shards straight from disk. None: every array on the default device.
+    device's shards straight from disk, part by part. None: every array on the default device.
     """
     path = Path(path).expanduser().absolute()
     stored = stored_arrays(path)
@@ -141,8 +247,12 @@ def restore(path: str | Path, shardings: Any = None) -> Any:
         return jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=want)
 
     try:
-        abstract = jax.tree.map(target, shardings, stored)
+        abstract = _flat(jax.tree.map(target, shardings, stored))
     except ValueError as e:  # tree structures differ
         raise CheckpointError(f"{path}: shardings do not match the stored tree ({e})") from None
+    restored = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(path / _ARRAYS, abstract)
+        for i, part in enumerate(_parts(path)):
+            want = _nested({tuple(leaf["path"]): abstract[tuple(leaf["path"])] for leaf in part})
+            restored |= _flat(checkpointer.restore(path / _ARRAYS / str(i), want))
+    return _nested(restored)

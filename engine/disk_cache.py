@@ -17,11 +17,12 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "jaxfire"
 
 
-def converted_dir(name: str, source: Path) -> Path:
-    """The folder of the converted checkpoint of `source` (an HF folder or a .gguf file)."""
+def converted_dir(name: str, source: Path, dtype: str = "auto") -> Path:
+    """The folder of the converted checkpoint of `source` (an HF folder or a .gguf file) with
+    its matrices in `dtype` ("auto": the source's own)."""
     # Keyed by the source's identity too, so a changed or different source never reuses a cache.
     files = sorted(source.iterdir()) if source.is_dir() else [source]
     key = str(source) + "".join(
         f"|{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()
     )
-    return cache_root() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_root() / f"{name}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -1,9 +1,9 @@
 """From a model name or path to parameters on the mesh, through the converted-weights cache.
 
-The first load of a source reads it through checkpoints/ (GGUF dequantized, HF
-safetensors), maps HF names onto the engine's tree and saves that tree as an orbax
-checkpoint in the cache folder (engine.disk_cache); later loads restore straight from there,
-each array placed with its sharding.
+The first load of a source reads it through checkpoints/ (HF safetensors, GGUF), maps HF
+names onto the engine's tree and saves that tree, tensor by tensor in the source's dtype, as
+orbax checkpoints in the cache folder (engine.disk_cache); later loads restore straight from
+there, each array placed with its sharding and cast to the compute dtype.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from engine import disk_cache
 from engine.config import ModelConfig
 from engine.quantize import check_format, quantize_layer
 from engine.tokenizer import Tokenizer
-from engine.weights import fuse_layer, pack_for_cpu_kernels, params_from_hf
+from engine.weights import fuse_layer, lazy_params_from_hf, pack_for_cpu_kernels
 
 
 @dataclasses.dataclass
@@ -41,40 +41,55 @@ class LoadedModel:
     packed: bool = False  # matrices packed for engine.cpu_kernels
 
 
-def convert(name_or_path: str, dst: str | Path | None = None, progress: bool = True) -> Path:
-    """Convert a source into a jaxfire checkpoint (float32) at dst (default: the cache).
+def convert(
+    name_or_path: str,
+    dst: str | Path | None = None,
+    progress: bool = True,
+    dtype: str | None = None,
+) -> Path:
+    """Convert a source into a jaxfire checkpoint at dst (default: the cache).
 
+    Matrices keep the source's dtype (a quantized GGUF tensor becomes float32), or take
+    `dtype` ("float32", "bfloat16", "float16"); norm weights are float32 either way. The
+    tree is built and saved one tensor at a time, so converting holds about one tensor.
     Everything the checkpoint needs (config, weights' names and shapes, tokenizer) is checked
     before the first tensor is read, so a bad source fails in a moment, not after converting."""
     resolved = registry.resolve(name_or_path)
     if store.is_complete(resolved.source):
         return resolved.source
-    dst = Path(dst) if dst is not None else disk_cache.converted_dir(resolved.name, resolved.source)
+    if dst is None:
+        dst = disk_cache.converted_dir(resolved.name, resolved.source, dtype or "auto")
     ckpt = resolved.open()
     config = ModelConfig.from_hf(ckpt.config)
     ckpt.require_tokenizer()
+    makers = lazy_params_from_hf(ckpt, config, None if dtype is None else jnp.dtype(dtype))
     bar = tqdm(
-        total=len(ckpt.tensor_names),
+        total=len(jax.tree.leaves(makers)),
         desc=f"converting {resolved.name}",
         unit="tensor",
         disable=not progress,
         file=sys.stderr,
     )
 
-    def tensor(name: str) -> np.ndarray:
-        bar.update()
-        return ckpt.tensor(name)
+    def counted(make: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+        def made() -> np.ndarray:
+            array = make()
+            bar.update()
+            return array
 
-    params = params_from_hf(tensor, config, jnp.float32)
-    bar.close()
-    return store.save(
-        dst,
-        params,
-        metadata={"name": resolved.name, "source": str(resolved.source)},
-        config=ckpt.config,
-        generation_config=ckpt.generation_config,
-        write_tokenizer=ckpt.save_tokenizer,
-    )
+        return made
+
+    try:
+        return store.save(
+            dst,
+            jax.tree.map(counted, makers),
+            metadata={"name": resolved.name, "source": str(resolved.source)},
+            config=ckpt.config,
+            generation_config=ckpt.generation_config,
+            write_tokenizer=ckpt.save_tokenizer,
+        )
+    finally:
+        bar.close()
 
 
 def load_model(
@@ -91,7 +106,7 @@ def load_model(
     matrices out for engine.cpu_kernels (one CPU device, float32 activations); `quantize`
     ("int8" or "fp8", engine.quantize) stores XLA's matrices in one byte a weight."""
     resolved = registry.resolve(name_or_path)
-    cached = disk_cache.converted_dir(resolved.name, resolved.source)
+    cached = disk_cache.converted_dir(resolved.name, resolved.source, "auto")
     folder = resolved.source if store.is_complete(resolved.source) else cached
     if not store.is_complete(folder):
         convert(name_or_path, folder)
@@ -100,13 +115,15 @@ def load_model(
     abstract = store.stored_arrays(folder)
     placement = shardings(abstract) if shardings else jax.tree.map(lambda _: None, abstract)
 
-    def target(leaf: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
-        # Norm weights stay float32; matrices take the compute dtype.
-        want = jnp.float32 if leaf.ndim == 1 and leaf.shape[0] == config.hidden_size else dtype
+    def target(path, leaf: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+        # Norm weights (a `weight` under a *norm module: the model's, the layers', q/k heads')
+        # stay float32; matrices and biases take the compute dtype, whatever the stored one.
+        names = [str(getattr(key, "key", key)) for key in path]
+        norm = len(names) > 1 and names[-1] == "weight" and "norm" in names[-2]
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.ShapeDtypeStruct(leaf.shape, want, sharding=sharding)
+        return jax.ShapeDtypeStruct(leaf.shape, jnp.float32 if norm else dtype, sharding=sharding)
 
-    params = store.restore(folder, jax.tree.map(target, abstract, placement))
+    params = store.restore(folder, jax.tree_util.tree_map_with_path(target, abstract, placement))
     if packed and quantize:
         raise ValueError("quantize is for XLA's path; the CPU kernels pack weights themselves")
     params = _fused(params, config, shardings, quantize and check_format(quantize))

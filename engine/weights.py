@@ -6,7 +6,9 @@ the one place that layout becomes the engine's ([in, out] kernels, HF module nam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,37 +17,84 @@ from engine import cpu_kernels
 from engine.config import ConfigError, ModelConfig
 
 Params = dict
+# Rows copied at a time (counted as float32): a tensor is built block by block into its own
+# array, so building one never holds it twice (HF's [out, in] and its transpose, say).
+_BLOCK_BYTES = 16 << 20
 
 
-def params_from_hf(
-    tensor: Callable[[str], np.ndarray], config: ModelConfig, dtype: jnp.dtype = jnp.float32
-) -> Params:
-    """Build the parameter tree by fetching each HF tensor by name.
+class Source(Protocol):
+    """HF-named tensors with their shapes, read whole or by rows (a checkpoints.Checkpoint)."""
 
-    Norm weights stay float32 (they scale float32 activations); matrices take `dtype`.
-    Returns numpy arrays so the caller decides placement (device_put with shardings).
-    """
-    np_dtype = np.dtype(dtype)
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def tensor(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
+
+
+@dataclass
+class _Arrays:
+    """A dict of arrays as a Source."""
+
+    arrays: Mapping[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shapes = {name: np.shape(a) for name, a in self.arrays.items()}
+
+    def tensor(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.asarray(self.arrays[name])[start:stop]
+
+
+def _copy(
+    source: Source, name: str, shape: tuple[int, ...], dtype: np.dtype | None, transpose: bool
+) -> np.ndarray:
+    """Tensor `name`, transposed if asked, in `dtype` (None: the tensor's own), copied from
+    the source block by block."""
+    if name not in source.shapes:
+        raise ConfigError(f"no tensor {name}, which the config implies")
+    if tuple(source.shapes[name]) != shape:
+        raise ConfigError(f"tensor {name} has shape {source.shapes[name]}, config implies {shape}")
+    step = max(1, _BLOCK_BYTES // (4 * int(np.prod(shape[1:], dtype=np.int64))))
+    out = None
+    for start in range(0, shape[0], step):
+        block = source.tensor(name, start, min(start + step, shape[0]))
+        if out is None:
+            out = np.empty(shape[::-1] if transpose else shape, dtype or block.dtype)
+        if transpose:
+            out[:, start : start + len(block)] = block.T
+        else:
+            out[start : start + len(block)] = block
+    return out
+
+
+def lazy_params_from_hf(source: Source, config: ModelConfig, dtype: jnp.dtype | None) -> Params:
+    """The parameter tree with, at each leaf, a function that builds that array.
+
+    Norm weights are float32 (they scale float32 activations); matrices and biases take
+    `dtype`, or keep the source's own when it is None. A caller that builds one leaf at a
+    time (checkpoints.store.save) holds about one tensor at a time."""
+    np_dtype = None if dtype is None else np.dtype(dtype)
     if config.family == "phi3":
-        tensor = _unfused(tensor, config)
+        source = _unfused(source, config)
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        arr = np.asarray(tensor(name))
-        if arr.shape != shape:
-            raise ConfigError(f"tensor {name} has shape {arr.shape}, config implies {shape}")
-        return arr
+    def matrix(name: str, shape: tuple[int, ...], transpose: bool = False) -> Callable:
+        return lambda: _copy(source, name, shape, np_dtype, transpose)
 
     def linear(name: str, n_in: int, n_out: int, bias: bool = False) -> dict:
-        out = {"kernel": get(f"{name}.weight", (n_out, n_in)).T.astype(np_dtype)}
+        out = {"kernel": matrix(f"{name}.weight", (n_out, n_in), transpose=True)}
         if bias:
-            out["bias"] = get(f"{name}.bias", (n_out,)).astype(np_dtype)
+            out["bias"] = matrix(f"{name}.bias", (n_out,))
         return out
 
     # Gemma's RMSNorm scales by 1 + weight: the 1 is added here, in float32 as HF does.
     offset = np.float32(1.0 if config.sandwich_norms else 0.0)
 
     def norm(name: str, size: int = config.hidden_size) -> dict:
-        return {"weight": get(f"{name}.weight", (size,)).astype(np.float32) + offset}
+        def make() -> np.ndarray:
+            weight = _copy(source, f"{name}.weight", (size,), np.dtype(np.float32), False)
+            weight += offset
+            return weight
+
+        return {"weight": make}
 
     def head_norm(name: str) -> dict:
         return norm(name, config.head_dim)
@@ -54,7 +103,7 @@ def params_from_hf(
     q_out, kv_out, inter = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
     bias = config.attention_bias
     params: Params = {
-        "embed_tokens": get("model.embed_tokens.weight", (config.vocab_size, d)).astype(np_dtype),
+        "embed_tokens": matrix("model.embed_tokens.weight", (config.vocab_size, d)),
         "norm": norm("model.norm"),
     }
     for i in range(config.num_layers):
@@ -91,8 +140,27 @@ def params_from_hf(
             },
         }
     if not config.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight", (config.vocab_size, d)).T.astype(np_dtype)
+        params["lm_head"] = matrix("lm_head.weight", (config.vocab_size, d), transpose=True)
     return params
+
+
+def _made(tree: Params) -> Params:
+    """Every leaf built, in the tree's order (so a wrong shape is found where it was before)."""
+    return {k: _made(v) if isinstance(v, dict) else v() for k, v in tree.items()}
+
+
+def params_from_hf(
+    source: Source | Mapping[str, np.ndarray],
+    config: ModelConfig,
+    dtype: jnp.dtype | None = jnp.float32,
+) -> Params:
+    """The parameter tree, built now, from a Source or a dict of HF-named arrays.
+
+    Norm weights stay float32; matrices take `dtype` (None: their own). Returns numpy
+    arrays so the caller decides placement (device_put with shardings)."""
+    if isinstance(source, Mapping):
+        source = _Arrays(source)
+    return _made(lazy_params_from_hf(source, config, dtype))
 
 
 # Phi-3's checkpoints hold q/k/v and gate/up fused, as [q; k; v] and [gate; up] rows.
@@ -105,32 +173,44 @@ _FUSED_PARTS = {
 }
 
 
-def _unfused(
-    tensor: Callable[[str], np.ndarray], config: ModelConfig
-) -> Callable[[str], np.ndarray]:
-    """`tensor` with each part of a fused matrix under the name Llama gives it."""
+@dataclass
+class _Parts:
+    """A Source with row ranges of another's tensors under names of their own."""
+
+    source: Source
+    parts: dict[str, tuple[str, int]]  # name → (the source's tensor, its first row)
+    shapes: dict[str, tuple[int, ...]]
+
+    def tensor(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if name not in self.parts:
+            return self.source.tensor(name, start, stop)
+        whole, first = self.parts[name]
+        stop = self.shapes[name][0] if stop is None else stop
+        return self.source.tensor(whole, first + start, first + stop)
+
+
+def _unfused(source: Source, config: ModelConfig) -> Source:
+    """`source` with each part of a fused matrix under the name Llama gives it."""
     q, kv, inter = (
         config.num_heads * config.head_dim,
         config.num_kv_heads * config.head_dim,
         config.intermediate_size,
     )
     sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [inter, inter]}
-
-    def get(name: str) -> np.ndarray:
-        parts = name.rsplit(".", 2)
-        if len(parts) < 3 or parts[1] not in _FUSED_PARTS:
-            return tensor(name)
-        prefix, module, kind = parts
-        fused, i = _FUSED_PARTS[module]
+    parts, shapes = {}, dict(source.shapes)
+    for name, shape in source.shapes.items():
+        pieces = name.rsplit(".", 2)
+        if len(pieces) < 3 or pieces[1] not in sizes:
+            continue
+        prefix, fused, kind = pieces
         bounds = np.cumsum([0, *sizes[fused]])
-        whole = np.asarray(tensor(f"{prefix}.{fused}.{kind}"))
-        if whole.shape[0] != bounds[-1]:
-            raise ConfigError(
-                f"{prefix}.{fused}.{kind} has {whole.shape[0]} rows, not {bounds[-1]}"
-            )
-        return whole[bounds[i] : bounds[i + 1]]
-
-    return get
+        if shape[0] != bounds[-1]:
+            raise ConfigError(f"{name} has {shape[0]} rows, not {bounds[-1]}")
+        for module, (whole, i) in _FUSED_PARTS.items():
+            if whole == fused:
+                parts[f"{prefix}.{module}.{kind}"] = (name, int(bounds[i]))
+                shapes[f"{prefix}.{module}.{kind}"] = (sizes[fused][i], *shape[1:])
+    return _Parts(source, parts, shapes)
 
 
 # Matrices that read the same input, fused into one (engine.model): one product instead of

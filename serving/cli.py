@@ -238,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from engine.loading import convert
 
-    print(convert(args.src, args.dst))
+    print(convert(args.src, args.dst, dtype=None if args.dtype == "auto" else args.dtype))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -267,6 +267,13 @@ def _parser() -> argparse.ArgumentParser:
     _common_args(conv)
     conv.add_argument("src", help="registered name, HF folder or .gguf file")
     conv.add_argument("dst", help="output folder")
+    conv.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="the matrices' dtype (auto: the source's; a quantized GGUF tensor becomes "
+        "float32); norm weights stay float32",
+    )
     conv.set_defaults(run=cmd_convert)
     return parser
 

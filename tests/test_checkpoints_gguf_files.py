@@ -4,6 +4,7 @@ permutation, quantization. Opening them must give back the HF tensors."""
 import json
 
 import gguf
+import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -153,6 +154,10 @@ _TOLERANCE = {
 }
 
 
+# Plain float types keep their dtype; quantized ones come dequantized to float32.
+_DTYPE = {Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
+
+
 @pytest.mark.parametrize("qtype", list(_TOLERANCE), ids=lambda q: q.name)
 def test_quantized_llama_file_gives_hf_tensors(tmp_path, qtype):
     tensors = hf_tensors()
@@ -160,12 +165,28 @@ def test_quantized_llama_file_gives_hf_tensors(tmp_path, qtype):
     assert sorted(checkpoint.tensor_names) == sorted(tensors)
     for name, want in tensors.items():
         got = checkpoint.tensor(name)
-        assert got.dtype == np.float32 and got.shape == want.shape, name
+        dtype = _DTYPE.get(qtype, np.float32) if want.ndim == 2 else np.float32
+        assert got.dtype == dtype and got.shape == want.shape, name
         scale = np.abs(want).max()
         assert np.abs(got - want).max() <= _TOLERANCE[qtype] * scale, name
         if want.ndim == 2 and qtype != Q.F32:
             # exactly the package's own round trip: names and un-permutation are right
             np.testing.assert_array_equal(got, dequantize(quantize(want, qtype), qtype))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.BF16, Q.Q4_1], ids=lambda q: q.name)
+def test_rows_read_alone_equal_the_whole_tensors_rows(tmp_path, qtype):
+    # q/k rows are permuted within each head: a range that cuts a head still comes out right
+    checkpoint = open_checkpoint(write_gguf(tmp_path / "m.gguf", hf_tensors(), qtype=qtype))
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+    ):
+        whole = checkpoint.tensor(name)
+        for start, stop in ((0, 1), (3, 21), (HEAD_DIM - 1, whole.shape[0])):
+            np.testing.assert_array_equal(checkpoint.tensor(name, start, stop), whole[start:stop])
 
 
 def test_config_from_metadata(tmp_path):

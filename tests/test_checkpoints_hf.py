@@ -90,6 +90,16 @@ def test_bfloat16_folder_keeps_its_dtype(tmp_path):
     _assert_same_tensors(checkpoint, model)
 
 
+def test_rows_read_alone_equal_the_whole_tensors_rows(tmp_path):
+    _llama().to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    checkpoint = open_checkpoint(tmp_path)
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        whole = checkpoint.tensor(name)
+        np.testing.assert_array_equal(checkpoint.tensor(name, 5, 17), whole[5:17])
+    with pytest.raises(CheckpointError, match="rows"):
+        checkpoint.tensor("model.norm.weight", 0, TINY["hidden_size"] + 1)
+
+
 def test_generation_config_is_read(tmp_path):
     _llama().save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7}))

@@ -52,19 +52,61 @@ def test_hf_folder_round_trip_is_exact(hf_folder, tmp_path):
 
 
 def test_nested_tree_with_abstract_targets_casts(tmp_path):
-    tree = {"layers": [{"w": np.arange(6, dtype=np.float32).reshape(2, 3)}], "b": np.ones(4)}
+    tree = {"layers": {"0": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}, "b": np.ones(4)}
     store.save(tmp_path / "c", tree, metadata={})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     want = {
-        "layers": [{"w": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16, sharding=device)}],
+        "layers": {"0": {"w": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16, sharding=device)}},
         "b": device,
     }
     got = store.restore(tmp_path / "c", want)
-    assert got["layers"][0]["w"].dtype == jnp.bfloat16
+    assert got["layers"]["0"]["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(
-        np.asarray(got["layers"][0]["w"], np.float32), tree["layers"][0]["w"]
+        np.asarray(got["layers"]["0"]["w"], np.float32), tree["layers"]["0"]["w"]
     )
     assert store.stored_arrays(tmp_path / "c")["b"].shape == (4,)
+
+
+def test_a_tree_of_functions_is_saved_in_parts_each_array_made_when_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "_PART_BYTES", 1000)
+    made = []
+
+    def leaf(name: str, n: int):
+        def make() -> np.ndarray:
+            made.append(name)
+            return np.full(n, len(made), np.float32)
+
+        return make
+
+    tree = {"a": leaf("a", 300), "m": {"b": leaf("b", 10), "c": leaf("c", 10)}, "d": leaf("d", 5)}
+    store.save(tmp_path / "c", tree, metadata={})
+    parts = json.loads((tmp_path / "c" / "arrays" / "parts.json").read_text())["parts"]
+    # "a" fills a part alone (1200 bytes); the small ones share the next
+    assert [[leaf["path"] for leaf in part] for part in parts] == [
+        [["a"]],
+        [["m", "b"], ["m", "c"], ["d"]],
+    ]
+    got = store.restore(tmp_path / "c")
+    assert made == ["a", "b", "c", "d"]
+    assert [float(got["a"][0]), float(got["m"]["c"][0]), float(got["d"][-1])] == [1, 3, 4]
+    assert store.stored_arrays(tmp_path / "c")["m"]["b"].shape == (10,)
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_by_name(tmp_path):
+    store.save(tmp_path / "c", {"w": np.ones(3)}, metadata={})
+    marker = tmp_path / "c" / "jaxfire_checkpoint.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 1}))
+    assert not store.is_complete(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="format 1.*convert its source again"):
+        store.restore(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="format 1.*convert its source again"):
+        open_checkpoint(tmp_path / "c")
+
+
+def test_lists_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="layers: not an array but list"):
+        store.save(tmp_path / "c", {"layers": [np.ones(3)]}, metadata={})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_save_leaves_nothing_complete(tmp_path):
@@ -161,4 +203,5 @@ def test_restore_onto_8_simulated_devices(hf_folder, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded restore ok" in result.stdout
-    assert json.loads((tmp_path / "c" / "jaxfire_checkpoint.json").read_text())["format"] == 1
+    marker = json.loads((tmp_path / "c" / "jaxfire_checkpoint.json").read_text())
+    assert marker["format"] == store.FORMAT

@@ -116,7 +116,7 @@ def test_convert_checks_the_tokenizer_before_reading_a_tensor(tmp_path, monkeypa
     def converted(*args, **kwargs):
         raise AssertionError("tensors were converted before the tokenizer was checked")
 
-    monkeypatch.setattr(loading, "params_from_hf", converted)
+    monkeypatch.setattr(loading, "lazy_params_from_hf", converted)
     src = hf_folder_without_tokenizer(tmp_path / "hf")
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         loading.convert(str(src), tmp_path / "out", progress=False)

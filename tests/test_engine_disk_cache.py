@@ -27,3 +27,13 @@ def test_a_changed_or_different_source_gets_a_new_folder(monkeypatch, tmp_path):
     other = tmp_path / "other.gguf"
     other.write_bytes(b"one")
     assert disk_cache.converted_dir("tiny", other) != first
+
+
+def test_each_dtype_gets_its_own_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXFIRE_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"one")
+    auto = disk_cache.converted_dir("tiny", source)
+    assert auto == disk_cache.converted_dir("tiny", source, "auto")
+    assert auto.name.startswith("tiny-auto-")
+    assert disk_cache.converted_dir("tiny", source, "bfloat16").name.startswith("tiny-bfloat16-")

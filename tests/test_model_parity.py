@@ -107,7 +107,7 @@ def build_pair(case: str):
                 p.add_(torch.randn_like(p) * 0.1)
     config = ModelConfig.from_hf(hf_cfg.to_dict()).for_context(LONGEST)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = fuse_projections(params_from_hf(state.__getitem__, config), config)
+    params = fuse_projections(params_from_hf(state, config), config)
     return hf, config, params
 
 
@@ -180,4 +180,4 @@ def test_shape_mismatch_is_a_typed_error():
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     wrong = ModelConfig.from_hf({**hf.config.to_dict(), "intermediate_size": 128})
     with pytest.raises(ConfigError, match="gate_proj.weight has shape"):
-        params_from_hf(state.__getitem__, wrong)
+        params_from_hf(state, wrong)
