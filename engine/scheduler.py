@@ -7,6 +7,8 @@ are free, give every decoding sequence pages for its next k tokens (preempting t
 started when the pool is short), run k decode steps whose first also computes the next chunk
 of a long prompt (engine.fills; the chunk alone when nothing decodes), turn the new tokens
 into text, stop strings and finish reasons, and hand the updates to each request's handle.
+While nothing but decoding goes on, the next decode call is dispatched before the host reads
+the last one's tokens, so the device computes while the host works (engine.decoding).
 The device programs (engine.step) are the only device work; which page holds which tokens
 is engine.paging's.
 
@@ -26,16 +28,11 @@ import threading
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
-import samplers
 from engine.admission import Limits, check_request
-from engine.buckets import bucket_for, buckets
-from engine.fills import Fills
-from engine.grammar import DecodeMasks
+from engine.decoding import Decoding
 from engine.handle import DONE, Handle
-from engine.one_step import OneStepPrograms
 from engine.paging import PageAllocator
 from engine.requests import (
     ChoiceUpdate,
@@ -43,8 +40,8 @@ from engine.requests import (
     GenerationRequest,
     Timing,
 )
-from engine.sequences import Request, advance
-from engine.step import Programs, StepOutput
+from engine.sequences import Request
+from engine.step import Programs
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxfire.engine")
@@ -79,7 +76,7 @@ class SchedulerSettings:
             )
 
 
-class Scheduler(Fills):
+class Scheduler(Decoding):
     def __init__(
         self,
         programs: Programs,
@@ -92,17 +89,6 @@ class Scheduler(Fills):
     ):
         super().__init__(programs, params, cache, pages, tokenizer, settings, limits.vocab_size)
         self.limits = limits
-        self.eos_ids = frozenset(tokenizer.eos_token_ids)
-        slots = settings.max_slots
-        # Attended-position buckets of the decode programs. The CPU kernels attend to each
-        # row's own positions through its pages, so one program serves every length there
-        # (each compiled decode program holds ~30 MB of the server's memory).
-        kv_low = settings.max_len if programs.model.packed else settings.min_kv_bucket
-        self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
-        self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
-        self.masks = DecodeMasks(samplers.mask.words(limits.vocab_size))
-        self.one_step = OneStepPrograms(programs)
-        self.decode_width = 0  # slots the last decode computed
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
         self.queue: collections.deque[Handle] = collections.deque()
         self.lock = threading.Condition()
@@ -161,7 +147,8 @@ class Scheduler(Fills):
         self.one_step.close()
 
     def _busy(self) -> bool:
-        return bool(self.queue or self.live or self.filling or self.ready or self.resumes)
+        work = self.queue or self.live or self.filling or self.ready or self.resumes
+        return bool(work) or self.inflight is not None
 
     def _run(self) -> None:
         while True:
@@ -178,14 +165,21 @@ class Scheduler(Fills):
                 self._fail_all(e)
 
     def step(self) -> None:
-        """One iteration: cancellations, admissions, k decode steps carrying the next chunk
-        of a long prompt (or that chunk alone when nothing decodes)."""
+        """One iteration. While only decoding goes on: dispatch the next decode call, then
+        read the one in flight (engine.decoding). Otherwise: read the call in flight, take
+        cancellations, admit, and dispatch k decode steps carrying the next chunk of a long
+        prompt (or run that chunk alone when nothing decodes)."""
+        if not (self.queue and self._open_slots() > 0) and self._run_ahead():
+            return
+        if self.inflight is not None:
+            call, self.inflight = self.inflight, None
+            self._collect(call)
         self._reap_cancelled()
         if not self.live:
             self._fill_chunk()
         self._admit()
         if self.live:
-            self._decode()
+            self.inflight = self._decode()
 
     def _reap_cancelled(self) -> None:
         for owner in self._owners():
@@ -277,85 +271,7 @@ class Scheduler(Fills):
         h._push(DONE)
         owner.pending.clear()
 
-    # ---- decode ---------------------------------------------------------------------
-    def _steps(self) -> int:
-        """k for this call: the configured k, or 1 while a constrained choice decodes
-        (engine.one_step)."""
-        k = self.s.decode_steps
-        if k == 1 or all(c.constraint is None for _, c in self.live.values()):
-            return k
-        live_pos = max(int(self.slot_pos[s]) for s in self.live)
-        kv_len = bucket_for(min(live_pos + 1, self.s.max_len), self.kv_buckets)
-        rows = [r for r in self.slot_buckets if r > max(self.live)]
-        return self.one_step.steps(k, kv_len, rows, self.program_shapes)
-
-    def program_shapes(self) -> tuple:
-        """(params, cache, state) as the ShapeDtypeStructs a program compiles for."""
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            (self.params, self.cache, self.state),
-        )
-
-    def _decode(self) -> None:
-        k = self._steps()
-        self._reserve_decode(k)
-        if not self.live:
-            return
-        self._send_tables()
-        live_pos = max(int(self.slot_pos[s]) for s in self.live)
-        kv_len = bucket_for(min(live_pos + k, self.s.max_len), self.kv_buckets)
-        highest = max(self.live) + 1
-        fill, mixed = self._chunked(), None
-        if fill is not None:
-            mixed = self._mixed_rows(k, kv_len, highest)
-            if mixed is None:  # no mixed program for this geometry: the chunk goes alone
-                self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
-        rows = mixed or next(
-            r
-            for r in self.slot_buckets
-            if r >= highest and (self.p.decode_ready(k, kv_len, r) or r == self.s.max_slots)
-        )
-        width = self.s.max_num_batched_tokens - rows if mixed else 0
-        decode = self.p.decoder(
-            self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows, chunk=width
-        )
-        self.decode_width = rows
-        chunk = []
-        if mixed:
-            carried, n = self._carried(fill, width)
-            chunk = [carried]
-        constraints = {
-            slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
-        }
-        masks = self.masks.build(rows, constraints, decode.input_shardings[0][3])
-        self.cache, self.state, out = decode(self.params, self.cache, self.state, masks, *chunk)
-        if mixed:
-            self._computed(fill, n)
-        out: StepOutput = jax.device_get(out)
-        now = time.perf_counter()
-        for slot, (owner, choice) in list(self.live.items()):
-            steps = [j for j in range(k) if out.valid[j, slot]]
-            if not steps:
-                continue
-            if owner.first_token_at is None:
-                owner.first_token_at = now
-            update = advance(owner.handle.request, choice, out, slot, steps, self.eos_ids)
-            self.slot_pos[slot] += len(update.token_ids)
-            owner.handle._push(update)
-            if update.finish_reason is not None:
-                self._release(owner, choice)
-                if not owner.live():
-                    self._finish(owner, now)
-        if fill is not None:  # placed after the decode: its slot had no pages reserved
-            self._if_filled(fill)
-
     # ---- ending requests --------------------------------------------------------------
-    def _finish(self, owner: Request, now: float) -> None:
-        h = owner.handle
-        first = owner.first_token_at or now
-        h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
-        h._push(DONE)
-
     def _drop(self, owner: Request) -> None:
         """Free everything a request holds: fills' pages, slots, its place to resume."""
         owner.pending.clear()
@@ -377,6 +293,7 @@ class Scheduler(Fills):
 
     def _fail_all(self, error: Exception) -> None:
         """A device program failed: end every request in flight with the error."""
+        self.inflight = None  # its tokens are lost with the requests that drew them
         for owner in self._owners():
             try:
                 self._fail(owner, error)

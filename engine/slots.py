@@ -4,12 +4,15 @@ A slot holds one decoding sequence (a choice of a request): its row of the decod
 (engine.step.DecodeState) and its row of the page table, kept here as a host copy and sent
 to the device before a decode call when a sequence gained or lost pages. An idle slot's row
 is all PAD_PAGE, so the writes each decode step makes for every row, idle ones included,
-land in the pad page, never in pages that have gone to another sequence.
+land in the pad page, never in pages that have gone to another sequence (a call dispatched
+before a slot was freed still writes through its old row: engine.decoding says why that is
+harmless).
 
-Before each decode call every sequence gets pages for its next k positions, the earliest
-started first; when the pool is short the latest started is preempted: its sampling row is
-read back, its pages freed (their full pages stay in the prefix cache) and it waits in
-`resumes` to be recomputed and continue exactly where it stopped.
+Before each decode call every sequence gets pages for its next k positions (two calls' when
+the call is dispatched before the one in flight is read), the earliest started first; when
+the pool is short the latest started is preempted: its sampling row is read back, its pages
+freed (their full pages stay in the prefix cache) and it waits in `resumes` to be recomputed
+and continue exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -111,20 +114,36 @@ class Slots:
         by_start = sorted(self.live.values(), key=lambda owned: owned[1].order)
         for _, choice in by_start:
             while choice.slot is not None:
-                target = min(int(self.slot_pos[choice.slot]) + k, self.s.max_len)
-                held = self.pages.reserved(choice.seq)
-                if target <= held:
-                    break
                 try:
-                    copy = self.pages.reserve(choice.seq, target - held)
+                    self._grow(choice, k)
+                    break
                 except OutOfPages:
                     self._preempt(max(self.live, key=lambda s: self.live[s][1].order))
-                    continue
-                if copy is not None:  # its last page was shared (a sibling choice)
-                    self.cache = self.p.copy_page(self.cache, *map(np.int32, copy))
-                ps = self.pages.page_size
-                if copy is not None or pages_for(target, ps) > pages_for(held, ps):
-                    self._set_table(choice.slot, choice.seq)
+
+    def _reserve_ahead(self, steps: int) -> bool:
+        """Pages for each decoding sequence's next `steps` positions (two decode calls'),
+        preempting nobody: a call in flight still decodes them all. False if the pool is
+        short (what was reserved stays: those sequences need it soon)."""
+        try:
+            for _, choice in self.live.values():
+                self._grow(choice, steps)
+        except OutOfPages:
+            return False
+        return True
+
+    def _grow(self, choice: Choice, steps: int) -> None:
+        """Pages for a decoding choice's next `steps` positions (OutOfPages if the pool is
+        short), a shared last page copied first."""
+        target = min(int(self.slot_pos[choice.slot]) + steps, self.s.max_len)
+        held = self.pages.reserved(choice.seq)
+        if target <= held:
+            return
+        copy = self.pages.reserve(choice.seq, target - held)
+        if copy is not None:  # its last page was shared (a sibling choice)
+            self.cache = self.p.copy_page(self.cache, *map(np.int32, copy))
+        ps = self.pages.page_size
+        if copy is not None or pages_for(target, ps) > pages_for(held, ps):
+            self._set_table(choice.slot, choice.seq)
 
     def _send_tables(self) -> None:
         """The host's page table to the decode state, if a row changed since the last call."""

@@ -1,0 +1,192 @@
+"""Decode calls: dispatching one, reading its tokens back, and running one call ahead.
+
+A decode call (engine.step) runs k steps of every decoding slot; the host then reads its
+tokens and turns them into text, stop checks and finish reasons (engine.sequences.advance).
+JAX dispatches a call without waiting for it, and the decode state (each slot's next input,
+position and sampling state) flows on the device from one call's outputs into the next
+call's inputs. So in the steady state of plain decoding the next call is dispatched before
+the host reads the one in flight: the device computes call N+1 while the host does call N's
+work. Anything else (an admission, a prompt chunk, a preemption, a cancellation, a grammar
+mask, which all depend on what call N drew) synchronises: read call N, decide, dispatch.
+
+What ends in call N still rides in call N+1. A slot the device ended (EOS, max_tokens) sits
+idle there; one the host ended (a stop string) draws more tokens, which are never read: a
+call's tokens go only to the choices still live in its slots when it is read. Either writes
+K/V only past the tokens its sequence commits, into pages it holds for both calls' positions
+(reserved before call N+1 is dispatched). Freeing those pages while call N+1 may still write
+them is harmless: whatever writes a page next takes the cache call N+1 returns, so it runs
+after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+import samplers
+from engine.buckets import bucket_for, buckets
+from engine.fills import Fills
+from engine.grammar import DecodeMasks
+from engine.handle import DONE
+from engine.one_step import OneStepPrograms
+from engine.paging import PageAllocator
+from engine.requests import Timing
+from engine.sequences import Choice, Fill, Request, advance
+from engine.step import Programs, StepOutput
+from engine.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(eq=False)
+class Call:
+    """A dispatched decode call whose tokens the host has not read yet."""
+
+    out: StepOutput  # on the device until read
+    k: int
+    rows: dict[int, tuple[Request, Choice]]  # slot → who decoded there
+    fill: Fill | None  # the long prompt whose next chunk it carried or followed
+
+
+class Decoding(Fills):
+    def __init__(
+        self,
+        programs: Programs,
+        params: Any,
+        cache: Any,
+        pages: PageAllocator,
+        tokenizer: Tokenizer,
+        settings: Any,
+        vocab_size: int,
+    ):
+        """`settings`: the scheduler's (decode_steps, min_kv_bucket, min_slot_bucket and
+        Fills' are read here)."""
+        super().__init__(programs, params, cache, pages, tokenizer, settings, vocab_size)
+        self.eos_ids = frozenset(tokenizer.eos_token_ids)
+        slots = settings.max_slots
+        # Attended-position buckets of the decode programs. The CPU kernels attend to each
+        # row's own positions through its pages, so one program serves every length there
+        # (each compiled decode program holds ~30 MB of the server's memory).
+        kv_low = settings.max_len if programs.model.packed else settings.min_kv_bucket
+        self.kv_buckets = buckets(min(kv_low, settings.max_len), settings.max_len)
+        self.slot_buckets = buckets(min(settings.min_slot_bucket, slots), slots)
+        self.masks = DecodeMasks(samplers.mask.words(vocab_size))
+        self.one_step = OneStepPrograms(programs)
+        self.decode_width = 0  # slots the last decode computed
+        self.inflight: Call | None = None
+
+    def _steps(self) -> int:
+        """k for this call: the configured k, or 1 while a constrained choice decodes
+        (engine.one_step)."""
+        k = self.s.decode_steps
+        if k == 1 or all(c.constraint is None for _, c in self.live.values()):
+            return k
+        live_pos = max(int(self.slot_pos[s]) for s in self.live)
+        kv_len = bucket_for(min(live_pos + 1, self.s.max_len), self.kv_buckets)
+        rows = [r for r in self.slot_buckets if r > max(self.live)]
+        return self.one_step.steps(k, kv_len, rows, self.program_shapes)
+
+    def program_shapes(self) -> tuple:
+        """(params, cache, state) as the ShapeDtypeStructs a program compiles for."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (self.params, self.cache, self.state),
+        )
+
+    def _decode(self) -> Call | None:
+        """Pages for the next call (preempting if the pool is short) and the call, every
+        call before it read; None when preemption left nothing to decode."""
+        k = self._steps()
+        self._reserve_decode(k)
+        if not self.live:
+            return None
+        return self._dispatch(k, ahead=0)
+
+    def _run_ahead(self) -> bool:
+        """Dispatch the next call, then read the one in flight; False, and nothing done,
+        unless it is plain decoding (`_steady`) and the pool has the pages without
+        preempting."""
+        call = self.inflight
+        if call is None or not self._steady(call):
+            return False
+        k = self.s.decode_steps
+        if not self._reserve_ahead(call.k + k):
+            return False
+        self.inflight = self._dispatch(k, ahead=call.k)
+        self._collect(call)
+        return True
+
+    def _steady(self, call: Call) -> bool:
+        """Nothing waits to start decoding, no live choice needs the host between the calls
+        (a cancellation, a grammar mask), and one may still decode after `call` (so the next
+        call is not spent on rows that all reach max_tokens in it)."""
+        if self.filling or self.ready or self.resumes:
+            return False
+        owned = self.live.values()
+        if any(o.handle.cancelled or c.constraint is not None for o, c in owned):
+            return False
+        return any(o.handle.max_tokens - len(c.token_ids) > call.k for o, c in owned)
+
+    def _dispatch(self, k: int, ahead: int) -> Call:
+        """Start a call of k steps over the live slots, without waiting for it; `ahead`:
+        steps of a call in flight, by which the device's positions may lead the host's."""
+        self._send_tables()
+        live_pos = max(int(self.slot_pos[s]) for s in self.live)
+        kv_len = bucket_for(min(live_pos + ahead + k, self.s.max_len), self.kv_buckets)
+        highest = max(self.live) + 1
+        fill, mixed = self._chunked(), None
+        if fill is not None:
+            mixed = self._mixed_rows(k, kv_len, highest)
+            if mixed is None:  # no mixed program for this geometry: the chunk goes alone
+                self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
+        rows = mixed or next(
+            r
+            for r in self.slot_buckets
+            if r >= highest and (self.p.decode_ready(k, kv_len, r) or r == self.s.max_slots)
+        )
+        width = self.s.max_num_batched_tokens - rows if mixed else 0
+        decode = self.p.decoder(
+            self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows, chunk=width
+        )
+        self.decode_width = rows
+        chunk = []
+        if mixed:
+            carried, n = self._carried(fill, width)
+            chunk = [carried]
+        constraints = {
+            slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
+        }
+        masks = self.masks.build(rows, constraints, decode.input_shardings[0][3])
+        self.cache, self.state, out = decode(self.params, self.cache, self.state, masks, *chunk)
+        if mixed:
+            self._computed(fill, n)
+        return Call(out, k, dict(self.live), fill)
+
+    def _collect(self, call: Call) -> None:
+        """Read a call's tokens into updates of the choices still live in its slots."""
+        out: StepOutput = jax.device_get(call.out)
+        now = time.perf_counter()
+        for slot, (owner, choice) in call.rows.items():
+            if self.live.get(slot, (None, None))[1] is not choice:
+                continue  # it ended (or was preempted) after the call was dispatched
+            steps = [j for j in range(call.k) if out.valid[j, slot]]
+            if not steps:
+                continue
+            if owner.first_token_at is None:
+                owner.first_token_at = now
+            update = advance(owner.handle.request, choice, out, slot, steps, self.eos_ids)
+            self.slot_pos[slot] += len(update.token_ids)
+            owner.handle._push(update)
+            if update.finish_reason is not None:
+                self._release(owner, choice)
+                if not owner.live():
+                    self._finish(owner, now)
+        if call.fill is not None:  # placed after the decode: its slot had no pages reserved
+            self._if_filled(call.fill)
+
+    def _finish(self, owner: Request, now: float) -> None:
+        h = owner.handle
+        first = owner.first_token_at or now
+        h.timing = Timing(owner.prefill_at - h.submitted, first - h.submitted, now - first)
+        h._push(DONE)
