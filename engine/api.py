@@ -24,6 +24,7 @@ from checkpoints import registry
 from engine import cpu_kernels
 from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
+from engine.decode_state import DecodeState
 from engine.disk_cache import cache_root
 from engine.handle import Handle
 from engine.kv_cache import (
@@ -38,13 +39,11 @@ from engine.paging import PageAllocator, parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
-from engine.step import DecodeState, Programs
+from engine.step import Programs
 from engine.tokenizer import Tokenizer
+from engine.warmup import warm_up
 
 Prompt = str | Sequence[int]
-# Decode programs attending to at most this many positions compile before serving; longer
-# ones in the background (or on first use), so startup does not grow with max_len.
-WARM_KV_LEN = 2048
 
 
 def default_dtype() -> jnp.dtype:
@@ -334,72 +333,14 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------
     def warmup(self, background: bool = False) -> None:
-        """Compile every program serving will use (each prefill bucket up to a chunk, insert,
-        prompt logprobs, slot start/stop, page copy, each decode geometry, the extension by
-        a chunk) before the first request, writing only into the pad page. Longer prompts
-        are prefilled in chunks; only a long prompt with prompt logprobs is prefilled whole,
-        in a larger bucket: those are compiled last, without running them.
-
-        With `background`, the mixed decode programs (all slots, carrying a chunk of a long
-        prompt, attending up to WARM_KV_LEN positions), the decode programs narrower than
-        all slots or attending past WARM_KV_LEN, the extensions shorter than a chunk and
-        the larger prefill buckets compile on a thread instead; until one is ready the
-        scheduler runs a chunk alone before the decode call, uses the full-width decode and
-        pads a short extension to a chunk (a decode of a longer context compiles on first
-        use), so startup does not grow with max_len."""
-        s, p, prefill = self.scheduler, self.programs, self.scheduler.prefiller
-        pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
-        for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
-            tokens = np.zeros((1, T), np.int32)
-            rows, hidden = p.prefill(s.params, tokens, np.int32(T))
-            s.cache = p.insert(s.cache, rows, pad_row)
-            jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
-        row = samplers.make_row(samplers.SamplingParams(), self.vocab_size, s.s.max_bias, [0], 0)
-        zero = np.int32(0)
-        yes = np.bool_(True)
-        s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
-        s.state = p.start_slot(
-            s.state, zero, zero, zero, zero, yes, yes, p.sampling_row(s.state, zero)
-        )
-        s.state = p.stop_slot(s.state, zero)
-        s.cache = p.copy_page(s.cache, zero, zero)
-        jax.block_until_ready((s.state, s.cache))
-        shapes = s.program_shapes()
-        k, widest = s.s.decode_steps, s.slot_buckets[-1]
-        first = [kv for kv in s.kv_buckets if kv <= WARM_KV_LEN] or s.kv_buckets[:1]
-        later = [(kv, widest) for kv in s.kv_buckets if kv not in first]
-        later += [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
-        for kv_len in first:
-            p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
-        p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
-
-        # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
-        width = s.s.max_num_batched_tokens - widest
-        mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
-        s.mix_on_demand = False
-
-        def compile_later() -> None:
-            for kv_len in mixed:
-                if self._closing.is_set():
-                    return
-                p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest, chunk=width)
-            for kv_len, rows in later:
-                if self._closing.is_set():
-                    return
-                p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
-            for T in prefill.buckets:
-                if self._closing.is_set():
-                    return
-                if T < prefill.chunk_bucket and T in prefill.extend_buckets:
-                    p.extender(*shapes[:2], T)
-                elif T > prefill.chunk_bucket:  # a whole prompt, scored
-                    p.compile_prefill(*shapes[:2], T)
-
+        """Compile what serving uses before the first request (engine.warmup); with
+        `background`, the rest on a thread."""
+        later = warm_up(self.scheduler, self.vocab_size, self._closing)
         if background:
-            self._compiler = threading.Thread(target=compile_later, name="jaxfire-compile")
+            self._compiler = threading.Thread(target=later, name="jaxfire-compile")
             self._compiler.start()
         else:
-            compile_later()
+            later()
 
     def close(self) -> None:
         self._closing.set()

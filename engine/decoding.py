@@ -28,6 +28,7 @@ import jax
 
 import samplers
 from engine.buckets import bucket_for, buckets
+from engine.decode_state import StepOutput
 from engine.fills import Fills
 from engine.grammar import DecodeMasks
 from engine.handle import DONE
@@ -35,7 +36,7 @@ from engine.one_step import OneStepPrograms
 from engine.paging import PageAllocator
 from engine.requests import Timing
 from engine.sequences import Choice, Fill, Request, advance
-from engine.step import Programs, StepOutput
+from engine.step import Programs
 from engine.tokenizer import Tokenizer
 
 

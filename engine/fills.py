@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 import samplers
+from engine.decode_state import Chunk
 from engine.grammar import Grammars
 from engine.paging import OutOfPages, PageAllocator
 from engine.prefill import Prefiller
 from engine.sequences import Choice, Fill, Request
 from engine.slots import Slots
-from engine.step import Chunk, Programs
+from engine.step import Programs
 from engine.stop import StopMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.decode_state import DecodeState
 from engine.kv_cache import init_cache
 from engine.model import Rows, Transformer
-from engine.step import DecodeState, Programs
+from engine.step import Programs
 from tests.tiny_config import TINY
 
 CONFIG = ModelConfig.from_hf({**TINY, "architectures": ["LlamaForCausalLM"]})

@@ -17,10 +17,11 @@ import numpy as np
 
 from engine.admission import Limits
 from engine.config import ModelConfig
+from engine.decode_state import StepOutput
 from engine.paging import PAD_PAGE, PageAllocator
 from engine.requests import GenerationRequest, SamplingParams
 from engine.scheduler import Scheduler, SchedulerSettings
-from engine.step import Programs, StepOutput
+from engine.step import Programs
 from serving.testing import EOS, FakeTokenizer
 from tests.tiny_config import TINY
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from engine import api, kv_cache, step
+from engine import api, decode_state, kv_cache
 from engine.api import Engine
 
 
@@ -22,7 +22,7 @@ def test_cache_and_state_are_only_made_inside_jit(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(api, "init_cache", spy(kv_cache.init_cache))
-    monkeypatch.setattr(step.DecodeState, "empty", staticmethod(spy(step.DecodeState.empty)))
+    monkeypatch.setattr(decode_state.DecodeState, "empty", staticmethod(spy(decode_state.DecodeState.empty)))
     with Engine.from_pretrained(warmup=False, max_len=256, kv_cache_memory="64MiB") as engine:
         assert engine.generate(["Hi"], max_tokens=2)[0].token_ids  # the engine works
     assert {name for name, _ in made} == {"init_cache", "empty"}

@@ -20,6 +20,7 @@ import pytest
 import samplers
 from engine import cpu_kernels
 from engine.config import ModelConfig
+from engine.decode_state import DecodeState
 from engine.kv_cache import (
     init_cache,
     one_page_per_slot,
@@ -28,7 +29,7 @@ from engine.kv_cache import (
     write_prefix,
 )
 from engine.model import Rows, Transformer
-from engine.step import DecodeState, Programs
+from engine.step import Programs
 from engine.weights import pack_for_cpu_kernels
 from tests.test_cpu_kernels import WEIGHTS
 from tests.tiny_config import TINY

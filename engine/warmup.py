@@ -1,0 +1,83 @@
+"""Warm-up: the programs serving uses, compiled (and run on the pad page) before the first
+request, so no request waits for a compilation; the rest compiled afterwards.
+
+Each prefill bucket up to a chunk, insert, prompt logprobs, slot start/stop, page copy, the
+full-width decode programs attending up to WARM_KV_LEN positions and the extension by a chunk
+are compiled first, writing only into the pad page. Longer prompts are prefilled in chunks;
+only a long prompt with prompt logprobs is prefilled whole, in a larger bucket: those are
+compiled last, without running them.
+
+What `warm_up` returns compiles the rest: the mixed decode programs (all slots, carrying a
+chunk of a long prompt), the decode programs narrower than all slots or attending past
+WARM_KV_LEN, the extensions shorter than a chunk and the larger prefill buckets. Until one
+is ready the scheduler runs a chunk alone before the decode call, uses the full-width decode
+and pads a short extension to a chunk (a decode of a longer context compiles on first use),
+so startup does not grow with max_len.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+import samplers
+from engine.scheduler import Scheduler
+
+# Decode programs attending to at most this many positions compile before serving; longer
+# ones in the background (or on first use), so startup does not grow with max_len.
+WARM_KV_LEN = 2048
+
+
+def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Callable[[], None]:
+    """Compile and run what the first requests use; returns what compiles the rest (it stops
+    early once `closing` is set)."""
+    p, prefill = s.p, s.prefiller
+    pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
+    for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
+        tokens = np.zeros((1, T), np.int32)
+        rows, hidden = p.prefill(s.params, tokens, np.int32(T))
+        s.cache = p.insert(s.cache, rows, pad_row)
+        jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
+    row = samplers.make_row(samplers.SamplingParams(), vocab_size, s.s.max_bias, [0], 0)
+    zero = np.int32(0)
+    yes = np.bool_(True)
+    s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, row)
+    s.state = p.start_slot(s.state, zero, zero, zero, zero, yes, yes, p.sampling_row(s.state, zero))
+    s.state = p.stop_slot(s.state, zero)
+    s.cache = p.copy_page(s.cache, zero, zero)
+    jax.block_until_ready((s.state, s.cache))
+    shapes = s.program_shapes()
+    k, widest = s.s.decode_steps, s.slot_buckets[-1]
+    first = [kv for kv in s.kv_buckets if kv <= WARM_KV_LEN] or s.kv_buckets[:1]
+    later = [(kv, widest) for kv in s.kv_buckets if kv not in first]
+    later += [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
+    for kv_len in first:
+        p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
+    p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
+
+    # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
+    width = s.s.max_num_batched_tokens - widest
+    mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
+    s.mix_on_demand = False
+
+    def compile_later() -> None:
+        for kv_len in mixed:
+            if closing.is_set():
+                return
+            p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest, chunk=width)
+        for kv_len, rows in later:
+            if closing.is_set():
+                return
+            p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
+        for T in prefill.buckets:
+            if closing.is_set():
+                return
+            if T < prefill.chunk_bucket and T in prefill.extend_buckets:
+                p.extender(*shapes[:2], T)
+            elif T > prefill.chunk_bucket:  # a whole prompt, scored
+                p.compile_prefill(*shapes[:2], T)
+
+    return compile_later
