@@ -26,8 +26,10 @@ from engine.admission import MAX_TOP_LOGPROBS, Limits
 from engine.config import ModelConfig
 from engine.decode_state import DecodeState
 from engine.disk_cache import cache_root
+from engine.fp8 import E4M3
 from engine.handle import Handle
 from engine.kv_cache import (
+    CacheConfigError,
     default_budget,
     default_page_size,
     init_cache,
@@ -99,7 +101,9 @@ class Engine:
         self.mesh = mesh or make_mesh()
         settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
         dtype = model.dtype
-        kv_dtype = jnp.dtype(kv_cache_dtype or dtype)
+        kv_dtype = kv_dtype_named(kv_cache_dtype or dtype)
+        if model.packed and kv_dtype == E4M3:
+            raise CacheConfigError("the CPU kernels read no fp8 KV cache: load with packed=False")
         page_size = page_size or default_page_size()
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1: {page_size}")
@@ -189,10 +193,11 @@ class Engine:
         length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
         default kv_cache.default_budget) in pages of `page_size` tokens, stored as
         `kv_cache_dtype` (default: the compute dtype; bfloat16 or float16 halve a float32
-        cache, and the bytes each decode step reads from it). `distributed=True`
+        cache, and the bytes each decode step reads from it; "fp8" quarters it). `distributed=True`
         calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
-        uses them wherever they apply: float32 on one CPU device that can build them.
+        uses them wherever they apply: float32 on one CPU device that can build them, a float
+        KV cache (they read no fp8 pages: an fp8 cache, for accelerators, runs XLA's ops).
         `quantize` ("int8", "fp8" or "none"; engine.quantize) keeps XLA's layer matrices in
         one byte a weight; by default a GGUF file's 4- and 8-bit matrices load as int8 off
         the CPU (on the CPU its kernels keep them packed)."""
@@ -209,12 +214,13 @@ class Engine:
             mesh.size == 1
             and jnp.dtype(dtype) == jnp.float32
             and not quantize
+            and kv_dtype != E4M3
             and cpu_kernels.available()
         )
         if cpu_kernel and not usable:
             raise ValueError(
-                "cpu_kernel=True needs unquantized float32 weights on one CPU device with "
-                "AVX2, FMA, F16C and a C++ compiler (see the log for what was missing)"
+                "cpu_kernel=True needs unquantized float32 weights, a float KV cache, one CPU "
+                "device, AVX2, FMA, F16C and a C++ compiler (see the log for what was missing)"
             )
         cpu_kernel = usable if cpu_kernel is None else cpu_kernel
         model = load_model(

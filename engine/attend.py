@@ -5,7 +5,8 @@ Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends 
 new tokens and returns their K/V, one token per row is decode, one row of several tokens
 extends what its pages hold; each writes the cache in place. Everything else runs XLA's ops:
 write the block's K/V into its pages, gather the pages it attends to, masked float32
-softmax, grouped by KV head (no K/V repetition).
+softmax, grouped by KV head (no K/V repetition). An fp8 cache is encoded on the write and
+decoded to the compute dtype on the gather (engine.kv_cache).
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def attend_xla(
     v_cache = write_pages(cache_kv[1], v, block.positions, block.page_table)
 
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-    keys = read_pages(k_cache, block.page_table, kv_len)
-    values = read_pages(v_cache, block.page_table, kv_len)
+    keys = read_pages(k_cache, block.page_table, kv_len, dtype)
+    values = read_pages(v_cache, block.page_table, kv_len, dtype)
     mask = attention_mask(block.positions, kv_len, window)
     if T == 1 and jax.default_backend() == "cpu":
         out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], dtype, cfg.attn_scale)

@@ -11,24 +11,78 @@ one such row per batch row. With one page of page_size = max_len per slot and ta
 
 Separate per-layer buffers (rather than one stacked [layers, ...] array) let XLA update each
 layer in place; a stacked cache made it copy every layer's K and V each decode step.
+
+An fp8 (e4m3) pool is a ScaledPages: the codes and that layer's K or V scale (engine.fp8).
+Its writes store value / scale, saturated; its reads give codes * scale in the compute
+dtype. Only XLA's ops read it (engine.api keeps the CPU kernels off an fp8 cache).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.fp8 import E4M3, from_e4m3, to_e4m3
 from engine.paging import bytes_per_page
 
-# One (k, v) pair per layer, each Float[num_pages, kv_heads, page_size, head_dim].
-KVCache = list[tuple[jax.Array, jax.Array]]
+
+@jax.tree_util.register_pytree_node_class
+class ScaledPages:
+    """An e4m3 page pool [num_pages, kv_heads, page_size, head_dim] and its scale. The scale
+    is static (pytree aux data): a per-model constant, folded into the programs."""
+
+    def __init__(self, codes: jax.Array, scale: float):
+        self.codes, self.scale = codes, scale
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.codes.dtype
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array], float]:
+        return (self.codes,), self.scale
+
+    @classmethod
+    def tree_unflatten(cls, scale: float, leaves: tuple[jax.Array]) -> ScaledPages:
+        return cls(leaves[0], scale)
 
 
-def init_cache(config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
-    shape = (num_pages, config.num_kv_heads, page_size, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+Pool = jax.Array | ScaledPages
+# One (k, v) pair per layer, each [num_pages, kv_heads, page_size, head_dim]: a float array or
+# ScaledPages.
+KVCache = list[tuple[Pool, Pool]]
+
+# The scale of every layer's K and V in an fp8 cache: 1.0, vLLM's default without
+# calibration, because the default model's K/V fit e4m3 with it. Measured on SmolLM2-135M
+# (float32; prose, code, a chat prompt, digits and punctuation, 34 to 615 tokens): max |K|
+# (rotated) 23.1 and max |V| 14.9 over its 30 layers, 19x inside +-448, and median |K| about
+# 0.9, far above 2^-6 where e4m3 turns subnormal. A model whose K or V passes 448 saturates
+# there (never NaN); it would need its own per-layer scales (init_cache's `scales`).
+KV_SCALE = 1.0
+
+
+def init_cache(
+    config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    dtype: jnp.dtype,
+    scales: Sequence[tuple[float, float]] | None = None,
+) -> KVCache:
+    """Zeroed pools, a (k, v) pair per layer; an e4m3 pair as ScaledPages with that layer's
+    (k_scale, v_scale) from `scales` (default: KV_SCALE for all)."""
+    shape, layers = (num_pages, config.num_kv_heads, page_size, config.head_dim), config.num_layers
+    if jnp.dtype(dtype) != E4M3:
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(layers)]
+    scales = scales or [(KV_SCALE, KV_SCALE)] * layers
+    zeros = lambda scale: ScaledPages(jnp.zeros(shape, E4M3), scale)
+    return [(zeros(k_scale), zeros(v_scale)) for k_scale, v_scale in scales]
 
 
 # Tokens per page by backend: small pages on CPU and GPU (a chat template's system prompt
@@ -44,15 +98,17 @@ class CacheConfigError(ValueError):
     context length, a dtype it cannot be stored in."""
 
 
-KV_CACHE_DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")
+KV_DTYPE_ALIASES = {"fp8": "float8_e4m3fn"}  # vLLM's spelling
 
 
 def kv_dtype_named(name: str | jnp.dtype) -> jnp.dtype:
-    """A KV cache dtype (one of KV_CACHE_DTYPES), or CacheConfigError naming the choices."""
-    if str(jnp.dtype(name) if not isinstance(name, str) else name) not in KV_CACHE_DTYPES:
-        raise CacheConfigError(
-            f"kv_cache_dtype {str(name)!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
-        )
+    """A KV cache dtype (one of KV_CACHE_DTYPES or an alias), or CacheConfigError naming
+    the choices."""
+    name = KV_DTYPE_ALIASES.get(name, name) if isinstance(name, str) else str(jnp.dtype(name))
+    if name not in KV_CACHE_DTYPES:
+        choices = ", ".join((*KV_CACHE_DTYPES, *KV_DTYPE_ALIASES))
+        raise CacheConfigError(f"kv_cache_dtype {name!r} is not one of {choices}")
     return jnp.dtype(name)
 
 
@@ -102,14 +158,26 @@ def one_page_per_slot(slots: int) -> np.ndarray:
     return np.arange(slots, dtype=np.int32)[:, None]
 
 
-def write_pages(
-    buf: jax.Array, new: jax.Array, positions: jax.Array, page_table: jax.Array
-) -> jax.Array:
+def _parts(buf: Pool) -> tuple[jax.Array, float | None]:
+    """(the stored array, its scale; None for a float pool)."""
+    return (buf.codes, buf.scale) if isinstance(buf, ScaledPages) else (buf, None)
+
+
+def _pool(stored: jax.Array, scale: float | None) -> Pool:
+    return stored if scale is None else ScaledPages(stored, scale)
+
+
+def _stored(values: jax.Array, dtype: jnp.dtype, scale: float | None) -> jax.Array:
+    return values.astype(dtype) if scale is None else to_e4m3(values, scale)
+
+
+def write_pages(buf: Pool, new: jax.Array, positions: jax.Array, page_table: jax.Array) -> Pool:
     """Scatter new[b, t] (Float[B, T, kv_heads, head_dim]) to position positions[b, t] of the
     sequence whose pages are page_table[b] (i32[B, pages_per_seq]).
 
     Positions outside its pages (bucket padding past the last) are dropped by the scatter.
     """
+    buf, scale = _parts(buf)
     num_pages, page_size = buf.shape[0], buf.shape[2]
     index = positions // page_size
     inside = (positions >= 0) & (index < page_table.shape[1])
@@ -122,30 +190,40 @@ def write_pages(
     # and V each step.
     pages = jnp.concatenate([pages, jnp.full_like(pages[:1], num_pages)])
     offsets = jnp.concatenate([offsets, offsets[:1]])
-    new = jnp.concatenate([new, new[:1]]).astype(buf.dtype)
-    return buf.at[pages, :, offsets].set(new, mode="drop")
+    new = _stored(jnp.concatenate([new, new[:1]]), buf.dtype, scale)
+    return _pool(buf.at[pages, :, offsets].set(new, mode="drop"), scale)
 
 
-def read_pages(buf: jax.Array, page_table: jax.Array, kv_len: int) -> jax.Array:
+def read_pages(buf: Pool, page_table: jax.Array, kv_len: int, dtype: jnp.dtype) -> jax.Array:
     """Positions 0 .. kv_len - 1 of each row's sequence, contiguous: [B, kv_heads, kv_len,
-    head_dim]. Only the pages covering kv_len are gathered, and of a page longer than kv_len
-    only its first kv_len positions (one page per slot: a slice of the slot, as before)."""
+    head_dim], as stored (an fp8 pool: its values in `dtype`). Only the pages covering kv_len
+    are gathered, and of a page longer than kv_len only its first kv_len positions (one page
+    per slot: a slice of the slot, as before)."""
+    buf, scale = _parts(buf)
     page_size = buf.shape[2]
     width = min(kv_len, page_size)
     used = -(-kv_len // page_size)
     pages = jnp.take(buf[:, :, :width], page_table[:, :used], axis=0, mode="clip")
     B, _, K, _, D = pages.shape  # [B, used, K, width, D]
-    return pages.transpose(0, 2, 1, 3, 4).reshape(B, K, used * width, D)[:, :, :kv_len]
+    out = pages.transpose(0, 2, 1, 3, 4).reshape(B, K, used * width, D)[:, :, :kv_len]
+    return out if scale is None else from_e4m3(out, scale, dtype)
 
 
-def write_prefix(buf: jax.Array, rows: jax.Array, pages: jax.Array) -> jax.Array:
+def write_prefix(buf: Pool, rows: jax.Array, pages: jax.Array) -> Pool:
     """Write rows Float[1, kv_heads, T, head_dim] (a prefilled sequence's K or V) to positions
     0 .. T-1 of the sequence whose pages are `pages` (i32[pages_per_seq]), a page at a time:
     a prefix shorter than a page is one write of T positions (one page per slot: the slot's
     first T, as before), a last partial page is written whole, zeros past T."""
+    buf, scale = _parts(buf)
     _, K, T, D = rows.shape
     chunk = min(T, buf.shape[2])
     used = -(-T // chunk)
     rows = jnp.pad(rows[0], ((0, 0), (0, used * chunk - T), (0, 0)))
-    chunks = rows.reshape(K, used, chunk, D).transpose(1, 0, 2, 3).astype(buf.dtype)
-    return buf.at[pages[:used], :, :chunk].set(chunks, mode="drop")
+    chunks = _stored(rows.reshape(K, used, chunk, D).transpose(1, 0, 2, 3), buf.dtype, scale)
+    return _pool(buf.at[pages[:used], :, :chunk].set(chunks, mode="drop"), scale)
+
+
+def copy_page(buf: Pool, src: jax.Array, dst: jax.Array) -> Pool:
+    """Page dst becomes a copy of page src."""
+    buf, scale = _parts(buf)
+    return _pool(buf.at[dst].set(buf[src]), scale)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from engine.fp8 import E4M3, E4M3_MAX
 from engine.weights import Params
 
 F32 = jnp.float32
 
 # name -> (code dtype, largest code magnitude)
-FORMATS = {"int8": (jnp.int8, 127.0), "fp8": (jnp.float8_e4m3fn, 448.0)}
+FORMATS = {"int8": (jnp.int8, 127.0), "fp8": (E4M3, E4M3_MAX)}
 
 QUANTIZED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 

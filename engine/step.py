@@ -42,7 +42,7 @@ import samplers
 from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.decode_state import Chunk, DecodeState, StepOutput
-from engine.kv_cache import KVCache, write_prefix
+from engine.kv_cache import KVCache, copy_page, write_prefix
 from engine.model import Rows, Transformer, logits_from_hidden
 from samplers.pipeline import sample
 
@@ -338,4 +338,4 @@ def _sampling_row(state: DecodeState, slot: jax.Array) -> samplers.SamplingBatch
 
 def _copy_page(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
     """Page dst becomes a copy of page src in every layer (copy-on-write of a shared page)."""
-    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in cache]
+    return [(copy_page(k, src, dst), copy_page(v, src, dst)) for k, v in cache]

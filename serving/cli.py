@@ -17,7 +17,7 @@ from collections.abc import Callable
 from checkpoints import CheckpointError, registry
 from engine.admission import MAX_TOP_LOGPROBS
 from engine.config import ConfigError
-from engine.kv_cache import KV_CACHE_DTYPES, CacheConfigError
+from engine.kv_cache import KV_CACHE_DTYPES, KV_DTYPE_ALIASES, CacheConfigError
 from engine.paging import parse_bytes
 from engine.requests import (
     ContextLengthExceeded,
@@ -102,10 +102,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-cache-dtype",
-        choices=("auto", *KV_CACHE_DTYPES),
+        choices=("auto", *KV_CACHE_DTYPES, *KV_DTYPE_ALIASES),
         default="auto",
         help="KV cache storage (auto: the compute dtype; bfloat16/float16 halve a float32 "
-        "cache and what each decode step reads)",
+        "cache and what each decode step reads, fp8 (e4m3) quarters it on XLA's ops)",
     )
     p.add_argument(
         "--tensor-parallel",

@@ -1,5 +1,6 @@
 """--kv-cache-dtype: a bfloat16 or float16 KV cache holds twice the tokens of a float32 one in
-the same budget, and the model still continues prompts as HF's float32 model does."""
+the same budget, and the model still continues prompts as HF's float32 model does; an fp8
+cache runs on XLA's ops."""
 
 from __future__ import annotations
 
@@ -52,10 +53,23 @@ def test_a_half_precision_cache_holds_twice_the_tokens_and_keeps_greedy_tokens(k
 
 
 def test_unknown_kv_dtypes_and_kernels_without_float32_weights_are_refused():
-    with pytest.raises(CacheConfigError, match="float8_e4m3fn"):
-        F.make_engine(kv_cache_dtype="float8_e4m3fn", warmup=False)
+    with pytest.raises(CacheConfigError, match="float8_e5m2"):
+        F.make_engine(kv_cache_dtype="float8_e5m2", warmup=False)
     with pytest.raises(ValueError, match="float32 weights"):
         F.make_engine(dtype=jnp.bfloat16, cpu_kernel=True, warmup=False)
+
+
+def test_an_fp8_cache_runs_on_xlas_ops_and_the_kernels_refuse_it():
+    """The CPU kernels read no fp8 pages: by default an fp8 cache runs XLA's ops; asking for
+    the kernels is an error. (Its accuracy: test_kv_fp8, test_accuracy_low_precision.)"""
+    engine = F.make_engine(kv_cache_dtype="fp8", warmup=False)
+    try:
+        assert engine.scheduler.cache[0][0].dtype == jnp.float8_e4m3fn
+        assert not engine.programs.model.packed
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="a float KV cache"):
+        F.make_engine(kv_cache_dtype="fp8", cpu_kernel=True, warmup=False)
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels do not run here")

@@ -22,7 +22,9 @@ def test_cache_and_state_are_only_made_inside_jit(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(api, "init_cache", spy(kv_cache.init_cache))
-    monkeypatch.setattr(decode_state.DecodeState, "empty", staticmethod(spy(decode_state.DecodeState.empty)))
+    monkeypatch.setattr(
+        decode_state.DecodeState, "empty", staticmethod(spy(decode_state.DecodeState.empty))
+    )
     with Engine.from_pretrained(warmup=False, max_len=256, kv_cache_memory="64MiB") as engine:
         assert engine.generate(["Hi"], max_tokens=2)[0].token_ids  # the engine works
     assert {name for name, _ in made} == {"init_cache", "empty"}

@@ -213,7 +213,7 @@ def test_xla_writes_and_reads_go_where_the_table_says():
     np.testing.assert_array_equal(pool.contiguous(written), want)
     untouched(pool, pool.keys, written)
     for kv_len in (5, 16, 40, 64):  # within a page, one page, a partial last page, all
-        got = jax.jit(read_pages, static_argnums=2)(written, pool.table, kv_len)
+        got = jax.jit(read_pages, static_argnums=(2, 3))(written, pool.table, kv_len, jnp.float32)
         np.testing.assert_array_equal(np.asarray(got), want[:, :, :kv_len])
 
 

@@ -2,6 +2,8 @@
 
     paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=...)
 
+kv_pages may be float8 e4m3 with k_scale / v_scale (layout.py); each implementation reads it.
+
 picks, at trace time, jax's Pallas TPU kernel on a TPU, jax's Pallas GPU kernel on a GPU, and
 the plain-jnp reference elsewhere or where a kernel does not apply (choose_impl). Every
 implementation is held to the reference in tests/test_paged_attention.py. layout.py is the
@@ -56,6 +58,8 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     impl: Impl | None = None,
 ) -> jax.Array:
     """Ragged paged attention; arguments and result as in
@@ -71,24 +75,17 @@ def paged_attention(
     backend = jax.default_backend()
     impl = impl or choose_impl(backend, q.shape[-1], sliding_window)
     args = (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    opts = dict(sm_scale=sm_scale, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
     if impl == "reference":
-        return ragged_paged_attention_reference(
-            *args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap
-        )
+        return ragged_paged_attention_reference(*args, sliding_window=sliding_window, **opts)
     if impl == "tpu":
         out = tpu.ragged_paged_attention(
-            *args,
-            sm_scale=sm_scale,
-            sliding_window=sliding_window,
-            soft_cap=soft_cap,
-            interpret=backend != "tpu",
+            *args, sliding_window=sliding_window, interpret=backend != "tpu", **opts
         )
     elif impl == "gpu":
         if sliding_window is not None:
             raise ValueError("the GPU paged attention kernel has no sliding window")
-        out = gpu.ragged_paged_attention(
-            *args, sm_scale=sm_scale, soft_cap=soft_cap, interpret=backend != "gpu"
-        )
+        out = gpu.ragged_paged_attention(*args, interpret=backend != "gpu", **opts)
     else:
         raise ValueError(f"unknown attention impl {impl!r}")
     # The TPU kernel never writes padding rows; zero them so every impl returns the same.

@@ -13,6 +13,9 @@ Conversions, because the kernel's layout is not the common one (layout.py):
   transpose of the whole pool per call. It is the cost of sharing the TPU kernel's layout; a
   GPU-first deployment would store the pool head-major instead.
 - the kernel applies no softmax scale: q is scaled by sm_scale before the call.
+- an fp8 (e4m3) pool is dequantized to q's dtype within that transpose (one fused copy), as
+  the kernel multiplies K and V in q's dtype: fp8 saves the pool's memory here, not the
+  per-call copy. (The kernel's own k/v_scales_pages take a scale per position, not per pool.)
 - no sliding window: the kernel masks only past the end, so windowed models use the reference.
 Padding rows get length 0, and the kernel returns zeros for them.
 """
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import paged_attention as pa
 
-from engine.attention.layout import split_kv
+from engine.attention.layout import read_kv
 from engine.attention.ragged import token_positions
 
 
@@ -41,6 +44,8 @@ def ragged_paged_attention(
     *,
     sm_scale: float,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     pages_per_compute_block: int | None = None,
     k_splits: int | None = None,
     interpret: bool = False,
@@ -64,7 +69,8 @@ def ragged_paged_attention(
     tables = page_indices[seq]  # [T, pages_per_seq]: each row reads its sequence's pages
     lengths = jnp.where(valid, pos + 1, 0).astype(jnp.int32)  # causal prefix; padding: none
 
-    k, v = split_kv(kv_pages)  # [num_pages, page_size, num_kv_heads, head_dim] each
+    # [num_pages, page_size, num_kv_heads, head_dim] each
+    k, v = read_kv(kv_pages, k_scale, v_scale, q.dtype)
     k_heads = jnp.transpose(k, (2, 0, 1, 3))  # [num_kv_heads, num_pages, page_size, head_dim]
     v_heads = jnp.transpose(v, (2, 0, 1, 3))
     q_scaled = (q.astype(jnp.float32) * sm_scale).astype(q.dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from engine.attention.layout import split_kv
+from engine.attention.layout import read_kv
 from engine.attention.ragged import token_positions
 
 _EXACT = jax.lax.Precision.HIGHEST
@@ -29,12 +29,14 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> jax.Array:
     """Attention of a ragged batch of query rows over a paged KV cache.
 
     q: [T, num_q_heads, head_dim]; rows laid out as in ragged.py.
     kv_pages: [num_pages, page_size, 2 * num_kv_heads, head_dim] (layout.py); the new rows'
-        K/V are already written.
+        K/V are already written. An e4m3 pool is read as k_scale * K, v_scale * V (float32).
     kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S + 1];
     num_seqs: i32[1].
     sm_scale: multiplies q.k. soft_cap: logits become soft_cap * tanh(logits / soft_cap).
@@ -53,7 +55,9 @@ def ragged_paged_attention_reference(
     seq, pos, valid = token_positions(kv_lens, cu_q_lens, num_seqs, num_tokens)
     # Each row's sequence, read through its page table: [T, max_len, 2 * num_kv_heads, D].
     pages = jnp.take(kv_pages, page_indices[seq], axis=0, mode="clip")
-    k, v = split_kv(pages.reshape(num_tokens, max_len, combined, head_dim))
+    k, v = read_kv(
+        pages.reshape(num_tokens, max_len, combined, head_dim), k_scale, v_scale, jnp.float32
+    )
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
     # HIGHEST: the definition must not change with a backend's default matmul passes.
