@@ -119,7 +119,7 @@ def default_page_size(backend: str | None = None) -> int:
 def default_budget(device: jax.Device | None = None) -> int:
     """KV cache bytes when none are asked for: on an accelerator a fraction of the memory
     still free on it (vLLM's gpu_memory_utilization), on CPU a fixed 2 GiB."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # this process's: it can read its memory
     stats = device.memory_stats() if device.platform != "cpu" else None
     if not stats or "bytes_limit" not in stats:
         return DEFAULT_CPU_BUDGET

@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import samplers
 from engine import cpu_kernels
@@ -80,14 +81,17 @@ class Programs:
         self.eos_ids = jnp.asarray(sorted(eos_ids) or [-1], jnp.int32)
         cache_out = {} if cache_shardings is None else {"out_shardings": cache_shardings}
         state_out = {} if state_shardings is None else {"out_shardings": state_shardings}
+        # What the host reads, whole on every device: every process of a mesh can read it.
+        whole = [jax.sharding.NamedSharding(s.mesh, P()) for s in jax.tree.leaves(state_shardings)]
+        read_out = {"out_shardings": whole[0]} if whole else {}
         decode_out = (
-            {"out_shardings": (cache_shardings, state_shardings, None)}  # None: XLA's choice
+            {"out_shardings": (cache_shardings, state_shardings, whole[0])}
             if cache_shardings is not None and state_shardings is not None
             else {}
         )
         self.prefill = jax.jit(self._prefill)
         self.insert = jax.jit(_insert, donate_argnums=0, **cache_out)
-        self.prompt_logprobs = jax.jit(self._prompt_logprobs)
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs, **read_out)
         self.extend = jax.jit(self._extend, donate_argnums=1, **cache_out)
         self._extenders: dict[int, Any] = {}
         self.decode = jax.jit(
