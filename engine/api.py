@@ -37,6 +37,7 @@ from engine.kv_cache import (
     pool_pages,
 )
 from engine.loading import LoadedModel, default_quantization, load_model
+from engine.lockstep import Lockstep, agreed_budget, initialize
 from engine.paging import PageAllocator, parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
@@ -74,13 +75,13 @@ class Engine:
         kv_cache_memory: int | None = None,
         kv_cache_dtype: jnp.dtype | None = None,
     ):
-        """`warmup` compiles every program before the engine serves; with
-        `background_compile` only the full-width decode programs are compiled first and
-        the narrower ones (which make a lightly loaded engine faster) on a background
-        thread, each used once it is ready. The KV cache is a pool of pages of `page_size`
-        tokens (default: the backend's) in `kv_cache_memory` bytes (default:
-        kv_cache.default_budget), never more than max_slots sequences of max_len fill, in
-        `kv_cache_dtype` (default: the model's compute dtype)."""
+        """`warmup` compiles every program before the engine serves; with `background_compile`
+        (not on a multi-process mesh: engine.lockstep) the full-width decode programs first,
+        the narrower ones on a background thread, each used once it is ready. The KV cache is
+        a pool of pages of `page_size` tokens (default: the backend's) in `kv_cache_memory`
+        bytes (default: kv_cache.default_budget, the smallest of the processes'), never more
+        than max_slots sequences of max_len fill, in `kv_cache_dtype` (default: the model's
+        compute dtype)."""
         self.name = model.name
         self.config: ModelConfig = model.config
         self.tokenizer: Tokenizer = model.tokenizer
@@ -111,7 +112,7 @@ class Engine:
             model.config,
             kv_dtype.itemsize,
             page_size,
-            kv_cache_memory if kv_cache_memory is not None else default_budget(),
+            agreed_budget(kv_cache_memory if kv_cache_memory is not None else default_budget()),
             settings.max_slots,
             settings.max_len,
             multiple=self.mesh.shape["data"],
@@ -146,13 +147,13 @@ class Engine:
             self.tokenizer,
             settings,
             self.limits,
+            Lockstep(self.mesh) if jax.process_count() > 1 else None,
         )
-        sched = self.scheduler
         self._closing = threading.Event()
         self._compiler: threading.Thread | None = None
         if warmup:
-            self.warmup(background=background_compile)
-        sched.start()
+            self.warmup(background=background_compile and self.scheduler.lockstep is None)
+        self.scheduler.start()
 
     @classmethod
     def from_pretrained(
@@ -194,15 +195,15 @@ class Engine:
         default kv_cache.default_budget) in pages of `page_size` tokens, stored as
         `kv_cache_dtype` (default: the compute dtype; bfloat16 or float16 halve a float32
         cache, and the bytes each decode step reads from it; "fp8" quarters it). `distributed=True`
-        calls jax.distributed.initialize() first (multi-host pods). `cpu_kernel` runs decode
+        starts jax.distributed (engine.lockstep: every process runs it). `cpu_kernel` runs decode
         through engine.cpu_kernels (weights packed in the fewest bytes that hold them); None
         uses them wherever they apply: float32 on one CPU device that can build them, a float
         KV cache (they read no fp8 pages: an fp8 cache, for accelerators, runs XLA's ops).
         `quantize` ("int8", "fp8" or "none"; engine.quantize) keeps XLA's layer matrices in
         one byte a weight; by default a GGUF file's 4- and 8-bit matrices load as int8 off
         the CPU (on the CPU its kernels keep them packed)."""
-        if distributed:
-            jax.distributed.initialize()
+        if distributed and not jax.distributed.is_initialized():
+            initialize()
         enable_compilation_cache()
         mesh = mesh or make_mesh()
         dtype = jnp.dtype(dtype or default_dtype())

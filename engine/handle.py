@@ -23,6 +23,11 @@ class Handle:
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.timing: Timing | None = None
         self.cached_tokens = 0  # prompt tokens a slot's cache held, not prefilled
+        self.id = -1  # the loop's number for it, from its admission on
+        # The caller asks (any thread, any time); the loop takes the request at the start of
+        # its next iteration and only then sets `cancelled`, which is all it reads (in
+        # lockstep every process must see a cancellation at the same point).
+        self.cancel_asked = False
         self.cancelled = False
         self.submitted = time.perf_counter()
         # Updates always go through one thread-safe queue, so a handle can be read with
@@ -32,7 +37,7 @@ class Handle:
         self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.cancel_asked = True
 
     def _push(self, item: Any) -> None:  # called from the engine thread
         self._q.put(item)
@@ -41,7 +46,7 @@ class Handle:
             try:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the caller's loop is gone; nobody is listening
-                self.cancelled = True
+                self.cancel_asked = True
 
     def __iter__(self):
         while (item := self._q.get()) is not DONE:

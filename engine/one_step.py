@@ -4,7 +4,9 @@ A constrained choice's next mask needs the token its call just drew, so it takes
 call; a call of the configured k steps would leave it idle after the first. Decode programs
 of one step are compiled on first need, on a background thread (a server that never sees a
 grammar never holds them), the narrowest for the live rows even when a wider one already
-serves: every row of a step costs (8 rows cost about 4x one on a 2-core CPU).
+serves: every row of a step costs (8 rows cost about 4x one on a 2-core CPU). In lockstep
+(engine.lockstep) the program is compiled in the loop, at the same point on every process:
+which program runs must not depend on when a compilation finished.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ log = logging.getLogger("jaxfire.engine")
 class OneStepPrograms:
     def __init__(self, programs: Programs):
         self.p = programs
+        self.background = True  # else compiled when first asked for, before it is used
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self._asked: set[tuple[int, int]] = set()
         self._pending: list[concurrent.futures.Future] = []
@@ -31,6 +34,9 @@ class OneStepPrograms:
         row buckets holding the live slots, narrowest first) is compiled, else k (the
         constrained rows sit out all but its first step). `shapes()`: the (params, cache,
         state) ShapeDtypeStructs a program compiles for."""
+        if not self.background:
+            self.p.decoder(*shapes(), k=1, kv_len=kv_len, rows=rows[0])
+            return 1
         if not self.p.decode_ready(1, kv_len, rows[0]) and (kv_len, rows[0]) not in self._asked:
             self._asked.add((kv_len, rows[0]))
             if self._compiler is None:

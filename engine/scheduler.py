@@ -1,7 +1,9 @@
 """Continuous batching over a paged KV cache: one sequential loop that admits, prefills,
 decodes and streams.
 
-The loop runs in one background thread and reads top to bottom: take cancellations, admit
+The loop runs in one background thread and reads top to bottom: take what callers did since
+the last iteration (new requests, cancellations; in lockstep, process 0's, engine.lockstep),
+read the decode call in flight, end cancelled requests, admit
 (preempted sequences first, then queued requests) while a slot and the pages for the prompt
 are free, give every decoding sequence pages for its next k tokens (preempting the latest
 started when the pool is short), run k decode steps whose first also computes the next chunk
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -33,6 +36,7 @@ import numpy as np
 from engine.admission import Limits, check_request
 from engine.decoding import Decoding
 from engine.handle import DONE, Handle
+from engine.lockstep import IDLE_TICK_S, Events, Lockstep, fatal
 from engine.paging import PageAllocator
 from engine.requests import (
     ChoiceUpdate,
@@ -86,36 +90,41 @@ class Scheduler(Decoding):
         tokenizer: Tokenizer,
         settings: SchedulerSettings,
         limits: Limits,
+        lockstep: Lockstep | None = None,
     ):
+        """`lockstep`: this process is one of several serving the model together."""
         super().__init__(programs, params, cache, pages, tokenizer, settings, limits.vocab_size)
         self.limits = limits
+        self.lockstep = lockstep
+        self.one_step.background = lockstep is None  # in lockstep: compiled in the loop
         self.reused_tokens = 0  # prompt tokens mapped from the prefix cache
-        self.queue: collections.deque[Handle] = collections.deque()
+        self.inbox: list[Handle] = []  # submitted; the loop takes them at its next iteration
+        self.queue: collections.deque[Handle] = collections.deque()  # taken, waiting to start
+        self._ids = itertools.count()
         self.lock = threading.Condition()
-        self.running = False
+        self.stopping = False
         self.thread: threading.Thread | None = None
 
     # ---- caller side (any thread) -------------------------------------------------
     def submit(self, request: GenerationRequest) -> Handle:
+        if self.lockstep is not None and not self.lockstep.leader:
+            raise RuntimeError("in a distributed engine only process 0 takes requests")
         max_tokens = check_request(request, self.limits)
         if request.grammar is not None:  # compiled now: a bad one fails here, not mid-reply
             self.grammars.compile(request.grammar, request.grammar_field)
         handle = Handle(request, len(request.prompt_ids), max_tokens)
         with self.lock:
-            if len(self.queue) >= self.s.max_queue:  # cancelled requests hold no place
-                for h in [h for h in self.queue if h.cancelled]:
-                    self.queue.remove(h)
-                    h._push(DONE)
-            if len(self.queue) >= self.s.max_queue:
+            waiting = sum(not h.cancel_asked for h in (*self.inbox, *self.queue))
+            if waiting >= self.s.max_queue:  # cancelled requests hold no place
                 raise EngineOverloaded(f"the request queue is full ({self.s.max_queue})")
-            self.queue.append(handle)
+            self.inbox.append(handle)
             self.lock.notify()
         return handle
 
     def stats(self) -> dict[str, int]:
         pool = self.pages
         return {
-            "queue_length": len(self.queue),
+            "queue_length": len(self.queue) + len(self.inbox),
             "active_slots": self.s.max_slots - len(self.free),
             "max_slots": self.s.max_slots,
             "decode_width": self.decode_width,
@@ -134,17 +143,25 @@ class Scheduler(Decoding):
 
     # ---- the loop (engine thread) -------------------------------------------------
     def start(self) -> None:
-        self.running = True
         self.thread = threading.Thread(target=self._run, name="jaxfire-engine", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop the loop (in lockstep, process 0's stops every process's; the others' waits
+        for it)."""
         with self.lock:
-            self.running = False
+            self.stopping = True
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
         self.one_step.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the loop has ended (in lockstep: process 0 stopped it); False if it still
+        runs after `timeout` seconds."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.thread is None or not self.thread.is_alive()
 
     def _busy(self) -> bool:
         work = self.queue or self.live or self.filling or self.ready or self.resumes
@@ -152,25 +169,63 @@ class Scheduler(Decoding):
 
     def _run(self) -> None:
         while True:
-            with self.lock:
-                while self.running and not self._busy():
-                    self.lock.wait()
-                if not self.running:
-                    return
             try:
-                self.step()
+                if not self.step():
+                    return
             except Exception as e:  # fail every request in flight, keep serving
+                if self.lockstep is not None:
+                    fatal(e)
                 n = len(self._owners())
                 log.exception("engine step failed; ending the %d requests in flight", n)
                 self._fail_all(e)
 
-    def step(self) -> None:
-        """One iteration. While only decoding goes on: dispatch the next decode call, then
-        read the one in flight (engine.decoding). Otherwise: read the call in flight, take
-        cancellations, admit, and dispatch k decode steps carrying the next chunk of a long
-        prompt (or run that chunk alone when nothing decodes)."""
+    def _sync(self) -> bool:
+        """Take what callers did since the last iteration (waiting for it while the loop is
+        idle): queue new requests, end cancelled ones. In lockstep process 0 broadcasts it
+        and every process applies the same. False once the engine stops."""
+        events = None
+        if self.lockstep is None or self.lockstep.leader:
+            with self.lock:
+                idle = lambda: not (self.stopping or self._busy() or self.inbox)  # noqa: E731
+                if self.lockstep is not None and idle():
+                    self.lock.wait(IDLE_TICK_S)  # then broadcast all the same
+                while self.lockstep is None and idle():
+                    self.lock.wait()
+                new, self.inbox = self.inbox, []
+                stop = self.stopping
+            for h in (h for h in new if h.cancel_asked):
+                h._push(DONE)  # never admitted: no other process knows of it
+            gone = [h.id for h in self._handles() if h.cancel_asked and not h.cancelled]
+            events = Events([h for h in new if not h.cancel_asked], gone, stop)
+        if self.lockstep is not None:
+            events = self.lockstep.exchange(events)
+        by_id = {h.id: h for h in self._handles()}
+        for i in events.cancelled:
+            by_id[i].cancelled = True
+        for h in events.admitted:
+            h.id = next(self._ids)
+        with self.lock:
+            self.queue.extend(events.admitted)
+            for h in [h for h in self.queue if h.cancelled]:
+                self.queue.remove(h)
+                h._push(DONE)
+        return not events.stop
+
+    def _handles(self) -> list[Handle]:
+        return [*self.queue, *(owner.handle for owner in self._owners())]
+
+    def step(self) -> bool:
+        """One iteration: take what callers did since the last (`_sync`), then, if there is
+        work: while only decoding goes on, dispatch the next decode call, then read the one
+        in flight (engine.decoding); otherwise read the call in flight, end cancelled
+        requests, admit, and dispatch k decode steps carrying the next chunk of a long
+        prompt (or run that chunk alone when nothing decodes). False once the engine stops."""
+        if not self._sync():
+            return False
+        if not self._busy():
+            return True
         if not (self.queue and self._open_slots() > 0) and self._run_ahead():
-            return
+            return True
         if self.inflight is not None:
             call, self.inflight = self.inflight, None
             self._collect(call)
@@ -180,6 +235,7 @@ class Scheduler(Decoding):
         self._admit()
         if self.live:
             self.inflight = self._decode()
+        return True
 
     def _reap_cancelled(self) -> None:
         for owner in self._owners():
@@ -210,8 +266,6 @@ class Scheduler(Decoding):
         spent = 0
         while self._open_slots() > 0 and spent < self.s.prefill_budget:
             with self.lock:
-                while self.queue and self.queue[0].cancelled:
-                    self.queue.popleft()._push(DONE)
                 if not self.queue:
                     return
                 handle = self.queue.popleft()
@@ -220,6 +274,8 @@ class Scheduler(Decoding):
             try:
                 cost = self._start_request(owner)
             except Exception as e:  # this request alone fails; the others carry on
+                if self.lockstep is not None:
+                    raise  # the loop's failure: every process ends
                 log.exception("prefill failed (%d prompt tokens)", len(handle.request.prompt_ids))
                 self._fail(owner, e)
                 continue

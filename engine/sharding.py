@@ -5,9 +5,9 @@ width, vocabulary), data parallel over "data" (decode slots). A dimension that t
 does not divide is replicated instead, so any mesh runs any model; XLA inserts the
 collectives. On one device every rule degenerates to "replicated".
 
-Multi-host (TPU pod slices): call `jax.distributed.initialize()` in every host process
+Multi-host (TPU pod slices): call `engine.lockstep.initialize()` in every host process
 before building the mesh (`Engine.from_pretrained(..., distributed=True)` does it); the
-mesh then spans all hosts' devices and one host's loop drives the program.
+mesh then spans all hosts' devices and every host runs the engine loop in lockstep.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def run(sched: Scheduler) -> list[list]:
     """Every request of `requests()` submitted at once, the loop driven to idle; each
     handle's updates."""
     handles = [sched.submit(r) for r in requests()]
-    while sched._busy():
+    while sched._busy() or sched.inbox:
         sched.step()
     return [list(h) for h in handles]
 
