@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 
+import jax
+
 from checkpoints import CheckpointError, registry
+from engine import lockstep
 from engine.admission import MAX_TOP_LOGPROBS
 from engine.config import ConfigError
 from engine.kv_cache import KV_CACHE_DTYPES, KV_DTYPE_ALIASES, CacheConfigError
@@ -170,11 +174,37 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("jaxfire").setLevel(chosen)
 
 
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several host processes serving the model together (jax.distributed; "
+        "detected on Cloud TPU VMs, else the three flags below): process 0 serves HTTP",
+    )
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a port")
+    p.add_argument("--num-processes", type=_int_in(1), help="processes in all")
+    p.add_argument("--process-id", type=_int_in(0), help="this process's number, from 0")
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join the other processes (before anything asks jax for devices)."""
+    lockstep.initialize(args.coordinator, args.num_processes, args.process_id)
+    # uvicorn raises SIGTERM again once it has shut down, under the handler it found: exit
+    # through the engine's close (process 0's broadcasts the shutdown), rather than being
+    # killed (or, under jax.distributed's preemption notifier, ignoring it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
 def _load(args: argparse.Namespace, warmup: bool = True):
     """The engine; `warmup=False` compiles only what the first requests use (a one-shot
     `generate`), instead of every program a server needs."""
     registry.resolve(args.model)  # a wrong --model fails now, not after the kernels build
+    distributed = getattr(args, "distributed", False)  # serve's flag
+    if distributed:
+        _start_distributed(args)
     mesh = make_mesh(args.data_parallel, args.tensor_parallel)  # likewise a mesh too big
+    if distributed:
+        lockstep.check_mesh(mesh)
     from engine.api import Engine
 
     log.info(
@@ -207,6 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.app import serve
 
     engine = _load(args)
+    if args.distributed and jax.process_index() != 0:
+        from serving.follower import follow
+
+        follow(engine, args.host, args.port, log_level=args.log_level)
+        return
     print(f"jaxfire serving {engine.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(
@@ -251,6 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     serve.add_argument("--api-key", help="require this Bearer key (or set JAXFIRE_API_KEY)")
     serve.add_argument("--max-body-bytes", type=_int_in(1), default=2_000_000)
+    _distributed_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
@@ -279,7 +315,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    alone = ("coordinator", "num_processes", "process_id")
+    if not getattr(args, "distributed", True) and any(getattr(args, a) is not None for a in alone):
+        parser.error("--coordinator, --num-processes and --process-id need --distributed")
     _configure_logging(args.log_level)
     try:
         args.run(args)

@@ -163,6 +163,13 @@ def test_the_bounds_themselves_are_accepted(monkeypatch):
     assert (args.max_top_logprobs, args.port, args.max_body_bytes) == (20, 65535, 1)
 
 
+def test_the_coordinator_flags_need_distributed(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--coordinator", "10.0.0.1:9876", "--process-id", "1"])
+    assert exit_.value.code == 2
+    assert "need --distributed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--max-num-batched-tokens", "--prefill-chunk"])
 def test_the_token_budget_keeps_its_old_name(monkeypatch, flag):
     ran = []
