@@ -22,6 +22,7 @@ from tests import engine_fixtures as F
 
 pytest.importorskip("torch")
 
+from engine.lockstep import HEADER, _broadcast  # noqa: E402
 from serving.testing import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,10 +113,19 @@ def post(pair: Pair, path: str, body: dict) -> dict:
     return r.json()
 
 
+@pytest.mark.parametrize("size", [0, 1, HEADER - 4, HEADER - 3, 5000])
+def test_a_broadcast_carries_any_length(size):
+    """One process: the split into a header and a padded rest, and back."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert _broadcast(payload) == payload
+
+
 def test_completions_equal_one_device(pair):
-    """Three prompts in one request: slots 0-2, on both data shards (both processes')."""
+    """Three prompts in one request: slots 0-2, on both data shards (both processes'); the
+    stop strings (never met) make the admissions' broadcast longer than its header."""
+    stop = [f"{i} is never written " * 12 for i in range(4)]
     body = post(pair, "/v1/completions", dict(prompt=PROMPTS, max_tokens=12, temperature=0,
-                ignore_eos=True, return_token_ids=True))  # fmt: skip
+                ignore_eos=True, return_token_ids=True, stop=stop))  # fmt: skip
     got = [c["token_ids"] for c in sorted(body["choices"], key=lambda c: c["index"])]
     assert got == [F.hf_greedy(p, 12) for p in PROMPTS]
     # Process 1 ran the same loop: it decoded the same rows, and freed them.
