@@ -41,6 +41,18 @@ _GEMMA3_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 keeps HF's fused matrices: attn_qkv holds q;k;v rows, ffn_up gate;up rows.
+_PHI3_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_ARCH_NAMES = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES}
+# Tensors folded into the config (rope scaling), not weights.
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Metadata arrays read only when the tokenizer is written: decoding them costs seconds.
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -71,7 +83,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The HF name of a GGUF tensor, or None when a model of `arch` has no such tensor."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    names = _GEMMA3_NAMES if arch == "gemma3" else _BLOCK_NAMES
+    names = _ARCH_NAMES.get(arch, _BLOCK_NAMES)
     match = _BLOCK.fullmatch(gguf_name)
     if match and match.group(2) in names:
         layer, part, kind = match.groups()
@@ -104,8 +116,27 @@ def _reader(path: Path) -> GGUFReader:
         raise CheckpointError(f"{path}: not a readable GGUF file ({problem})") from None
 
 
+def _check_fused_rows(path: Path, tensors: dict, shapes: dict, config: dict) -> None:
+    """Phi-3's fused matrices must have exactly their parts' rows, else the engine's split
+    (engine.weights) would cut q from k or gate from up in the wrong place."""
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    dim, inter = config["head_dim"], config["intermediate_size"] or 0
+    want = {
+        "qkv_proj": ((heads + 2 * kv) * dim, f"q;k;v rows: ({heads} + 2 x {kv}) heads x {dim}"),
+        "gate_up_proj": (2 * inter, f"gate;up rows: 2 x feed_forward_length {inter}"),
+    }
+    for name, t in tensors.items():
+        fused = name.split(".")[-2]
+        if fused in want and shapes[name][0] != want[fused][0]:
+            rows, parts = want[fused]
+            raise CheckpointError(
+                f"{path}: tensor {t.name} has {shapes[name][0]} rows; "
+                f"a phi3 model's has {rows} ({parts})"
+            )
+
+
 def open_gguf(path: Path) -> Checkpoint:
-    """Open a GGUF file of a llama / mistral / qwen2 / qwen3 / gemma3 model."""
+    """Open a GGUF file of a llama / mistral / qwen2 / qwen3 / gemma3 / phi3 model."""
     reader = _reader(path)
     try:
         meta = {k: field_value(f) for k, f in reader.fields.items() if k not in _TOKENIZER_ARRAYS}
@@ -117,11 +148,10 @@ def open_gguf(path: Path) -> Checkpoint:
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
         )
 
-    tensors = {}
-    rope_freqs = None
+    tensors, rope = {}, {}
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # llama3 rope scaling, folded into the config
-            rope_freqs = dequantize(t.data, t.tensor_type)
+        if t.name in _ROPE_TENSORS:  # llama3's and longrope's scaling, folded into the config
+            rope[t.name] = dequantize(t.data, t.tensor_type)
             continue
         name = hf_name(t.name, arch)
         if name is None:
@@ -134,7 +164,12 @@ def open_gguf(path: Path) -> Checkpoint:
         tensors[name] = t
 
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
-    config = config_from_metadata(meta, shapes, rope_freqs)
+    try:
+        config = config_from_metadata(meta, shapes, rope)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if arch == "phi3":
+        _check_fused_rows(path, tensors, shapes, config)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
 
     def field(key: str) -> object | None:

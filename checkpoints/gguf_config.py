@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 # What llama.cpp assumes of Gemma 3 rather than store: every 6th layer global, the others a
 # sliding window with a rope base of 10,000; GELU (tanh); q scaled by head_dim**-0.5 except
@@ -58,9 +59,42 @@ def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dic
     return scaling
 
 
-def _rope_scaling(meta: dict, arch: str, rope_freqs, head_dim: int, theta: float) -> dict | None:
+def longrope_scaling(
+    long: np.ndarray | None, short: np.ndarray | None, meta: dict, rotary_dim: int
+) -> dict:
+    """HF's longrope rope_scaling from llama.cpp's `rope_factors_long` / `rope_factors_short`
+    tensors (Phi-3 128k, Phi-3.5). The attention factor llama.cpp also stores is left out:
+    its converter derives it from the two context lengths, as HF does from the config."""
+    arch = meta["general.architecture"]
+    if long is None or short is None:
+        have, lack = ("long", "short") if short is None else ("short", "long")
+        raise CheckpointError(f"rope_factors_{have}.weight without rope_factors_{lack}.weight")
+    for kind, factors in (("long", long), ("short", short)):
+        if np.size(factors) != rotary_dim // 2:  # one factor per rotated pair of dims
+            raise CheckpointError(
+                f"rope_factors_{kind}.weight has {np.size(factors)} factors; "
+                f"rope over {rotary_dim} dims of each head needs {rotary_dim // 2}"
+            )
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if not original:
+        raise CheckpointError(
+            f"longrope factors but no {arch}.rope.scaling.original_context_length in the metadata"
+        )
+    return {
+        "rope_type": "longrope",
+        "short_factor": [_f32(x) for x in np.asarray(short).reshape(-1)],
+        "long_factor": [_f32(x) for x in np.asarray(long).reshape(-1)],
+        "original_max_position_embeddings": int(original),
+    }
+
+
+def _rope_scaling(meta: dict, arch: str, rope: dict, head_dim: int, theta: float) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor")
+    long, short = rope.get("rope_factors_long.weight"), rope.get("rope_factors_short.weight")
+    if long is not None or short is not None:  # phi3 writes no scaling type, only these
+        rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
+        return longrope_scaling(long, short, meta, rotary)
     if kind in ("linear", "yarn") and factor:
         scaling = {"rope_type": kind, "factor": _f32(factor)}
         original = meta.get(f"{arch}.rope.scaling.original_context_length")
@@ -69,13 +103,16 @@ def _rope_scaling(meta: dict, arch: str, rope_freqs, head_dim: int, theta: float
         return scaling
     if kind not in (None, "none"):
         raise CheckpointError(f"unsupported rope scaling type {kind!r}")
-    if rope_freqs is not None:
-        return llama3_rope_scaling(rope_freqs, head_dim, theta)
+    if rope.get("rope_freqs.weight") is not None:
+        return llama3_rope_scaling(rope["rope_freqs.weight"], head_dim, theta)
     return None
 
 
-def config_from_metadata(meta: dict, shapes: dict[str, tuple], rope_freqs=None) -> dict:
-    """HF config keys from GGUF metadata; `shapes` (HF names) fill in what metadata omits."""
+def config_from_metadata(
+    meta: dict, shapes: dict[str, tuple], rope: dict[str, np.ndarray] | None = None
+) -> dict:
+    """HF config keys from GGUF metadata; `shapes` (HF names) fill in what metadata omits;
+    `rope`: the file's rope tensors (rope_freqs, rope_factors_long / _short) by GGUF name."""
     arch = meta["general.architecture"]
     hf_arch, model_type = ARCHITECTURES[arch]
 
@@ -102,7 +139,7 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple], rope_freqs=None) 
         "vocab_size": get("vocab_size") or embed[0],
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": theta,
-        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim, theta),
+        "rope_scaling": _rope_scaling(meta, arch, rope or {}, head_dim, theta),
         "max_position_embeddings": get("context_length"),
         "tie_word_embeddings": "lm_head.weight" not in shapes,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias" in shapes,
@@ -113,8 +150,14 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple], rope_freqs=None) 
     }
     if meta.get("tokenizer.ggml.padding_token_id") is not None:
         config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
-    if get("attention.sliding_window"):
+    if get("attention.sliding_window"):  # phi3 writes 0 for none (Phi-4)
         config["sliding_window"] = int(get("attention.sliding_window"))
+    rotary = get("rope.dimension_count")
+    if rotary and int(rotary) != head_dim:  # rope over part of each head: the engine refuses it
+        config["partial_rotary_factor"] = int(rotary) / head_dim
+    original = get("rope.scaling.original_context_length")
+    if arch == "phi3" and original:  # a top-level key in HF's Phi-3 configs
+        config["original_max_position_embeddings"] = int(original)
     if arch == "gemma3":
         layers = config["num_hidden_layers"]
         config["layer_types"] = [
