@@ -148,6 +148,12 @@ def open_gguf(path: Path) -> Checkpoint:
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"
         )
 
+    experts = meta.get(f"{arch}.expert_count")
+    if experts:  # llama.cpp writes Mixtral as "llama", its experts stacked per layer
+        raise CheckpointError(
+            f"{path}: a mixture-of-experts GGUF ({arch}.expert_count = {experts}) is not "
+            "supported; load Mixtral and Qwen3-MoE from their HF folders"
+        )
     tensors, rope = {}, {}
     for t in reader.tensors:
         if t.name in _ROPE_TENSORS:  # llama3's and longrope's scaling, folded into the config

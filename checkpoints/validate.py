@@ -21,6 +21,8 @@ _BY_MODEL_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -52,6 +54,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
     gemma = architecture(config) == "Gemma3ForCausalLM"
     phi3 = architecture(config) == "Phi3ForCausalLM"
+    routed = _routed_layers(config)
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -62,8 +65,13 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.weight"] = (heads * head_dim, hidden)
             shapes[p + "self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
             shapes[p + "self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
+        if routed[i]:
+            shapes.update(_expert_shapes(config, p))
+        elif not phi3:
             shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
             shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        if not routed[i]:
+            shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
         shapes[p + "self_attn.o_proj.weight"] = (hidden, heads * head_dim)
         if qkv_bias:
             shapes[p + "self_attn.q_proj.bias"] = (heads * head_dim,)
@@ -72,15 +80,49 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         if gemma:  # norms around the attention's and the MLP's outputs too
             shapes[p + "pre_feedforward_layernorm.weight"] = (hidden,)
             shapes[p + "post_feedforward_layernorm.weight"] = (hidden,)
-        if gemma or architecture(config) == "Qwen3ForCausalLM":  # RMSNorm of each q / k head
+        if gemma or architecture(config) in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+            # RMSNorm of each q / k head
             shapes[p + "self_attn.q_norm.weight"] = (head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (head_dim,)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
         shapes[p + "input_layernorm.weight"] = (hidden,)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)
     shapes["model.norm.weight"] = (hidden,)
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
+def _routed_layers(config: dict) -> list[bool]:
+    """Per layer, whether its feed-forward is a mixture of experts (as engine.config reads it:
+    every Mixtral layer; Qwen3-MoE's every decoder_sparse_step-th not in mlp_only_layers)."""
+    layers, arch = config["num_hidden_layers"], architecture(config)
+    if arch == "MixtralForCausalLM":
+        return [True] * layers
+    if arch != "Qwen3MoeForCausalLM":
+        return [False] * layers
+    step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+    return [i not in dense and (i + 1) % step == 0 for i in range(layers)]
+
+
+def _expert_shapes(config: dict, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A routed layer's router and experts, under Mixtral's or Qwen3-MoE's names."""
+    hidden = config["hidden_size"]
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if not experts:
+        raise CheckpointError("config lacks num_experts / num_local_experts")
+    if architecture(config) == "MixtralForCausalLM":
+        inter, block, parts = config["intermediate_size"], "block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        if config.get("moe_intermediate_size") is None:
+            raise CheckpointError("config lacks moe_intermediate_size")
+        inter, block = config["moe_intermediate_size"], "mlp"
+        parts = ("gate_proj", "up_proj", "down_proj")
+    shapes = {f"{prefix}{block}.gate.weight": (experts, hidden)}
+    for j in range(experts):
+        e = f"{prefix}{block}.experts.{j}."
+        shapes[e + f"{parts[0]}.weight"] = (inter, hidden)
+        shapes[e + f"{parts[1]}.weight"] = (inter, hidden)
+        shapes[e + f"{parts[2]}.weight"] = (hidden, inter)
     return shapes
 
 

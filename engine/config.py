@@ -19,6 +19,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _ROPE_TYPES = ("default", "llama3", "linear", "yarn", "longrope")
 
@@ -58,6 +60,16 @@ class ModelConfig:
     # longrope (Phi-3 128k, Phi-3.5): the long factors, for a context past the original one
     # (Engine sets it from max_len: one set of frequencies for every position of a sequence).
     long_context: bool = False
+    # Mixture of experts (Mixtral, Qwen3-MoE; engine.moe): per layer, whether its feed-forward
+    # is routed (Qwen3-MoE may keep some layers dense); each token goes to its top
+    # `experts_per_token` of `num_experts` experts of width `moe_intermediate_size`, weighted
+    # by the router's softmax over all experts, renormalized over the picks when
+    # `norm_topk_prob`.
+    moe_layers: tuple[bool, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
@@ -77,6 +89,8 @@ class ModelConfig:
             heads = int(cfg["num_attention_heads"])
             family = SUPPORTED_ARCHITECTURES[arch]
             extra = _gemma3_fields(cfg) if family == "gemma3" else {}
+            if family in ("mixtral", "qwen3_moe"):
+                extra = _moe_fields(cfg, family)
             rope = _global_rope(cfg)
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -111,7 +125,7 @@ class ModelConfig:
                 attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
                 rope_scaling=_frozen(rope) if rope_type != "default" else (),
                 sliding_window=int(window) if window else None,
-                qk_norm=family in ("qwen3", "gemma3"),
+                qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
                 **extra,
             )
         except KeyError as e:
@@ -133,6 +147,10 @@ class ModelConfig:
     def attn_scale(self) -> float:
         """What q.k is multiplied by before the softmax."""
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def moe(self, layer: int) -> bool:
+        """Whether layer `layer`'s feed-forward is a mixture of experts (engine.moe)."""
+        return bool(self.moe_layers and self.moe_layers[layer])
 
     def window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window (None: it attends to every earlier position)."""
@@ -219,6 +237,33 @@ def _gemma3_fields(cfg: dict) -> dict:
         hidden_act="gelu_tanh",
         sandwich_norms=True,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or cfg["head_dim"]),
+    )
+
+
+def _moe_fields(cfg: dict, family: str) -> dict:
+    """Mixtral routes every layer, with experts as wide as intermediate_size and the picks'
+    weights always renormalized; Qwen3-MoE routes every decoder_sparse_step-th layer not in
+    mlp_only_layers, with experts of moe_intermediate_size, renormalized if norm_topk_prob."""
+    layers = int(cfg["num_hidden_layers"])
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    picks = int(cfg["num_experts_per_tok"])
+    if not 0 < picks <= experts:
+        raise ConfigError(f"num_experts_per_tok {picks} with {experts} experts")
+    if family == "mixtral":
+        return dict(
+            moe_layers=(True,) * layers,
+            num_experts=experts,
+            experts_per_token=picks,
+            moe_intermediate_size=int(cfg["intermediate_size"]),
+        )
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    return dict(
+        moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+        num_experts=experts,
+        experts_per_token=picks,
+        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
     )
 
 

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3 text) in Flax.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3; Mixtral
+and Qwen3-MoE with engine.moe's routed feed-forward) in Flax.
 
 One forward serves prefill (T tokens per row), decode (T = 1 for every slot) and both in one
 step (a block of each, Rows): it writes the new K/V at explicit `positions` into the
@@ -26,6 +27,7 @@ from engine import cpu_kernels
 from engine.attend import attend_packed, attend_xla
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
+from engine.moe import RoutedMLP
 
 F32 = jnp.float32
 
@@ -198,6 +200,11 @@ class Attention(nn.Module):
         return _split(o_proj(_joined(outs), valid_rows), blocks), cache_kv
 
 
+def activation(config: ModelConfig):
+    """The feed-forward's gate activation: SiLU (SwiGLU), or tanh GELU (Gemma's GeGLU)."""
+    return nn.silu if config.hidden_act == "silu" else partial(nn.gelu, approximate=True)
+
+
 class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
@@ -212,8 +219,7 @@ class MLP(nn.Module):
         else:  # one product, gate and up on their own axis
             gate_up = dense((2, inter), "gate_up_proj")(x)
             gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
-        act = nn.silu if self.config.hidden_act == "silu" else partial(nn.gelu, approximate=True)
-        h = act(gate) * up
+        h = activation(self.config)(gate) * up
         return dense(self.config.hidden_size, "down_proj")(h, valid_rows)
 
 
@@ -222,13 +228,15 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     packed: bool
     window: int | None = None  # this layer's sliding window (None: global attention)
+    routed: bool = False  # its feed-forward a mixture of experts (engine.moe)
 
     @nn.compact
     def __call__(self, xs, blocks, rotations, cache_kv):
         cfg, eps = self.config, self.config.rms_norm_eps
         only = blocks[0]
         decode = len(blocks) == 1 and only.tokens.shape[1] == 1 and not only.fresh
-        if self.packed and decode and not (cfg.attention_bias or cfg.qk_norm or cfg.sandwich_norms):
+        plain = not (cfg.attention_bias or cfg.qk_norm or cfg.sandwich_norms or self.routed)
+        if self.packed and decode and plain:
             # Decode: the whole layer in one kernel call (the same math as below).
             cos, sin = rotations[0]
             y, *new_kv = cpu_kernels.decode_layer(
@@ -253,7 +261,10 @@ class DecoderLayer(nn.Module):
         xs = [x + h for x, h in zip(xs, hs, strict=True)]
         name = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
         norm = RMSNorm(eps, self.dtype, name=name)
-        mlp = MLP(self.config, self.dtype, self.packed, name="mlp")
+        if self.routed:  # its experts run on XLA's ops, packed or not
+            mlp = RoutedMLP(cfg, self.dtype, activation(cfg), name="mlp")
+        else:
+            mlp = MLP(cfg, self.dtype, self.packed, name="mlp")
         hs = _split(mlp(_joined([norm(x) for x in xs]), _valid_rows(blocks)), blocks)
         if cfg.sandwich_norms:
             out_norm = RMSNorm(eps, self.dtype, name="post_feedforward_layernorm")
@@ -311,7 +322,9 @@ class Transformer(nn.Module):
         }
         new_cache = []
         for i in range(cfg.num_layers):  # unrolled: faster decode than scan on CPU
-            layer = DecoderLayer(cfg, self.dtype, self.packed, cfg.window(i), name=f"layers_{i}")
+            layer = DecoderLayer(
+                cfg, self.dtype, self.packed, cfg.window(i), cfg.moe(i), name=f"layers_{i}"
+            )
             local = bool(cfg.local_layers and cfg.local_layers[i])
             xs, kv = layer(xs, blocks, rotations[local], cache[i])
             new_cache.append(kv)

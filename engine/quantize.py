@@ -34,13 +34,15 @@ def check_format(name: str) -> str:
     return name
 
 
-def quantize_matrix(kernel: jax.Array, fmt: str) -> dict[str, jax.Array]:
-    """A kernel [D, *F] as {"kernel": codes [D, *F], "scale": f32[*F]}."""
+def quantize_matrix(kernel: jax.Array, fmt: str, stacked: bool = False) -> dict[str, jax.Array]:
+    """A kernel [D, *F] as {"kernel": codes [D, *F], "scale": f32[*F]}; `stacked`: a stack
+    of them [E, D, *F] (a mixture's experts), scales f32[E, *F]."""
     dtype, limit = FORMATS[check_format(fmt)]
     w = kernel.astype(F32)
-    amax = jnp.max(jnp.abs(w), axis=0)
+    amax = jnp.max(jnp.abs(w), axis=1 if stacked else 0, keepdims=True)
     scale = jnp.where(amax > 0, amax / limit, 1.0).astype(F32)
     scaled = w / scale
+    scale = scale.squeeze(1 if stacked else 0)
     if dtype == jnp.int8:
         codes = jnp.clip(jnp.round(scaled), -limit, limit).astype(dtype)
     else:
@@ -48,19 +50,21 @@ def quantize_matrix(kernel: jax.Array, fmt: str) -> dict[str, jax.Array]:
     return {"kernel": codes, "scale": scale}
 
 
-def dequantized(module: dict[str, jax.Array]) -> jax.Array:
-    """The float32 kernel a quantized module stands for."""
-    return module["kernel"].astype(F32) * module["scale"]
+def dequantized(module: dict[str, jax.Array], stacked: bool = False) -> jax.Array:
+    """The float32 kernel a quantized module stands for (`stacked`: a mixture's experts)."""
+    scale = module["scale"][:, None] if stacked else module["scale"]
+    return module["kernel"].astype(F32) * scale
 
 
-def quantize_layer(layer: Params, fmt: str) -> Params:
-    """One fused layer (engine.weights.fuse_layer) with its four matrices quantized."""
+def quantize_layer(layer: Params, fmt: str, stacked: bool = False) -> Params:
+    """One fused layer (engine.weights.fuse_layer) with its four matrices quantized (a routed
+    layer's experts each on its own, engine.moe; its router stays as it is)."""
     out = {}
     for name, value in layer.items():
         if name in QUANTIZED:
-            out[name] = {**value, **quantize_matrix(value["kernel"], fmt)}
+            out[name] = {**value, **quantize_matrix(value["kernel"], fmt, stacked)}
         elif isinstance(value, dict):
-            out[name] = quantize_layer(value, fmt)
+            out[name] = quantize_layer(value, fmt, stacked or name == "experts")
         else:
             out[name] = value
     return out

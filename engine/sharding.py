@@ -1,9 +1,9 @@
 """Device mesh and partition rules for params, KV cache and decode state.
 
 Mesh axes are ("data", "model"): tensor parallel over "model" (attention heads, MLP
-width, vocabulary), data parallel over "data" (decode slots). A dimension that the axis
-does not divide is replicated instead, so any mesh runs any model; XLA inserts the
-collectives. On one device every rule degenerates to "replicated".
+width, vocabulary, a mixture's experts), data parallel over "data" (decode slots). A
+dimension that the axis does not divide is replicated instead, so any mesh runs any model;
+XLA inserts the collectives. On one device every rule degenerates to "replicated".
 
 Multi-host (TPU pod slices): call `engine.lockstep.initialize()` in every host process
 before building the mesh (`Engine.from_pretrained(..., distributed=True)` does it); the
@@ -64,6 +64,8 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
         spec = _PARAM_RULES.get(module, ())
         if names[-1] in ("bias", "scale"):
             spec = spec[1:]  # a bias or quantization scale follows its output axes
+        if "experts" in names:  # [E, ...] (engine.moe): each device holds whole experts
+            spec = ("model",)
         spec = tuple(spec)[: leaf.ndim] + (None,) * (leaf.ndim - len(spec))
         return _fit(mesh, leaf.shape, spec)
 

@@ -133,15 +133,61 @@ def lazy_params_from_hf(source: Source, config: ModelConfig, dtype: jnp.dtype | 
                 "v_proj": linear(f"{p}.self_attn.v_proj", d, kv_out, bias),
                 "o_proj": linear(f"{p}.self_attn.o_proj", q_out, d),
             },
-            "mlp": {
-                "gate_proj": linear(f"{p}.mlp.gate_proj", d, inter),
-                "up_proj": linear(f"{p}.mlp.up_proj", d, inter),
-                "down_proj": linear(f"{p}.mlp.down_proj", inter, d),
-            },
+            "mlp": (
+                _routed(source, config, p, matrix, np_dtype)
+                if config.moe(i)
+                else {
+                    "gate_proj": linear(f"{p}.mlp.gate_proj", d, inter),
+                    "up_proj": linear(f"{p}.mlp.up_proj", d, inter),
+                    "down_proj": linear(f"{p}.mlp.down_proj", inter, d),
+                }
+            ),
         }
     if not config.tie_word_embeddings:
         params["lm_head"] = matrix("lm_head.weight", (config.vocab_size, d), transpose=True)
     return params
+
+
+# HF's names of a routed layer's router and of expert j's gate, up and down matrices.
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{}.w{}", (1, 3, 2)),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{}.{}_proj", ("gate", "up", "down")),
+}
+
+
+def _routed(
+    source: Source, config: ModelConfig, prefix: str, matrix: Callable, dtype: np.dtype | None
+) -> dict:
+    """A routed layer's feed-forward (engine.moe): the router [D, E] and every expert's
+    matrices stacked, gate/up [E, D, 2, I] and down [E, I, D], built expert by expert."""
+    router, expert, (gate, up, down) = _EXPERT_NAMES[config.family]
+    e, d, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+
+    def stacked(parts: tuple, shape: tuple[int, ...]) -> Callable:
+        def make() -> np.ndarray:
+            out = None
+            for j in range(e):
+                for k, part in enumerate(parts):
+                    name = f"{prefix}.{expert.format(j, part)}.weight"
+                    rows = (d, inter) if part == down else (inter, d)
+                    block = _copy(source, name, rows, dtype, transpose=True)
+                    if out is None:
+                        out = np.empty(shape, block.dtype)
+                    if len(parts) > 1:
+                        out[j, :, k, :] = block
+                    else:
+                        out[j] = block
+            return out
+
+        return make
+
+    return {
+        "router": {"kernel": matrix(f"{prefix}.{router}.weight", (e, d), transpose=True)},
+        "experts": {
+            "gate_up_proj": {"kernel": stacked((gate, up), (e, d, 2, inter))},
+            "down_proj": {"kernel": stacked((down,), (e, inter, d))},
+        },
+    }
 
 
 def _made(tree: Params) -> Params:
@@ -244,6 +290,8 @@ def fuse_layer(layer: Params, config: ModelConfig) -> Params:
     out = dict(layer)
     for block, (fused, names) in FUSED.items():
         mods = layer[block]
+        if names[0] not in mods:  # a routed layer's experts come stacked (engine.moe)
+            continue
         out[block] = {n: m for n, m in mods.items() if n not in names}
         parts = [mods[n] for n in names]
         out[block][fused] = {key: join[fused](*(p[key] for p in parts)) for key in parts[0]}
@@ -289,6 +337,8 @@ def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
     for i in range(config.num_layers):
         layer = dict(params[f"layers_{i}"])
         for block in FUSED:
+            if "experts" in layer[block]:  # routed: its experts run on XLA's ops
+                continue
             layer[block] = {
                 n: m if n.endswith("_norm") else linear(m, n if n in fused_names else None)
                 for n, m in layer[block].items()

@@ -1,6 +1,7 @@
 """Families beyond Llama through the whole engine (load, paged prefill, batched decode): tiny
-random Qwen3, Gemma 3 and Phi-3 checkpoints (HF folders) decode HF transformers' greedy tokens on
-the CPU kernels and on XLA's ops. (tests/test_model_parity.py holds the logits to HF's.)"""
+random Qwen3, Gemma 3, Phi-3, Mixtral and Qwen3-MoE checkpoints (HF folders) decode HF
+transformers' greedy tokens on the CPU kernels and on XLA's ops. (tests/test_model_parity.py
+holds the logits to HF's.)"""
 
 from __future__ import annotations
 
@@ -55,6 +56,24 @@ FAMILIES = {
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             query_pre_attn_scalar=12,
+        ),
+    ),
+    # 8 experts, top 2: a lone decoding row reads only its picks, a batch every expert
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=8, num_experts_per_tok=2),
+    ),
+    # q/k norms, experts narrower than the one dense layer, top 2 of 4 renormalized
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            mlp_only_layers=[2],
         ),
     ),
 }

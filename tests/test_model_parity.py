@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,32 @@ CASES = {
             },
         ),
     ),
+    # Mixtral: 8 experts, top 2 renormalized, a window the sequences cross
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=6),
+    ),
+    # Qwen3-MoE: q/k norms, experts narrower than the dense layer, top 3 of 6 not
+    # renormalized, the middle of three layers dense (mlp_only_layers)
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_experts=6,
+            num_experts_per_tok=3,
+            moe_intermediate_size=40,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            head_dim=8,
+        ),
+    ),
+    "qwen3_moe-normalized": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True),
+    ),
 }
 
 
@@ -106,9 +134,18 @@ def build_pair(case: str):
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     config = ModelConfig.from_hf(hf_cfg.to_dict()).for_context(LONGEST)
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = fuse_projections(params_from_hf(state, config), config)
+    params = fuse_projections(params_from_hf(saved_tensors(hf), config), config)
     return hf, config, params
+
+
+def saved_tensors(hf) -> dict[str, np.ndarray]:
+    """The model's tensors under the names a checkpoint on disk has (transformers 5 keeps a
+    mixture's experts stacked in memory and writes them one by one)."""
+    from safetensors.numpy import load_file
+
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        return load_file(f"{folder}/model.safetensors")
 
 
 def hf_logits(hf, ids: np.ndarray) -> np.ndarray:
@@ -177,7 +214,7 @@ def test_unsupported_architecture_is_a_typed_error():
 
 def test_shape_mismatch_is_a_typed_error():
     hf, config, _ = build_pair("llama")
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    state = saved_tensors(hf)
     wrong = ModelConfig.from_hf({**hf.config.to_dict(), "intermediate_size": 128})
     with pytest.raises(ConfigError, match="gate_proj.weight has shape"):
         params_from_hf(state, wrong)
