@@ -71,27 +71,34 @@ def _scale(module: dict, ids: jax.Array | None = None) -> jax.Array | float:
 
 
 def _gathered(x, weights, experts, up, down, act) -> jax.Array:
-    dtype = x.dtype
-    gate_up = jnp.einsum(
-        "nd,nkdfi->nkfi", x, up["kernel"][experts].astype(dtype), preferred_element_type=F32
-    )
-    gate_up = gate_up * _scale(up, experts)
-    h = (act(gate_up[..., 0, :]) * gate_up[..., 1, :]).astype(dtype)
-    out = jnp.einsum(
-        "nki,nkid->nkd", h, down["kernel"][experts].astype(dtype), preferred_element_type=F32
-    )
-    out = out * _scale(down, experts)
-    return jnp.einsum("nkd,nk->nd", out, weights)
+    dtype, (n, k), (_, d, _, inter) = x.dtype, experts.shape, up["kernel"].shape
+    picks = experts.reshape(-1)
+    # One vector-matrix product per pick, batched over the picks ([N k, 1, D] x [N k, D, F]).
+    per_pick = (((2,), (1,)), ((0,), (0,)))
+    xs = jnp.repeat(x, k, axis=0)[:, None]
+    rhs = up["kernel"][picks].reshape(n * k, d, 2 * inter).astype(dtype)
+    gate_up = jax.lax.dot_general(xs, rhs, per_pick, preferred_element_type=F32)
+    gate_up = gate_up.reshape(n * k, 2, inter) * _scale(up, picks)
+    h = (act(gate_up[:, 0]) * gate_up[:, 1]).astype(dtype)[:, None]
+    rhs = down["kernel"][picks].astype(dtype)
+    out = jax.lax.dot_general(h, rhs, per_pick, preferred_element_type=F32)[:, 0]
+    out = out * _scale(down, picks) * weights.reshape(-1, 1)
+    return out.reshape(n, k, -1).sum(axis=1)
 
 
 def _dense(x, weights, experts, up, down, act) -> jax.Array:
-    dtype = x.dtype
-    gate_up = jnp.einsum("nd,edfi->enfi", x, up["kernel"].astype(dtype), preferred_element_type=F32)
-    gate_up = gate_up * _per_expert(_scale(up))
+    dtype, (num_experts, d, _, inter) = x.dtype, up["kernel"].shape
+    # Batched over experts, each expert's matrix read as stored: contracting x against the
+    # whole [E, D, 2, I] at once made XLA's CPU transpose the experts on every call.
+    per_expert = (((2,), (1,)), ((0,), (0,)))
+    xs = jnp.broadcast_to(x, (num_experts, *x.shape))
+    rhs = up["kernel"].reshape(num_experts, d, 2 * inter).astype(dtype)
+    gate_up = jax.lax.dot_general(xs, rhs, per_expert, preferred_element_type=F32)
+    gate_up = gate_up.reshape(num_experts, -1, 2, inter) * _per_expert(_scale(up))
     h = (act(gate_up[..., 0, :]) * gate_up[..., 1, :]).astype(dtype)
-    out = jnp.einsum("eni,eid->end", h, down["kernel"].astype(dtype), preferred_element_type=F32)
+    rhs = down["kernel"].astype(dtype)
+    out = jax.lax.dot_general(h, rhs, per_expert, preferred_element_type=F32)
     out = out * _per_expert(_scale(down))
-    num_experts = up["kernel"].shape[0]
     # [N, E]: each token's weight for every expert, zero off its picks
     spread = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=F32) * weights[..., None], axis=1)
     return jnp.einsum("end,ne->nd", out, spread)
