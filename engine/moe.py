@@ -71,19 +71,23 @@ def _scale(module: dict, ids: jax.Array | None = None) -> jax.Array | float:
 
 
 def _gathered(x, weights, experts, up, down, act) -> jax.Array:
-    dtype, (n, k), (_, d, _, inter) = x.dtype, experts.shape, up["kernel"].shape
-    picks = experts.reshape(-1)
-    # One vector-matrix product per pick, batched over the picks ([N k, 1, D] x [N k, D, F]).
-    per_pick = (((2,), (1,)), ((0,), (0,)))
-    xs = jnp.repeat(x, k, axis=0)[:, None]
-    rhs = up["kernel"][picks].reshape(n * k, d, 2 * inter).astype(dtype)
-    gate_up = jax.lax.dot_general(xs, rhs, per_pick, preferred_element_type=F32)
-    gate_up = gate_up.reshape(n * k, 2, inter) * _scale(up, picks)
-    h = (act(gate_up[:, 0]) * gate_up[:, 1]).astype(dtype)[:, None]
-    rhs = down["kernel"][picks].astype(dtype)
-    out = jax.lax.dot_general(h, rhs, per_pick, preferred_element_type=F32)[:, 0]
-    out = out * _scale(down, picks) * weights.reshape(-1, 1)
-    return out.reshape(n, k, -1).sum(axis=1)
+    dtype, (n, k) = x.dtype, experts.shape
+
+    # A loop over the picks, each reading its expert's matrices in place: on XLA's CPU a
+    # product batched over gathered experts ran 8x slower from 4 picks on.
+    def one(pick: tuple[jax.Array, jax.Array]) -> jax.Array:
+        xv, e = pick
+        first = (((0,), (0,)), ((), ()))  # x [D] against w [D, 2, I]
+        gate_up = jax.lax.dot_general(
+            xv, up["kernel"][e].astype(dtype), first, preferred_element_type=F32
+        )
+        gate_up = gate_up * _scale(up, e)
+        h = (act(gate_up[0]) * gate_up[1]).astype(dtype)
+        out = jnp.dot(h, down["kernel"][e].astype(dtype), preferred_element_type=F32)
+        return out * _scale(down, e)
+
+    out = jax.lax.map(one, (jnp.repeat(x, k, axis=0), experts.reshape(-1)))
+    return jnp.einsum("nkd,nk->nd", out.reshape(n, k, -1), weights)
 
 
 def _dense(x, weights, experts, up, down, act) -> jax.Array:
