@@ -48,6 +48,7 @@ class Call:
     k: int
     rows: dict[int, tuple[Request, Choice]]  # slot → who decoded there
     fill: Fill | None  # the long prompt whose next chunk it carried or followed
+    split: bool = False  # a forward and a sampling program (engine.split_step)
 
 
 class Decoding(Fills):
@@ -107,36 +108,84 @@ class Decoding(Fills):
     def _run_ahead(self) -> bool:
         """Dispatch the next call, then read the one in flight; False, and nothing done,
         unless it is plain decoding (`_steady`) and the pool has the pages without
-        preempting."""
+        preempting. With a constrained choice live, the next call's forward goes first and
+        its sampling step after the read, with the masks the read made (engine.split_step)."""
         call = self.inflight
-        if call is None or not self._steady(call):
+        if call is None or not self._steady(call, constrained=call.split):
             return False
-        k = self.s.decode_steps
+        k = 1 if call.split else self.s.decode_steps
+        kv_len, highest = self._kv_len(call.k + k), max(self.live) + 1
+        split = self._split_rows(kv_len, highest) if call.split else None
+        if call.split and split is None:
+            return False
         if not self._reserve_ahead(call.k + k):
             return False
+        if split is not None:
+            self._send_tables()
+            self.inflight = self._split_call(kv_len, split, None, after=call)
+            return True
         self.inflight = self._dispatch(k, ahead=call.k)
         self._collect(call)
         return True
 
-    def _steady(self, call: Call) -> bool:
+    def _steady(self, call: Call, constrained: bool = False) -> bool:
         """Nothing waits to start decoding, no live choice needs the host between the calls
-        (a cancellation, a grammar mask), and one may still decode after `call` (so the next
-        call is not spent on rows that all reach max_tokens in it)."""
+        (a cancellation, or a grammar mask unless `constrained`), and one may still decode
+        after `call` (so the next call is not spent on rows that all reach max_tokens in it)."""
         if self.filling or self.ready or self.resumes:
             return False
         owned = self.live.values()
-        if any(o.handle.cancelled or c.constraint is not None for o, c in owned):
+        if any(o.handle.cancelled for o, _ in owned):
+            return False
+        if not constrained and any(c.constraint is not None for _, c in owned):
             return False
         return any(o.handle.max_tokens - len(c.token_ids) > call.k for o, c in owned)
+
+    def _kv_len(self, steps: int) -> int:
+        """The attended-positions bucket of a call reaching `steps` past the host's positions."""
+        live_pos = max(int(self.slot_pos[s]) for s in self.live)
+        return bucket_for(min(live_pos + steps, self.s.max_len), self.kv_buckets)
+
+    def _split_rows(self, kv_len: int, highest: int) -> int | None:
+        """The row bucket of a split one-token call (engine.split_step) over the live slots,
+        if a constrained choice decodes and such programs are compiled for it."""
+        if all(c.constraint is None for _, c in self.live.values()):
+            return None
+        return self.one_step.rows(kv_len, [r for r in self.slot_buckets if r >= highest])
+
+    def _split_call(
+        self, kv_len: int, rows: int, fill: Fill | None, after: Call | None = None
+    ) -> Call | None:
+        """A one-token call as its forward, then its sampling step with the live rows' masks;
+        `after`: the call in flight, read between the two while the device runs the forward
+        (the masks need its tokens). None if nothing is left to sample after that read."""
+        forward, sample = self.one_step.split.pair(
+            self.params, self.cache, self.state, kv_len=kv_len, rows=rows
+        )
+        self.cache, logits = forward(self.params, self.cache, self.state)
+        self.decode_width = rows
+        if after is not None:
+            self._collect(after)
+            if not self.live:
+                return None
+        constraints = {
+            slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
+        }
+        masks = self.masks.build(rows, constraints, sample.input_shardings[0][2])
+        self.state, out = sample(self.state, logits, masks)
+        return Call(out, 1, dict(self.live), fill, split=True)
 
     def _dispatch(self, k: int, ahead: int) -> Call:
         """Start a call of k steps over the live slots, without waiting for it; `ahead`:
         steps of a call in flight, by which the device's positions may lead the host's."""
         self._send_tables()
-        live_pos = max(int(self.slot_pos[s]) for s in self.live)
-        kv_len = bucket_for(min(live_pos + ahead + k, self.s.max_len), self.kv_buckets)
-        highest = max(self.live) + 1
+        kv_len, highest = self._kv_len(ahead + k), max(self.live) + 1
         fill, mixed = self._chunked(), None
+        split = self._split_rows(kv_len, highest) if k == 1 else None
+        if split is not None:  # a prompt chunk goes alone, before
+            if fill is not None:
+                self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
+            return self._split_call(kv_len, split, fill)
         if fill is not None:
             mixed = self._mixed_rows(k, kv_len, highest)
             if mixed is None:  # no mixed program for this geometry: the chunk goes alone

@@ -72,6 +72,7 @@ class Programs:
         `branchless` forces the sampler's form (samplers.branching); None: branch-free on GPU."""
         self.config = config
         self.pages_per_seq = pages_per_seq  # the length of a page-table row
+        self.cache_shardings, self.state_shardings = cache_shardings, state_shardings
         self.model = Transformer(config, dtype, packed)
         self.num_top = num_top
         # On GPU a conditional in the step is a round trip to the host (samplers.branching).
@@ -246,39 +247,9 @@ class Programs:
         def step(carry, xs):
             chunk, first = xs
             cache, st = carry
-            block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, kv_len=kv_len)
             extra = [] if chunk is None else [chunk.block()]
-            (logits, *_), cache = self.model.apply({"params": params}, [block, *extra], cache)
-            live = st.active & (first | ~once)
-            batch = dataclasses.replace(st.sampling, active=live)
-            tokens, info, batch = sample(
-                logits[:, 0],
-                batch,
-                num_logprobs=self.num_top,
-                top_k=self.top_k,
-                logprob_rows=st.logprobs,
-                allowed=masks,
-                branchless=self.branchless,
-            )
-            remaining = st.remaining - live.astype(jnp.int32)
-            eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos
-            finished = live & (eos | (remaining <= 0))
-            out = StepOutput(
-                tokens=tokens,
-                logprob=info.token_logprob,
-                sampling_logprob=info.sampling_logprob,
-                top_ids=info.top_ids,
-                top_logprobs=info.top_logprobs,
-                valid=live,
-                finished=finished,
-            )
-            st = st.replace(
-                tokens=jnp.where(live, tokens, st.tokens),
-                positions=st.positions + live.astype(jnp.int32),
-                active=st.active & ~finished,
-                remaining=remaining,
-                sampling=batch,
-            )
+            logits, cache = self.forward_rows(params, cache, st, kv_len, extra)
+            st, out = self.advance(st, logits, masks, st.active & (first | ~once))
             return (cache, st), out
 
         head = jax.tree.map(lambda x: x[:rows], state)
@@ -295,6 +266,51 @@ class Programs:
             head,
         )
         return cache, state, outputs
+
+    def forward_rows(
+        self, params: Params, cache: KVCache, st: DecodeState, kv_len: int, extra: list[Rows]
+    ) -> tuple[jax.Array, KVCache]:
+        """One model call over the state's rows (their next tokens at their positions), with
+        `extra` blocks beside them: (the rows' logits f32[rows, V], the cache)."""
+        block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, kv_len=kv_len)
+        (logits, *_), cache = self.model.apply({"params": params}, [block, *extra], cache)
+        return logits[:, 0], cache
+
+    def advance(
+        self, st: DecodeState, logits: jax.Array, masks: jax.Array, live: jax.Array
+    ) -> tuple[DecodeState, StepOutput]:
+        """Draw the `live` rows' next tokens from their logits (samplers.sample, under their
+        grammar masks) and move the state past them: EOS and token limits end a row here."""
+        batch = dataclasses.replace(st.sampling, active=live)
+        tokens, info, batch = sample(
+            logits,
+            batch,
+            num_logprobs=self.num_top,
+            top_k=self.top_k,
+            logprob_rows=st.logprobs,
+            allowed=masks,
+            branchless=self.branchless,
+        )
+        remaining = st.remaining - live.astype(jnp.int32)
+        eos = jnp.isin(tokens, self.eos_ids) & st.stop_on_eos
+        finished = live & (eos | (remaining <= 0))
+        out = StepOutput(
+            tokens=tokens,
+            logprob=info.token_logprob,
+            sampling_logprob=info.sampling_logprob,
+            top_ids=info.top_ids,
+            top_logprobs=info.top_logprobs,
+            valid=live,
+            finished=finished,
+        )
+        st = st.replace(
+            tokens=jnp.where(live, tokens, st.tokens),
+            positions=st.positions + live.astype(jnp.int32),
+            active=st.active & ~finished,
+            remaining=remaining,
+            sampling=batch,
+        )
+        return st, out
 
 
 def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:

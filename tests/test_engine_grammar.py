@@ -112,11 +112,15 @@ def test_json_text_parses(engine):
 
 
 def _one_step_ready(engine, timeout=120.0) -> None:
-    """Wait for the background compile of the one-step decode program."""
+    """Wait for the background compile of the one-step decode programs."""
     deadline = time.monotonic() + timeout
-    while not any(key[0] == 1 for key in engine.programs._decoders):
-        assert time.monotonic() < deadline, "the one-step decode program never compiled"
+    while not engine.scheduler.one_step.split._pairs:
+        assert time.monotonic() < deadline, "the one-step decode programs never compiled"
         time.sleep(0.1)
+
+
+def _compiled(engine) -> set:
+    return set(engine.programs._decoders) | set(engine.scheduler.one_step.split._pairs)
 
 
 def test_free_rows_unchanged_seeds_reproduce_and_nothing_recompiles(engine, lltok):
@@ -131,7 +135,7 @@ def test_free_rows_unchanged_seeds_reproduce_and_nothing_recompiles(engine, llto
     ]
     first = F.collect(submit(engine, prompts[0], sampled[0], grammar=COLORS, max_tokens=20))
     _one_step_ready(engine)
-    compiled = set(engine.programs._decoders)
+    compiled = _compiled(engine)
     handles = [
         submit(engine, p, sp, max_tokens=12, ignore_eos=True, top_logprobs=2)
         for p, sp in zip(prompts, sampled, strict=True)
@@ -142,7 +146,7 @@ def test_free_rows_unchanged_seeds_reproduce_and_nothing_recompiles(engine, llto
     ]
     mixed = [F.collect(h) for h in handles]
     again = [F.collect(h) for h in constrained]
-    assert set(engine.programs._decoders) == compiled  # nothing compiled for the mix
+    assert _compiled(engine) == compiled  # nothing compiled for the mix
     for alone, beside in zip(free_alone, mixed, strict=True):
         assert alone[0]["ids"] == beside[0]["ids"]
         for a, b in zip(alone[0]["logprobs"], beside[0]["logprobs"], strict=True):
@@ -150,10 +154,50 @@ def test_free_rows_unchanged_seeds_reproduce_and_nothing_recompiles(engine, llto
             assert [lp for _, lp in a.top] == pytest.approx([lp for _, lp in b.top], abs=1e-5)
             assert a.sampling_logprob == pytest.approx(b.sampling_logprob, abs=1e-5)
     # The seeded constrained request draws the same tokens on the k-step program (sitting
-    # out all but the first step) as on the one-step program.
+    # out all but the first step) as on the one-step forward and sampling programs.
     assert again[0][0]["ids"] == first[0]["ids"]
     assert accepted(lltok, COLORS, again[0][0]["ids"])
     assert accepted(lltok, RECORD, again[1][0]["ids"])
+
+
+def test_masks_are_filled_while_the_next_forward_runs(engine, lltok, monkeypatch):
+    """With a constrained choice decoding alone, each call's forward is dispatched before the
+    host reads the call before it and fills the next mask from its token; the sampling step
+    follows: forward, read, mask, sample, call after call. Tokens stay HF's."""
+    _one_step_ready(engine)
+    sched, events = engine.scheduler, []
+    pair, collect, build = sched.one_step.split.pair, sched._collect, sched.masks.build
+
+    class recorded:  # noqa: N801 - stands in for a function or a compiled program
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __call__(self, *args, **kwargs):
+            events.append(self.name)
+            return self.fn(*args, **kwargs)
+
+        def __getattr__(self, attr):  # a compiled program's input_shardings
+            return getattr(self.fn, attr)
+
+    def pair_recorded(*args, **kwargs):
+        forward, sample = pair(*args, **kwargs)
+        return recorded("forward", forward), recorded("sample", sample)
+
+    def build_recorded(rows, constraints, sharding):
+        events.append("mask" if constraints else "free")
+        return build(rows, constraints, sharding)
+
+    monkeypatch.setattr(sched.one_step.split, "pair", pair_recorded)
+    monkeypatch.setattr(sched, "_collect", recorded("read", collect))
+    monkeypatch.setattr(sched.masks, "build", build_recorded)
+    prompt = F.prompts(1, seed=47)[0]
+    out = F.collect(submit(engine, prompt, GREEDY, grammar=RECORD, max_tokens=30))[0]
+    monkeypatch.undo()
+    assert out["ids"] == reference(lltok, RECORD, prompt, 30)
+    text = " ".join(events)
+    overlapped = text.count("forward read mask sample")
+    assert overlapped >= len(out["ids"]) - 3, text
+    assert "mask forward" not in text  # no forward waited for a mask
 
 
 def test_n_choices_each_follow_the_grammar(engine, lltok):
