@@ -6,8 +6,11 @@ JAX dispatches a call without waiting for it, and the decode state (each slot's 
 position and sampling state) flows on the device from one call's outputs into the next
 call's inputs. So in the steady state of plain decoding the next call is dispatched before
 the host reads the one in flight: the device computes call N+1 while the host does call N's
-work. Anything else (an admission, a prompt chunk, a preemption, a cancellation, a grammar
-mask, which all depend on what call N drew) synchronises: read call N, decide, dispatch.
+work. With a grammar-constrained choice live, calls take one token and come in two programs
+(engine.split_step): call N+1's forward is dispatched, then call N is read and the masks of
+N+1 filled from its tokens while that forward runs, then N+1's sampling step. Anything else
+(an admission, a prompt chunk, a preemption, a cancellation, which all depend on what call N
+drew) synchronises: read call N, decide, dispatch.
 
 What ends in call N still rides in call N+1. A slot the device ended (EOS, max_tokens) sits
 idle there; one the host ended (a stop string) draws more tokens, which are never read: a

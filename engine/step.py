@@ -12,7 +12,8 @@ consumes, so the first generated token is drawn by the same sampling program as 
 
 Every decode call takes each row's grammar mask (samplers.mask; all ones for a free row). The
 mask of a constrained row depends on the token before it, which the host reads after the call:
-such a row takes one token per call, and sits out the call's later steps.
+such a row takes one token per call, and sits out the call's later steps (or the call is a
+one-token step split in two programs, engine.split_step, built from forward_rows and advance).
 
 A mixed decode program also carries a prompt chunk (Chunk) in its first step: one model call
 over the decode rows and the chunk's tokens (engine.model.Rows blocks), so a long prompt is
