@@ -44,7 +44,7 @@ from engine.scheduler import Scheduler, SchedulerSettings
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
 from engine.step import Programs
 from engine.tokenizer import Tokenizer
-from engine.warmup import warm_up
+from engine.warmup import Later, warm_up
 
 Prompt = str | Sequence[int]
 
@@ -151,6 +151,7 @@ class Engine:
         )
         self._closing = threading.Event()
         self._compiler: threading.Thread | None = None
+        self._later: Later | None = None  # what warm-up left to compile
         if warmup:
             self.warmup(background=background_compile and self.scheduler.lockstep is None)
         self.scheduler.start()
@@ -265,7 +266,8 @@ class Engine:
         return self.scheduler.submit(request)
 
     def stats(self) -> dict[str, int]:
-        return self.scheduler.stats()
+        pending = self._later.pending if self._later is not None else 0
+        return {**self.scheduler.stats(), "programs_pending": pending}
 
     def encode(self, prompt: Prompt) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
@@ -342,12 +344,13 @@ class Engine:
     def warmup(self, background: bool = False) -> None:
         """Compile what serving uses before the first request (engine.warmup); with
         `background`, the rest on a thread."""
-        later = warm_up(self.scheduler, self.vocab_size, self._closing)
+        self._later = warm_up(self.scheduler, self.vocab_size, self._closing)
         if background:
-            self._compiler = threading.Thread(target=later, name="jaxfire-compile")
+            self._compiler = threading.Thread(target=self._later.run, name="jaxfire-compile")
             self._compiler.start()
         else:
-            later()
+            self._later.idle = lambda: True  # the loop has not started: compile it all now
+            self._later.run()
 
     def close(self) -> None:
         self._closing.set()

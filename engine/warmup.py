@@ -7,17 +7,23 @@ are compiled first, writing only into the pad page. Longer prompts are prefilled
 only a long prompt with prompt logprobs is prefilled whole, in a larger bucket: those are
 compiled last, without running them.
 
-What `warm_up` returns compiles the rest: the mixed decode programs (all slots, carrying a
-chunk of a long prompt), the decode programs narrower than all slots or attending past
-WARM_KV_LEN, the extensions shorter than a chunk and the larger prefill buckets. Until one
-is ready the scheduler runs a chunk alone before the decode call, uses the full-width decode
-and pads a short extension to a chunk (a decode of a longer context compiles on first use),
-so startup does not grow with max_len.
+The narrowest decode program (a lone request) compiles before serving too: on the full-width
+one a lone client got half its speed until the background caught up, minutes on a cold cache.
+
+What `warm_up` returns compiles the rest, one program at a time and only while the engine is
+idle, so it never slows what runs (on a 2-core CPU a compilation took a core from decoding):
+the mixed decode programs (all slots, carrying a chunk of a long prompt), the other decode
+programs narrower than all slots or attending past WARM_KV_LEN, the extensions shorter than a
+chunk and the larger prefill buckets. Until one is ready the scheduler runs a chunk alone
+before the decode call, uses the next wider decode and pads a short extension to a chunk (a
+decode of a longer context compiles on first use), so startup does not grow with max_len.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -26,14 +32,40 @@ import numpy as np
 import samplers
 from engine.scheduler import Scheduler
 
+log = logging.getLogger("jaxfire.engine")
+
 # Decode programs attending to at most this many positions compile before serving; longer
 # ones in the background (or on first use), so startup does not grow with max_len.
 WARM_KV_LEN = 2048
 
 
-def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Callable[[], None]:
-    """Compile and run what the first requests use; returns what compiles the rest (it stops
-    early once `closing` is set)."""
+class Later:
+    """Programs left for after warm-up, compiled one at a time while `idle()` (run() stops
+    early once `closing` is set); `pending` counts those not compiled yet."""
+
+    def __init__(
+        self, jobs: list[Callable[[], object]], idle: Callable[[], bool], closing: threading.Event
+    ):
+        self.jobs, self.idle, self.closing = jobs, idle, closing
+        self.pending = len(jobs)
+
+    def run(self) -> None:
+        if not self.jobs:
+            return
+        log.info("compiling %d more programs in the background, while idle", self.pending)
+        start = time.perf_counter()
+        for job in self.jobs:
+            while not self.idle() and not self.closing.is_set():
+                self.closing.wait(0.05)
+            if self.closing.is_set():
+                return
+            job()
+            self.pending -= 1
+        log.info("background compilation done in %.1fs", time.perf_counter() - start)
+
+
+def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
+    """Compile and run what the first requests use; returns what compiles the rest."""
     p, prefill = s.p, s.prefiller
     pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
     for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
@@ -52,32 +84,27 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Callable
     shapes = s.program_shapes()
     k, widest = s.s.decode_steps, s.slot_buckets[-1]
     first = [kv for kv in s.kv_buckets if kv <= WARM_KV_LEN] or s.kv_buckets[:1]
-    later = [(kv, widest) for kv in s.kv_buckets if kv not in first]
-    later += [(kv, r) for r in s.slot_buckets[:-1] for kv in s.kv_buckets]
-    for kv_len in first:
-        p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest)
+    now = [(kv, rows) for kv in first for rows in sorted({s.slot_buckets[0], widest})]
+    for kv_len, rows in now:
+        p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
     p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
 
     # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
     width = s.s.max_num_batched_tokens - widest
     mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
     s.mix_on_demand = False
-
-    def compile_later() -> None:
-        for kv_len in mixed:
-            if closing.is_set():
-                return
-            p.decoder(*shapes, k=k, kv_len=kv_len, rows=widest, chunk=width)
-        for kv_len, rows in later:
-            if closing.is_set():
-                return
-            p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
-        for T in prefill.buckets:
-            if closing.is_set():
-                return
-            if T < prefill.chunk_bucket and T in prefill.extend_buckets:
-                p.extender(*shapes[:2], T)
-            elif T > prefill.chunk_bucket:  # a whole prompt, scored
-                p.compile_prefill(*shapes[:2], T)
-
-    return compile_later
+    jobs = [
+        lambda kv=kv: p.decoder(*shapes, k=k, kv_len=kv, rows=widest, chunk=width) for kv in mixed
+    ]
+    decodes = [(kv, r) for r in s.slot_buckets for kv in s.kv_buckets]
+    jobs += [
+        lambda kv=kv, r=r: p.decoder(*shapes, k=k, kv_len=kv, rows=r)
+        for kv, r in decodes
+        if (kv, r) not in now
+    ]
+    for T in prefill.buckets:
+        if T < prefill.chunk_bucket and T in prefill.extend_buckets:
+            jobs.append(lambda T=T: p.extender(*shapes[:2], T))
+        elif T > prefill.chunk_bucket:  # a whole prompt, scored
+            jobs.append(lambda T=T: p.compile_prefill(*shapes[:2], T))
+    return Later(jobs, lambda: not s._busy(), closing)

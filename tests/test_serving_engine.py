@@ -248,3 +248,12 @@ def test_chats_sharing_a_system_prompt_reuse_its_cache(http):
     # The request that reused them says so, as OpenAI's and Fireworks' usage do.
     assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
     assert r.json()["perf_metrics"]["cached-prompt-tokens"] == str(int(reused))
+
+
+def test_programs_pending_gauge_counts_down_to_zero_while_idle(http):
+    """Warm-up leaves programs to compile in the background while idle; /metrics counts them."""
+    deadline = time.monotonic() + 300
+    while metric(http, "jaxfire_programs_pending") > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert metric(http, "jaxfire_programs_pending") == 0
