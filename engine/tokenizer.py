@@ -12,6 +12,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+# Special tokens that open or close a tool call (Mistral's [TOOL_CALLS] is a control token of
+# its tokenizer; Hermes-style templates may add <tool_call> as one): kept in decoded text even
+# when special tokens are skipped, since the reply's tool-call parser looks for them.
+TOOL_MARKERS = ("[TOOL_CALLS]", "<tool_call>", "</tool_call>")
+
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE symbol → byte."""
@@ -52,7 +57,23 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        kept = self._kept_markers
+        if not (skip_special_tokens and kept and kept.keys() & set(ids)):
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, start = [], 0  # the markers spelled out, the rest decoded as asked
+        for i, t in enumerate(ids):
+            if t in kept:
+                parts += [self.hf.decode(ids[start:i], skip_special_tokens=True), kept[t]]
+                start = i + 1
+        return "".join([*parts, self.hf.decode(ids[start:], skip_special_tokens=True)])
+
+    @cached_property
+    def _kept_markers(self) -> dict[int, str]:
+        """Tool-call markers that are special tokens of this tokenizer: id → text."""
+        vocab = self.hf.get_vocab()
+        special = {t.content for t in self.hf.added_tokens_decoder.values() if t.special}
+        return {vocab[m]: m for m in TOOL_MARKERS if m in vocab and m in special}
 
     @property
     def chat_template(self) -> str | None:

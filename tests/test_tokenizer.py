@@ -79,3 +79,24 @@ def test_template_variables_reach_the_template(tok):
         )
     finally:
         hf.chat_template = saved
+
+
+def test_a_special_tool_call_marker_stays_in_the_text(tmp_path):
+    """Mistral's [TOOL_CALLS] is a control token: skipping special tokens dropped it, and the
+    reply's tool calls went unparsed. It stays (whole and incremental); other special tokens
+    are still skipped."""
+    from serving.tool_calls import MISTRAL, parse_reply
+
+    resolve("smollm2-135m-instruct").open().save_tokenizer(tmp_path)
+    hf = Tokenizer.from_dir(tmp_path).hf
+    hf.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    tok = Tokenizer(hf)
+    reply = '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Paris"}}]'
+    ids = tok.encode(reply, add_special_tokens=False) + [hf.convert_tokens_to_ids("<|im_end|>")]
+    assert hf.decode(ids, skip_special_tokens=True) == reply.removeprefix("[TOOL_CALLS]")
+    assert tok.decode(ids) == reply  # the marker kept, <|im_end|> skipped
+    detok = IncrementalDetokenizer(tok)
+    text = "".join(detok.add(t) for t in ids)
+    assert text == reply
+    content, [call] = parse_reply(text, MISTRAL, {"weather"})
+    assert content is None and call.name == "weather"
