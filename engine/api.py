@@ -349,7 +349,7 @@ class Engine:
             self._compiler = threading.Thread(target=self._later.run, name="jaxfire-compile")
             self._compiler.start()
         else:
-            self._later.idle = lambda: True  # the loop has not started: compile it all now
+            self._later.quiet_s = 0.0  # compile it all now
             self._later.run()
 
     def close(self) -> None:

@@ -40,13 +40,19 @@ WARM_KV_LEN = 2048
 
 
 class Later:
-    """Programs left for after warm-up, compiled one at a time while `idle()` (run() stops
-    early once `closing` is set); `pending` counts those not compiled yet."""
+    """Programs left for after warm-up, compiled one at a time once `idle()` has held for
+    `quiet_s` (a closed-loop client's next request follows its last within milliseconds: a
+    compilation started in that gap slowed it); run() stops early once `closing` is set.
+    `pending` counts the programs not compiled yet."""
 
     def __init__(
-        self, jobs: list[Callable[[], object]], idle: Callable[[], bool], closing: threading.Event
+        self,
+        jobs: list[Callable[[], object]],
+        idle: Callable[[], bool],
+        closing: threading.Event,
+        quiet_s: float = 2.0,
     ):
-        self.jobs, self.idle, self.closing = jobs, idle, closing
+        self.jobs, self.idle, self.closing, self.quiet_s = jobs, idle, closing, quiet_s
         self.pending = len(jobs)
 
     def run(self) -> None:
@@ -55,13 +61,22 @@ class Later:
         log.info("compiling %d more programs in the background, while idle", self.pending)
         start = time.perf_counter()
         for job in self.jobs:
-            while not self.idle() and not self.closing.is_set():
-                self.closing.wait(0.05)
-            if self.closing.is_set():
+            if not self._quiet():
                 return
             job()
             self.pending -= 1
         log.info("background compilation done in %.1fs", time.perf_counter() - start)
+
+    def _quiet(self) -> bool:
+        """Wait until the engine has been idle for quiet_s; False if closing meanwhile."""
+        since = None
+        while not self.closing.is_set():
+            now = time.monotonic()
+            since = (since or now) if self.idle() else None
+            if since is not None and now - since >= self.quiet_s:
+                return True
+            self.closing.wait(0.05)
+        return False
 
 
 def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:

@@ -43,12 +43,15 @@ def start(checkout: Path, port: int, serve_args: list[str]) -> tuple[subprocess.
         time.sleep(0.05)
 
 
-def lone_client(port: int, requests: int) -> dict:
+def lone_client(port: int, requests: int, offset: int) -> dict:
+    """bench_serving.py's client at concurrency 1; `offset` shifts its prompts, so a second
+    run does not find the first's in the prefix cache."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run(
             [sys.executable, str(HERE / "bench_serving.py"), "--base-url",
              f"http://127.0.0.1:{port}/v1", "--concurrency", "1", "--min-requests",
-             str(requests), "--requests-per-client", str(requests), "--json", out.name],
+             str(requests), "--requests-per-client", str(requests), "--offset", str(offset),
+             "--json", out.name],
             check=True, capture_output=True,
         )  # fmt: skip
         [row] = json.loads(Path(out.name).read_text())
@@ -78,9 +81,9 @@ def main() -> None:
     proc, ready_s = start(args.checkout, args.port, serve_args)
     try:
         ready_at = time.perf_counter()
-        now = lone_client(args.port, args.requests)
+        now = lone_client(args.port, args.requests, offset=0)
         time.sleep(max(0.0, args.later_s - (time.perf_counter() - ready_at)))
-        later = lone_client(args.port, args.requests)
+        later = lone_client(args.port, args.requests, offset=1000)
     finally:
         stop(proc)
     ratio = now["output_tokens_per_s"] / later["output_tokens_per_s"]

@@ -19,7 +19,7 @@ def test_later_compiles_only_while_idle_and_counts_what_is_pending():
     done: list[int] = []
     idle = threading.Event()
     closing = threading.Event()
-    later = Later([lambda i=i: done.append(i) for i in range(3)], idle.is_set, closing)
+    later = Later([lambda i=i: done.append(i) for i in range(3)], idle.is_set, closing, 0.2)
     thread = threading.Thread(target=later.run)
     thread.start()
     time.sleep(0.3)
@@ -37,7 +37,7 @@ def test_closing_stops_the_background_between_programs():
         ran.append(i)
         closing.set()  # the engine closes while this one compiles
 
-    later = Later([lambda i=i: job(i) for i in range(3)], lambda: True, closing)
+    later = Later([lambda i=i: job(i) for i in range(3)], lambda: True, closing, 0.0)
     later.run()
     assert ran == [0] and later.pending == 2
 
