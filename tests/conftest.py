@@ -7,12 +7,18 @@ converts it once and reuses compiled programs, without touching the user's ~/.ca
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
 
-os.environ.setdefault("JAXFIRE_CACHE_DIR", tempfile.mkdtemp(prefix="jaxfire-test-cache-"))
+if "JAXFIRE_CACHE_DIR" not in os.environ:
+    # 1-3 GB a session (converted models, compiled programs): removed when pytest exits, or
+    # the runs of a day fill /tmp.
+    os.environ["JAXFIRE_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxfire-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXFIRE_CACHE_DIR"], ignore_errors=True)
 # Parity tests hold float32 logits to PyTorch's within 1e-4. On GPU and TPU, XLA's default
 # float32 matmul runs in TF32 / bf16 passes (4e-4 off on an H100); CPU is exact either way.
 jax.config.update("jax_default_matmul_precision", "highest")
