@@ -116,17 +116,17 @@ class Decoding(Fills):
         call = self.inflight
         if call is None or not self._steady(call, constrained=call.split):
             return False
-        k = 1 if call.split else self.s.decode_steps
-        kv_len, highest = self._kv_len(call.k + k), max(self.live) + 1
-        split = self._split_rows(kv_len, highest) if call.split else None
-        if call.split and split is None:
-            return False
+        if call.split:
+            kv_len = self._kv_len(call.k + 1)
+            rows = self._split_rows(kv_len, max(self.live) + 1)
+            if rows is None or not self._reserve_ahead(call.k + 1):
+                return False
+            self._send_tables()
+            self.inflight = self._split_call(kv_len, rows, None, after=call)
+            return True
+        k = self.s.decode_steps
         if not self._reserve_ahead(call.k + k):
             return False
-        if split is not None:
-            self._send_tables()
-            self.inflight = self._split_call(kv_len, split, None, after=call)
-            return True
         self.inflight = self._dispatch(k, ahead=call.k)
         self._collect(call)
         return True

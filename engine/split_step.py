@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from engine.decode_state import DecodeState, StepOutput
 from engine.kv_cache import KVCache
-from engine.step import Params, Programs
+from engine.step import Params, Programs, with_head
 
 
 class SplitPrograms:
@@ -34,16 +34,12 @@ class SplitPrograms:
             donate_argnums=1,
             **({} if cache_out is None else {"out_shardings": (cache_out, None)}),
         )
-        state_out = programs.state_shardings
-        whole = [
-            jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-            for s in jax.tree.leaves(state_out)
-        ]
+        state_out, read = programs.state_shardings, programs.read_sharding
         self.sample = jax.jit(
             self._sample,
             static_argnames=("rows",),
             donate_argnums=0,
-            **({"out_shardings": (state_out, whole[0])} if whole else {}),
+            **({} if read is None else {"out_shardings": (state_out, read)}),
         )
         self._pairs: dict[tuple[int, int], tuple[Any, Any]] = {}
 
@@ -83,9 +79,4 @@ class SplitPrograms:
     ) -> tuple[DecodeState, StepOutput]:
         head = jax.tree.map(lambda x: x[:rows], state)
         head, out = self.p.advance(head, logits, masks, head.active)
-        state = jax.tree.map(
-            lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0),
-            state,
-            head,
-        )
-        return state, jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)
+        return with_head(state, head), jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)

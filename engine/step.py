@@ -85,6 +85,7 @@ class Programs:
         state_out = {} if state_shardings is None else {"out_shardings": state_shardings}
         # What the host reads, whole on every device: every process of a mesh can read it.
         whole = [jax.sharding.NamedSharding(s.mesh, P()) for s in jax.tree.leaves(state_shardings)]
+        self.read_sharding = whole[0] if whole else None
         read_out = {"out_shardings": whole[0]} if whole else {}
         decode_out = (
             {"out_shardings": (cache_shardings, state_shardings, whole[0])}
@@ -261,12 +262,7 @@ class Programs:
         (cache, head), outputs = jax.lax.scan(lambda c, f: step(c, (None, f)), carry, later)
         if chunk is not None:
             outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
-        state = jax.tree.map(
-            lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0),
-            state,
-            head,
-        )
-        return cache, state, outputs
+        return cache, with_head(state, head), outputs
 
     def forward_rows(
         self, params: Params, cache: KVCache, st: DecodeState, kv_len: int, extra: list[Rows]
@@ -312,6 +308,13 @@ class Programs:
             sampling=batch,
         )
         return st, out
+
+
+def with_head(state: DecodeState, head: DecodeState) -> DecodeState:
+    """The state with its first rows replaced by `head` (the rows a program computed)."""
+    return jax.tree.map(
+        lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0), state, head
+    )
 
 
 def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:
