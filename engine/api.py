@@ -38,9 +38,10 @@ from engine.kv_cache import (
 )
 from engine.loading import LoadedModel, default_quantization, load_model
 from engine.lockstep import Lockstep, agreed_budget, initialize
-from engine.paging import PageAllocator, parse_bytes
+from engine.paging import parse_bytes
 from engine.requests import ChoiceUpdate, Completion, GenerationRequest, InvalidRequest
 from engine.scheduler import Scheduler, SchedulerSettings
+from engine.sharded_pages import ShardedPages
 from engine.sharding import cache_sharding, make_mesh, param_shardings, slot_shardings
 from engine.step import Programs
 from engine.tokenizer import Tokenizer
@@ -143,7 +144,7 @@ class Engine:
             self.programs,
             model.params,
             cache,
-            PageAllocator(num_pages, page_size, namespace=self.name),
+            ShardedPages(num_pages, page_size, self.mesh.shape["data"], namespace=self.name),
             self.tokenizer,
             settings,
             self.limits,

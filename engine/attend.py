@@ -5,12 +5,14 @@ Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends 
 new tokens and returns their K/V, one token per row is decode, one row of several tokens
 extends what its pages hold; each writes the cache in place. Everything else runs XLA's ops:
 write the block's K/V into its pages, gather the pages it attends to, masked float32
-softmax, grouped by KV head (no K/V repetition). An fp8 cache is encoded on the write and
+softmax, grouped by KV head (no K/V repetition), on each data shard of a mesh over its own
+pages (engine.data_parallel.per_shard). An fp8 cache is encoded on the write and
 decoded to the compute dtype on the gather (engine.kv_cache).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import jax
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 
 from engine import cpu_kernels
 from engine.config import ModelConfig
+from engine.data_parallel import per_shard
 from engine.kv_cache import read_pages, write_pages
 
 if TYPE_CHECKING:
@@ -112,14 +115,23 @@ def attend_xla(
     q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
     k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-
-    k_cache = write_pages(cache_kv[0], k, block.positions, block.page_table)
-    v_cache = write_pages(cache_kv[1], v, block.positions, block.page_table)
-
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-    keys = read_pages(k_cache, block.page_table, kv_len, dtype)
-    values = read_pages(v_cache, block.page_table, kv_len, dtype)
-    mask = attention_mask(block.positions, kv_len, window)
+    attend = functools.partial(_paged, cfg, dtype, kv_len, window)
+    args = (q, k, v, block.positions, block.page_table, cache_kv)
+    # A fresh prefill's rows are its own scratch pool, not the cache's pages.
+    out, cache_kv = attend(*args) if block.fresh else per_shard(attend, *args)
+    return out.reshape(B, T, cfg.num_heads * cfg.head_dim), cache_kv
+
+
+def _paged(cfg, dtype, kv_len: int, window: int | None, q, k, v, positions, page_table, cache_kv):
+    """Write k, v into the pages, gather the kv_len positions each row attends to, masked
+    float32 softmax: (out [B, T, K, G, D], cache)."""
+    T = q.shape[1]
+    k_cache = write_pages(cache_kv[0], k, positions, page_table)
+    v_cache = write_pages(cache_kv[1], v, positions, page_table)
+    keys = read_pages(k_cache, page_table, kv_len, dtype)
+    values = read_pages(v_cache, page_table, kv_len, dtype)
+    mask = attention_mask(positions, kv_len, window)
     if T == 1 and jax.default_backend() == "cpu":
         out = _cpu_decode_attention(q[:, 0], keys, values, mask[:, 0], dtype, cfg.attn_scale)
         out = out[:, None]
@@ -129,7 +141,7 @@ def attend_xla(
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
-    return out.reshape(B, T, cfg.num_heads * cfg.head_dim), (k_cache, v_cache)
+    return out, (k_cache, v_cache)
 
 
 def _cpu_decode_attention(q, keys, values, mask, dtype, scale: float) -> jax.Array:

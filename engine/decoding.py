@@ -36,9 +36,9 @@ from engine.fills import Fills
 from engine.grammar import DecodeMasks
 from engine.handle import DONE
 from engine.one_step import OneStepPrograms
-from engine.paging import PageAllocator
 from engine.requests import Timing
 from engine.sequences import Choice, Fill, Request, advance
+from engine.sharded_pages import ShardedPages
 from engine.step import Programs
 from engine.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ class Decoding(Fills):
         programs: Programs,
         params: Any,
         cache: Any,
-        pages: PageAllocator,
+        pages: ShardedPages,
         tokenizer: Tokenizer,
         settings: Any,
         vocab_size: int,

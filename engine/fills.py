@@ -19,9 +19,10 @@ import numpy as np
 import samplers
 from engine.decode_state import Chunk
 from engine.grammar import Grammars
-from engine.paging import OutOfPages, PageAllocator
+from engine.paging import OutOfPages
 from engine.prefill import Prefiller
 from engine.sequences import Choice, Fill, Request
+from engine.sharded_pages import ShardedPages
 from engine.slots import Slots
 from engine.step import Programs
 from engine.stop import StopMatcher
@@ -34,7 +35,7 @@ class Fills(Slots):
         programs: Programs,
         params: Any,
         cache: Any,
-        pages: PageAllocator,
+        pages: ShardedPages,
         tokenizer: Tokenizer,
         settings: Any,
         vocab_size: int,
@@ -63,13 +64,33 @@ class Fills(Slots):
         """A new sequence for `ids`, mapping the prefix cache's pages (with `reuse`) and
         reserving pages for the rest; None, and nothing held, if the pool is short."""
         seq = next(self._seq_ids)
-        cached = self.pages.admit(seq, ids if reuse else ())
+        prompt = ids if reuse else ()
+        cached = self.pages.admit(seq, prompt, self._shard_for(prompt))
         try:
             self.pages.reserve(seq, len(ids) - 1 - cached)
         except OutOfPages:
             self.pages.free(seq)
             return None
         return Fill(owner, seq, ids, cached, resume)
+
+    def _open_slots(self, shard: int | None = None) -> int:
+        """Free slots (of one data shard, or all) not promised to a sequence being filled
+        or waiting to start."""
+        shards = range(len(self.pages.shards)) if shard is None else [shard]
+        fills = (*self.filling, *self.ready)
+        waiting = collections.Counter(self.pages.shard_of(f.seq) for f in fills)
+        return sum(self.free.count(d) - waiting[d] for d in shards)
+
+    def _shard_for(self, prompt: np.ndarray | tuple) -> int:
+        """The data shard a new sequence goes to: the most open slots, then the longest
+        cached prefix of its prompt, then the most pages."""
+        pages = self.pages
+        if len(pages.shards) == 1:
+            return 0
+        return max(
+            range(len(pages.shards)),
+            key=lambda d: (self._open_slots(d), pages.cached_tokens(prompt, d), pages.available(d)),
+        )
 
     def _start_fill(self, fill: Fill) -> int:
         """Compute the fill's K/V now if it is one chunk or less (the tokens computed), else
@@ -124,12 +145,13 @@ class Fills(Slots):
         with its own sampling row. True once nothing of it waits for a slot."""
         owner = fill.owner
         r = owner.handle.request
+        shard = self.pages.shard_of(fill.seq)
         if fill.resume is not None:
-            if not self.free:
+            if not self.free.count(shard):
                 return False
             self._start_choice(owner, fill.resume, fill.seq, fill.resume.saved_row)
             return True
-        while owner.pending and self.free:
+        while owner.pending and self.free.count(shard):
             index = owner.pending[0]
             seq = fill.seq
             if len(owner.pending) > 1:

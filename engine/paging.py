@@ -127,19 +127,28 @@ class PageAllocator:
         its logits are needed, so at most (len(prompt) - 1) // page_size pages are mapped."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already exists")
-        ps, pages, keys = self.page_size, [], []
-        for i in range(max(len(prompt) - 1, 0) // ps):
-            key = self._chain(keys[-1] if keys else self._root, prompt[i * ps : (i + 1) * ps])
-            if key not in self._cache:
-                break
-            pages.append(self._cache[key])
-            keys.append(key)
+        ps, keys = self.page_size, self._cached_keys(prompt)
+        pages = [self._cache[key] for key in keys]
         for page in pages:
             self._ref(page)
         n = len(pages) * ps
         self._seqs[seq_id] = _Seq(pages, list(prompt[:n]), keys, n)
         self.hit_tokens += n
         return n
+
+    def cached_tokens(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens `admit` would map from the prefix cache now."""
+        return len(self._cached_keys(prompt)) * self.page_size
+
+    def _cached_keys(self, prompt: Sequence[int]) -> list[bytes]:
+        """Keys of the cached full pages the prompt starts with (never its last token)."""
+        ps, keys = self.page_size, []
+        for i in range(max(len(prompt) - 1, 0) // ps):
+            key = self._chain(keys[-1] if keys else self._root, prompt[i * ps : (i + 1) * ps])
+            if key not in self._cache:
+                break
+            keys.append(key)
+        return keys
 
     def reserve(self, seq_id: SeqId, n: int) -> tuple[int, int] | None:
         """Give a sequence room for n more tokens, all or nothing (OutOfPages). Return the

@@ -37,7 +37,6 @@ from engine.admission import Limits, check_request
 from engine.decoding import Decoding
 from engine.handle import DONE, Handle
 from engine.lockstep import IDLE_TICK_S, Events, Lockstep, fatal
-from engine.paging import PageAllocator
 from engine.requests import (
     ChoiceUpdate,
     EngineOverloaded,
@@ -45,6 +44,7 @@ from engine.requests import (
     Timing,
 )
 from engine.sequences import Request
+from engine.sharded_pages import ShardedPages
 from engine.step import Programs
 from engine.tokenizer import Tokenizer
 
@@ -86,7 +86,7 @@ class Scheduler(Decoding):
         programs: Programs,
         params: Any,
         cache: Any,
-        pages: PageAllocator,
+        pages: ShardedPages,
         tokenizer: Tokenizer,
         settings: SchedulerSettings,
         limits: Limits,
@@ -131,7 +131,7 @@ class Scheduler(Decoding):
             "reused_prompt_tokens": self.reused_tokens,
             "preemptions": self.preemptions,
             "kv_page_size": pool.page_size,
-            "kv_pages": pool.num_pages - 1,  # the pad page holds nobody's tokens
+            "kv_pages": pool.capacity,
             "kv_pages_used": pool.used_pages,
             "kv_pages_cached": pool.evictable_pages,
             "kv_tokens": pool.reserved_tokens,
@@ -244,17 +244,12 @@ class Scheduler(Decoding):
                 self._finish(owner, time.perf_counter())
 
     # ---- admission ------------------------------------------------------------------
-    def _open_slots(self) -> int:
-        """Free slots not promised to a sequence being filled or waiting to start."""
-        return len(self.free) - len(self.filling) - len(self.ready)
-
     def _admit(self) -> None:
         """Choices of filled prompts take free slots first, then preempted sequences resume,
         then queued requests start (FIFO, up to the prefill budget), each while a slot and
         the pages its prompt needs are free; otherwise it waits at the head of its queue."""
-        while self.ready and self.free:
-            if self._place(self.ready[0]):
-                self.ready.popleft()
+        while self.ready and self._place(self.ready[0]):
+            self.ready.popleft()
         while self.resumes and self._open_slots() > 0:
             owner, choice = self.resumes[0]
             ids = np.asarray(choice.sequence(owner.handle.request.prompt_ids), np.int32)

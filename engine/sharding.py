@@ -1,9 +1,10 @@
 """Device mesh and partition rules for params, KV cache and decode state.
 
 Mesh axes are ("data", "model"): tensor parallel over "model" (attention heads, MLP
-width, vocabulary, a mixture's experts), data parallel over "data" (decode slots). A
-dimension that the axis does not divide is replicated instead, so any mesh runs any model;
-XLA inserts the collectives. On one device every rule degenerates to "replicated".
+width, vocabulary, a mixture's experts), data parallel over "data" (decode slots and KV
+pages, each shard owning its own: engine.data_parallel). A dimension that the axis does
+not divide is replicated instead, so any mesh runs any model; XLA inserts the collectives.
+On one device every rule degenerates to "replicated".
 
 Multi-host (TPU pod slices): call `engine.lockstep.initialize()` in every host process
 before building the mesh (`Engine.from_pretrained(..., distributed=True)` does it); the
@@ -73,9 +74,9 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 
 
 def cache_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """KV page pools [num_pages, kv_heads, page_size, head_dim]: pages over data, heads over
-    model. With one page per slot (page s for slot s) a slot's page lies on the data shard
-    of its row of the decode state, as its cache row did."""
+    """KV page pools [num_pages, kv_heads, page_size, head_dim]: pages over data (each shard
+    a contiguous block, whose pages only its own sequences take: engine.data_parallel),
+    heads over model."""
     return _fit(mesh, shape, ("data", "model", None, None))
 
 

@@ -18,7 +18,6 @@ and continue exactly where it stopped.
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import logging
 from typing import Any
@@ -26,8 +25,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from engine.paging import PAD_PAGE, OutOfPages, PageAllocator, pages_for
+from engine.data_parallel import FreeSlots
+from engine.paging import PAD_PAGE, OutOfPages, pages_for
 from engine.sequences import Choice, Request
+from engine.sharded_pages import ShardedPages
 from engine.step import Programs
 
 log = logging.getLogger("jaxfire.engine")
@@ -35,17 +36,18 @@ log = logging.getLogger("jaxfire.engine")
 
 class Slots:
     def __init__(
-        self, programs: Programs, cache: Any, pages: PageAllocator, settings: Any, vocab_size: int
+        self, programs: Programs, cache: Any, pages: ShardedPages, settings: Any, vocab_size: int
     ):
         """`settings`: the scheduler's (max_slots, max_len, max_bias are read here)."""
         self.p, self.cache, self.pages, self.s = programs, cache, pages, settings
         slots = settings.max_slots
         self.tables = np.full((slots, programs.pages_per_seq), PAD_PAGE, np.int32)
         self.tables_changed = False
+        self.order = programs.order  # where each slot's row is in the state
         self.state = programs.empty_state(self.tables, vocab_size, settings.max_bias)
-        # A heap: new sequences take the lowest free slot, which keeps the live ones packed
-        # low and the decoded slot bucket small.
-        self.free = list(range(slots))
+        # New sequences take the lowest free slot of their shard, which keeps the live ones
+        # packed low and the decoded slot bucket small.
+        self.free = FreeSlots(slots, len(pages.shards))
         self.slot_pos = np.zeros(slots, np.int64)  # next input position, host copy
         self.live: dict[int, tuple[Request, Choice]] = {}  # slot → owner
         self.resumes: collections.deque[tuple[Request, Choice]] = collections.deque()
@@ -55,10 +57,11 @@ class Slots:
     def _start_choice(self, owner: Request, choice: Choice, seq: int, row: Any) -> None:
         r, handle = owner.handle.request, owner.handle
         ids = choice.sequence(r.prompt_ids)
-        slot = self.free[0]
+        shard = self.pages.shard_of(seq)
+        slot = self.free.lowest(shard)
         self.state = self.p.start_slot(
             self.state,
-            np.int32(slot),
+            self._row(slot),
             np.int32(ids[-1]),
             np.int32(len(ids) - 1),
             np.int32(handle.max_tokens - len(choice.token_ids)),
@@ -66,12 +69,16 @@ class Slots:
             np.bool_(r.top_logprobs is not None),
             row,
         )
-        heapq.heappop(self.free)  # only now: a failed program above leaves the slot free
+        self.free.take(shard)  # only now: a failed program above leaves the slot free
         choice.seq, choice.slot, choice.saved_row = seq, slot, None
         choice.order = next(self._order)
         self.live[slot] = (owner, choice)
         self.slot_pos[slot] = len(ids) - 1
         self._set_table(slot, seq)
+
+    def _row(self, slot: int) -> np.int32:
+        """The slot's row of the decode state (engine.data_parallel.RowOrder)."""
+        return np.int32(self.order.row(slot, self.s.max_slots))
 
     def _table_row(self, seq: int) -> np.ndarray:
         return self.pages.page_table([seq], self.p.pages_per_seq)[0]
@@ -89,10 +96,10 @@ class Slots:
         self.pages.commit(choice.seq, done[self.pages.committed(choice.seq) :])
         self.pages.free(choice.seq)
         del self.live[slot]
-        heapq.heappush(self.free, slot)
+        self.free.put(slot)
         self._set_table(slot, None)
         choice.slot = None
-        self.state = self.p.stop_slot(self.state, np.int32(slot))
+        self.state = self.p.stop_slot(self.state, self._row(slot))
 
     def _release(self, owner: Request, choice: Choice) -> None:
         choice.finished = True
@@ -102,7 +109,7 @@ class Slots:
         """Free a decoding sequence's pages for the others; it resumes (recomputed, mostly
         from the prefix cache) with its tokens and sampling state as they are."""
         owner, choice = self.live[slot]
-        choice.saved_row = self.p.sampling_row(self.state, np.int32(slot))
+        choice.saved_row = self.p.sampling_row(self.state, self._row(slot))
         self._end_sequence(owner, choice)
         self.resumes.appendleft((owner, choice))  # the earliest started resumes first
         self.preemptions += 1
@@ -149,5 +156,6 @@ class Slots:
         """The host's page table to the decode state, if a row changed since the last call."""
         if self.tables_changed:
             sharding = self.state.page_table.sharding
-            self.state = self.state.replace(page_table=jax.device_put(self.tables.copy(), sharding))
+            rows = self.order.rows(self.tables).copy()
+            self.state = self.state.replace(page_table=jax.device_put(rows, sharding))
             self.tables_changed = False

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from engine.decode_state import DecodeState, StepOutput
 from engine.kv_cache import KVCache
-from engine.step import Params, Programs, with_head
+from engine.step import Params, Programs
 
 
 class SplitPrograms:
@@ -55,7 +55,9 @@ class SplitPrograms:
         be arrays or their jax.ShapeDtypeStructs."""
         key = (kv_len, rows)
         if key not in self._pairs:
-            forward = self.forward.lower(params, cache, state, kv_len=kv_len, rows=rows).compile()
+            with self.p.on_mesh():
+                forward = self.forward.lower(params, cache, state, kv_len=kv_len, rows=rows)
+            forward = forward.compile()
             _, logits = jax.eval_shape(
                 lambda *a: self._forward(*a, kv_len=kv_len, rows=rows), params, cache, state
             )
@@ -70,13 +72,15 @@ class SplitPrograms:
     def _forward(
         self, params: Params, cache: KVCache, state: DecodeState, *, kv_len: int, rows: int
     ) -> tuple[KVCache, jax.Array]:
-        head = jax.tree.map(lambda x: x[:rows], state)
+        head = self.p.order.head(state, rows)
         logits, cache = self.p.forward_rows(params, cache, head, kv_len, [])
         return cache, logits
 
     def _sample(
         self, state: DecodeState, logits: jax.Array, masks: jax.Array, *, rows: int
     ) -> tuple[DecodeState, StepOutput]:
-        head = jax.tree.map(lambda x: x[:rows], state)
-        head, out = self.p.advance(head, logits, masks, head.active)
-        return with_head(state, head), jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)
+        order = self.p.order
+        head = order.head(state, rows)
+        head, out = self.p.advance(head, logits, order.to_rows(masks), head.active)
+        out = jax.tree.map(lambda x: jnp.expand_dims(order.to_slots(x), 0), out)
+        return order.with_head(state, head), out

@@ -33,6 +33,7 @@ uses the smallest one compiled, so smaller buckets can compile in the background
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -43,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 import samplers
 from engine import cpu_kernels
 from engine.config import ModelConfig
+from engine.data_parallel import RowOrder
 from engine.decode_state import Chunk, DecodeState, StepOutput
 from engine.kv_cache import KVCache, copy_page, write_prefix
 from engine.model import Rows, Transformer, logits_from_hidden
@@ -86,6 +88,10 @@ class Programs:
         # What the host reads, whole on every device: every process of a mesh can read it.
         whole = [jax.sharding.NamedSharding(s.mesh, P()) for s in jax.tree.leaves(state_shardings)]
         self.read_sharding = whole[0] if whole else None
+        # Programs reading the cache are traced under the mesh: attention runs per data
+        # shard on its own pages (engine.data_parallel).
+        self.mesh = whole[0].mesh if whole else None
+        self.order = RowOrder(self.mesh.shape["data"] if self.mesh else 1)
         read_out = {"out_shardings": whole[0]} if whole else {}
         decode_out = (
             {"out_shardings": (cache_shardings, state_shardings, whole[0])}
@@ -135,11 +141,16 @@ class Programs:
         if key not in self._decoders:
             extra = (self.chunk_shape(chunk),) if chunk else ()
             masks = self.masks_shape(rows)
-            lowered = self.decode.lower(
-                params, cache, state, masks, *extra, k=k, kv_len=kv_len, rows=rows
-            )
+            with self.on_mesh():
+                lowered = self.decode.lower(
+                    params, cache, state, masks, *extra, k=k, kv_len=kv_len, rows=rows
+                )
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """The context programs reading the cache are traced in: their mesh, if any."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def masks_shape(self, rows: int) -> jax.ShapeDtypeStruct:
         """The grammar masks of a decode call over `rows` slots (samplers.mask)."""
@@ -177,7 +188,8 @@ class Programs:
             ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
             scalar = jax.ShapeDtypeStruct((), jnp.int32)
             pages = jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32)
-            lowered = self.extend.lower(params, cache, ids, scalar, scalar, pages)
+            with self.on_mesh():
+                lowered = self.extend.lower(params, cache, ids, scalar, scalar, pages)
             self._extenders[tokens] = lowered.compile()
         return self._extenders[tokens]
 
@@ -243,6 +255,7 @@ class Programs:
         """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]. masks:
         i32[rows, W], each row's allowed tokens; a constrained row takes the first step only.
         A chunk rides in the first step: the same model call computes its K/V into its pages."""
+        masks = self.order.to_rows(masks)
         # Rows with a grammar wait after their first token: the host has the next mask.
         once = samplers.mask.constrained(masks)
 
@@ -254,7 +267,7 @@ class Programs:
             st, out = self.advance(st, logits, masks, st.active & (first | ~once))
             return (cache, st), out
 
-        head = jax.tree.map(lambda x: x[:rows], state)
+        head = self.order.head(state, rows)
         carry = (cache, head)
         if chunk is not None:
             carry, first = step(carry, (chunk, True))
@@ -262,7 +275,8 @@ class Programs:
         (cache, head), outputs = jax.lax.scan(lambda c, f: step(c, (None, f)), carry, later)
         if chunk is not None:
             outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
-        return cache, with_head(state, head), outputs
+        outputs = jax.tree.map(lambda x: self.order.to_slots(x, axis=1), outputs)
+        return cache, self.order.with_head(state, head), outputs
 
     def forward_rows(
         self, params: Params, cache: KVCache, st: DecodeState, kv_len: int, extra: list[Rows]
@@ -308,13 +322,6 @@ class Programs:
             sampling=batch,
         )
         return st, out
-
-
-def with_head(state: DecodeState, head: DecodeState) -> DecodeState:
-    """The state with its first rows replaced by `head` (the rows a program computed)."""
-    return jax.tree.map(
-        lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0), state, head
-    )
 
 
 def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:

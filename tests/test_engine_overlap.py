@@ -18,9 +18,10 @@ import numpy as np
 from engine.admission import Limits
 from engine.config import ModelConfig
 from engine.decode_state import StepOutput
-from engine.paging import PAD_PAGE, PageAllocator
+from engine.paging import PAD_PAGE
 from engine.requests import GenerationRequest, SamplingParams
 from engine.scheduler import Scheduler, SchedulerSettings
+from engine.sharded_pages import ShardedPages
 from engine.step import Programs
 from serving.testing import EOS, FakeTokenizer
 from tests.tiny_config import TINY
@@ -124,7 +125,7 @@ def make_scheduler(monkeypatch, events: list, pages: int = 8 * MAX_LEN // PAGE +
     settings = SchedulerSettings(max_slots=8, max_len=MAX_LEN, decode_steps=K)
     limits = Limits(vocab_size=VOCAB, context_window=MAX_LEN, max_top_logprobs=2, max_logit_bias=8)
     return Scheduler(
-        programs, None, cache, PageAllocator(pages, PAGE), FakeTokenizer(), settings, limits
+        programs, None, cache, ShardedPages(pages, PAGE), FakeTokenizer(), settings, limits
     )
 
 
