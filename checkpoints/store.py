@@ -13,10 +13,15 @@ A stored checkpoint is a folder:
     jaxfire_checkpoint.json    the format and the caller's metadata; written last, inside a
                                temporary folder that is renamed into place, so its presence
                                means the save finished
+
+Several processes (hosts sharing a filesystem) may save the same checkpoint at once: each
+writes its own temporary folder, and rename() onto a folder that holds files fails (POSIX; NFS
+too), so the first to finish wins and, unless told to replace, the others drop their copy.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -64,7 +69,15 @@ def _stored_format(path: Path) -> int | None:
 def is_complete(path: str | Path) -> bool:
     """True only for a folder that a `save` of this format finished writing."""
     path = Path(path).expanduser()
-    return (path / _ARRAYS).is_dir() and _stored_format(path) == FORMAT
+    if _stored_format(path) != FORMAT:
+        return False
+    # Every part too: under jax.distributed orbax wrote host arrays from process 0 alone, and
+    # the other hosts' conversions left a marker over no arrays (engine.loading now avoids it).
+    try:
+        parts = json.loads((path / _ARRAYS / _PARTS).read_text())["parts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((path / _ARRAYS / str(i)).is_dir() for i in range(len(parts)))
 
 
 def refuse_other_format(path: str | Path) -> None:
@@ -148,14 +161,17 @@ def save(
     config: dict | None = None,
     generation_config: dict | None = None,
     write_tokenizer: Callable[[Path], None] | None = None,
+    replace: bool = True,
 ) -> Path:
-    """Save a tree of nested dicts at `path`, replacing what is there.
+    """Save a tree of nested dicts at `path`, replacing what is there (with `replace` false, a
+    complete checkpoint already there is kept: another process's save of the same tree).
 
     A leaf is an array (numpy, or jax on this host) or a function that returns one, called
     when its turn comes: its array is written with its part and then dropped, so a tree of
     functions is saved holding one array at a time (and at most _PART_BYTES of small ones).
     Everything is written into a temporary sibling folder first and renamed into place, so an
-    interrupted save leaves no folder that `is_complete` accepts. Single-host only.
+    interrupted save leaves no folder that `is_complete` accepts. One process of JAX only:
+    under jax.distributed orbax writes host arrays from process 0 alone.
     """
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,17 +185,33 @@ def save(
         if write_tokenizer is not None:
             write_tokenizer(tmp)
         _write_json(tmp / _MARKER, {"format": FORMAT, "metadata": metadata})
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the finished folder `tmp` to `path`. The rename fails while a folder with files
+    is there: a complete one is kept (unless `replace`) and `tmp` dropped; anything else is
+    moved aside and removed, and the rename tried again (another process may publish first)."""
+    while True:
+        try:
+            os.rename(tmp, path)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not replace and is_complete(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        try:
+            os.rename(path, old / path.name)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _require_complete(path: Path) -> None:

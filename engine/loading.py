@@ -4,6 +4,11 @@ The first load of a source reads it through checkpoints/ (HF safetensors, GGUF),
 names onto the engine's tree and saves that tree, tensor by tensor in the source's dtype, as
 orbax checkpoints in the cache folder (engine.disk_cache); later loads restore straight from
 there, each array placed with its sharding and cast to the compute dtype.
+
+Several processes may convert into one cache folder at once (the hosts of a slice sharing a
+filesystem): the first to finish publishes it, the others drop theirs (checkpoints.store).
+Under jax.distributed a host converts in a child process of single-process JAX: orbax writes
+host arrays from process 0 alone there, so the other hosts' folders would hold no arrays.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from checkpoints import gguf, registry, store
+from checkpoints import CheckpointError, gguf, registry, store
 from engine import disk_cache
 from engine.config import ModelConfig
 from engine.quantize import check_format, quantize_layer
@@ -47,7 +55,8 @@ def convert(
     progress: bool = True,
     dtype: str | None = None,
 ) -> Path:
-    """Convert a source into a jaxfire checkpoint at dst (default: the cache).
+    """Convert a source into a jaxfire checkpoint at dst, replacing what is there (default:
+    the cache, where a complete conversion, another process's perhaps, is kept instead).
 
     Matrices keep the source's dtype (a quantized GGUF tensor becomes float32), or take
     `dtype` ("float32", "bfloat16", "float16"); norm weights are float32 either way. The
@@ -57,8 +66,11 @@ def convert(
     resolved = registry.resolve(name_or_path)
     if store.is_complete(resolved.source):
         return resolved.source
-    if dst is None:
+    cached = dst is None
+    if cached:
         dst = disk_cache.converted_dir(resolved.name, resolved.source, dtype or "auto")
+        if store.is_complete(dst):
+            return dst
     ckpt = resolved.open()
     config = ModelConfig.from_hf(ckpt.config)
     ckpt.require_tokenizer()
@@ -87,9 +99,25 @@ def convert(
             config=ckpt.config,
             generation_config=ckpt.generation_config,
             write_tokenizer=ckpt.save_tokenizer,
+            replace=not cached,
         )
     finally:
         bar.close()
+
+
+def _convert_in_a_child(name_or_path: str) -> None:
+    """`convert(name_or_path)` into the cache, in a child process of single-process JAX on the
+    CPU (see the module's docstring); its progress and errors go to this process's stderr."""
+    code = "import sys; from engine.loading import convert; convert(sys.argv[1])"
+    root = str(Path(__file__).resolve().parents[1])  # where this copy of jaxfire is imported from
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", code, name_or_path], env=env)
+    if done.returncode != 0:
+        raise CheckpointError(
+            f"converting {name_or_path} failed in its child process (exit status "
+            f"{done.returncode}; its error is above)"
+        )
 
 
 def load_model(
@@ -109,7 +137,14 @@ def load_model(
     cached = disk_cache.converted_dir(resolved.name, resolved.source, "auto")
     folder = resolved.source if store.is_complete(resolved.source) else cached
     if not store.is_complete(folder):
-        convert(name_or_path, folder)
+        if jax.process_count() > 1:
+            _convert_in_a_child(name_or_path)
+        else:
+            convert(name_or_path)
+    if jax.process_count() > 1:
+        # orbax's restore waits 5 minutes at most for the other processes at its barriers:
+        # wait here instead, for as long as the slowest host's conversion takes.
+        multihost_utils.sync_global_devices("jaxfire: converted weights on every host")
     info = store.load_info(folder)
     config = ModelConfig.from_hf(info.config or {})
     abstract = store.stored_arrays(folder)

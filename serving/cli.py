@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 import jax
 
@@ -174,12 +175,12 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("jaxfire").setLevel(chosen)
 
 
-def _distributed_args(p: argparse.ArgumentParser) -> None:
+def _distributed_args(p: argparse.ArgumentParser, leader: str) -> None:
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="one of several host processes serving the model together (jax.distributed; "
-        "detected on Cloud TPU VMs, else the three flags below): process 0 serves HTTP",
+        help="one of several host processes running the model together (jax.distributed; "
+        f"detected on Cloud TPU VMs, else the three flags below): process 0 {leader}",
     )
     p.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a port")
     p.add_argument("--num-processes", type=_int_in(1), help="processes in all")
@@ -199,7 +200,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
     """The engine; `warmup=False` compiles only what the first requests use (a one-shot
     `generate`), instead of every program a server needs."""
     registry.resolve(args.model)  # a wrong --model fails now, not after the kernels build
-    distributed = getattr(args, "distributed", False)  # serve's flag
+    distributed = getattr(args, "distributed", False)  # serve's and generate's flag
     if distributed:
         _start_distributed(args)
     mesh = make_mesh(args.data_parallel, args.tensor_parallel)  # likewise a mesh too big
@@ -256,10 +257,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
         engine.close()  # stops the background compilation too, so Ctrl-C exits promptly
 
 
+def _text_only_stdout() -> TextIO:
+    """This process's stdout, kept for the generated text alone: file descriptor 1 goes to
+    stderr from now on, where gloo's "[Gloo] Rank 1 is connected" lines then land (its CPU
+    collectives print them on stdout, every process)."""
+    sys.stdout.flush()
+    text = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return text
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     request = dict(max_tokens=args.max_tokens)
+    stdout = _text_only_stdout() if args.distributed else sys.stdout
     engine = _load(args, warmup=False)
+    if args.distributed and jax.process_index() != 0:
+        # Process 0 submits the request and broadcasts it (engine.lockstep); this process
+        # runs the same programs with it until process 0 stops the engine, and prints nothing.
+        engine.close()
+        return
     try:
         if args.chat:
             [out] = engine.chat([{"role": "user", "content": args.prompt}], params, **request)
@@ -267,7 +284,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             [out] = engine.generate([args.prompt], params, **request)
     finally:
         engine.close()
-    print(out.text)
+    print(out.text, file=stdout, flush=True)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -286,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_int_in(1, 65535), default=8000)
     serve.add_argument("--api-key", help="require this Bearer key (or set JAXFIRE_API_KEY)")
     serve.add_argument("--max-body-bytes", type=_int_in(1), default=2_000_000)
-    _distributed_args(serve)
+    _distributed_args(serve, "serves HTTP")
     serve.set_defaults(run=cmd_serve)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the text")
@@ -297,6 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
+    _distributed_args(gen, "prints the text, the others nothing")
     gen.set_defaults(run=cmd_generate, max_seqs=1)
 
     conv = sub.add_parser("convert", help="convert weights into a jaxfire (orbax) checkpoint")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,31 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(store.restore(tmp_path / "c")["w"]), np.ones(3))
     assert store.load_info(tmp_path / "c").metadata == {"v": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_save_without_replace_keeps_a_complete_checkpoint_and_drops_its_own(tmp_path):
+    """What the loser of two processes saving one checkpoint at once does."""
+    store.save(tmp_path / "c", {"w": np.zeros(3)}, metadata={"v": 1})
+    store.save(tmp_path / "c", {"w": np.ones(3)}, metadata={"v": 2}, replace=False)
+    np.testing.assert_array_equal(np.asarray(store.restore(tmp_path / "c")["w"]), np.zeros(3))
+    assert store.load_info(tmp_path / "c").metadata == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_save_without_replace_replaces_an_incomplete_folder(tmp_path):
+    store.save(tmp_path / "c", {"w": np.zeros(3)}, metadata={"v": 1})
+    (tmp_path / "c" / "jaxfire_checkpoint.json").unlink()
+    store.save(tmp_path / "c", {"w": np.ones(3)}, metadata={"v": 2}, replace=False)
+    np.testing.assert_array_equal(np.asarray(store.restore(tmp_path / "c")["w"]), np.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_a_folder_missing_a_part_is_not_complete(tmp_path):
+    """As a host other than process 0 used to leave it under jax.distributed: the marker and
+    parts.json written, the arrays not (orbax writes host arrays from process 0 alone)."""
+    store.save(tmp_path / "c", {"w": np.ones(3)}, metadata={})
+    shutil.rmtree(tmp_path / "c" / "arrays" / "0")
+    assert not store.is_complete(tmp_path / "c")
 
 
 def test_wrong_shape_or_structure_is_a_checkpoint_error(tmp_path):

@@ -9,9 +9,7 @@ are checked in-process through `main`.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,8 @@ from checkpoints import CheckpointError
 from checkpoints.validate import expected_shapes
 from engine import loading
 from serving.cli import main
+from tests.console import JAXFIRE, cpu_env
 
-JAXFIRE = Path(sys.executable).parent / "jaxfire"
 _CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -65,10 +63,9 @@ def runs(tmp_path_factory):
             "hi",
         ],
     }
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = {
         case: subprocess.Popen(
-            [str(JAXFIRE), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+            [str(JAXFIRE), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cpu_env()
         )
         for case, argv in cases.items()
     }
@@ -184,14 +181,9 @@ def test_generate_on_a_mesh_from_the_flags_equals_one_device():
     one device (tests/test_engine_mesh holds meshes to single-device tokens in detail)."""
 
     def generate(devices: int, *flags: str) -> str:
-        env = {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        }
         argv = ["generate", "--max-tokens", "12", "--max-len", "256", *flags, "The sea is"]
         done = subprocess.run(
-            [str(JAXFIRE), *argv], capture_output=True, text=True, env=env, timeout=600
+            [str(JAXFIRE), *argv], capture_output=True, text=True, env=cpu_env(devices), timeout=600
         )
         assert done.returncode == 0, done.stderr
         return done.stdout

@@ -1,69 +1,71 @@
-"""Two host processes serve one model in lockstep (engine.lockstep), as the README starts
-them: `jaxfire serve --distributed --coordinator 127.0.0.1:PORT --num-processes 2
---process-id I`, jax.distributed on loopback with the CPU collectives (gloo), each process
-with 2 simulated devices and one mesh over all 4 (data 2 x model 2). Process 0 serves HTTP,
-process 1 only /health. Tokens are held to HF transformers' greedy ones on the tiny random
-Llama (what the one-device engine tests hold it to)."""
+"""Two host processes run one model in lockstep (engine.lockstep), as the README starts them:
+`jaxfire serve --distributed --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I`
+(and `jaxfire generate --distributed ...`), jax.distributed on loopback with the CPU
+collectives (gloo), each process with 2 simulated devices and one mesh over all 4 (data 2 x
+model 2). Process 0 serves HTTP, process 1 only /health. Tokens are held to HF transformers'
+greedy ones on the tiny random Llama (what the one-device engine tests hold it to)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests import engine_fixtures as F
+from tests.console import JAXFIRE, REPO, cpu_env
 
 pytest.importorskip("torch")
 
+from checkpoints import store  # noqa: E402
 from engine.lockstep import HEADER, _broadcast  # noqa: E402
 from serving.testing import free_port  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--max-len", "64", "--max-seqs", "4", "--kv-cache-memory", "64MiB"]
 MESH = ["--data-parallel", "2", "--tensor-parallel", "2"]
 PROMPTS = [[101, 2045, 777, 3100, 4242, 999], [300, 301, 302], [7000, 12, 4000, 5, 9]]
 
 
 class Pair:
-    """Processes 0 and 1 of one distributed server, each logging to its own file."""
+    """Processes 0 and 1 of one distributed `jaxfire` command, each process's stdout and
+    stderr in files of its own."""
 
-    def __init__(self, tmp: Path, *flags: str):
-        from engine.loading import convert
-
+    def __init__(self, tmp: Path, command: str, *flags: str, caches: Sequence[Path] = ()):
+        """`caches`: each process's own JAXFIRE_CACHE_DIR (hosts that share no filesystem);
+        by default the session's, the checkpoint converted there first (sooner than in each
+        process: engine.loading converts in a child process under jax.distributed)."""
         model = F.tiny_model_dir()
-        convert(str(model), progress=False)  # once, before two processes want it
+        if not caches:
+            from engine.loading import convert
+
+            convert(str(model), progress=False)
         coordinator = f"127.0.0.1:{free_port()}"
         self.ports = [free_port(), free_port()]
-        env = {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "PYTHONPATH": str(REPO),
-        }
+        self.outs = [tmp / f"process-{i}.out" for i in range(2)]
         self.logs = [tmp / f"process-{i}.log" for i in range(2)]
         self.procs = []
         for i in range(2):
-            argv = ["serve", "--model", str(model), "--port", str(self.ports[i]), *flags]
+            argv = [command, "--model", str(model), *flags]
+            if command == "serve":
+                argv += ["--port", str(self.ports[i])]
             argv += ["--distributed", "--coordinator", coordinator]
             argv += ["--num-processes", "2", "--process-id", str(i)]
-            with open(self.logs[i], "wb") as log:
+            env = cpu_env(2, JAXFIRE_CACHE_DIR=str(caches[i])) if caches else cpu_env(2)
+            with open(self.outs[i], "wb") as out, open(self.logs[i], "wb") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "serving.cli", *argv],
-                        cwd=REPO,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
+                        [str(JAXFIRE), *argv], cwd=REPO, env=env, stdout=out, stderr=log
                     )
                 )
         self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def out(self, i: int) -> str:
+        return self.outs[i].read_text(errors="replace")
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text(errors="replace")
@@ -99,7 +101,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    servers = Pair(tmp_path_factory.mktemp("pair"), *SMALL, *MESH)
+    servers = Pair(tmp_path_factory.mktemp("pair"), "serve", *SMALL, *MESH)
     try:
         servers.wait_ready()
         yield servers
@@ -183,7 +185,7 @@ def test_sigterm_on_process_0_stops_both(pair):
 
 def test_a_process_that_dies_ends_the_other_with_an_error(tmp_path):
     smallest = ["--max-len", "32", "--max-seqs", "2", "--kv-cache-memory", "64MiB"]
-    servers = Pair(tmp_path, *smallest, *MESH)
+    servers = Pair(tmp_path, "serve", *smallest, *MESH)
     try:
         servers.wait_ready()
         servers.procs[1].kill()
@@ -194,3 +196,28 @@ def test_a_process_that_dies_ends_the_other_with_an_error(tmp_path):
         assert "the distributed engine stopped" in servers.log(0)
     finally:
         servers.kill()
+
+
+def test_generate_prints_the_text_of_one_device_on_process_0_alone(tmp_path):
+    """Each process has a cache folder of its own (hosts that share no filesystem), so each
+    converts the checkpoint itself, under jax.distributed."""
+    flags = ["--max-len", "64", "--kv-cache-memory", "64MiB", "--max-tokens", "8", "The sea is"]
+    argv = [str(JAXFIRE), "generate", "--model", str(F.tiny_model_dir()), *flags]
+    one = subprocess.Popen(
+        argv, env=cpu_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    caches = [tmp_path / f"cache-{i}" for i in range(2)]
+    pair = Pair(tmp_path, "generate", *flags, *MESH, caches=caches)
+    try:
+        text, log = one.communicate(timeout=600)
+        assert one.returncode == 0, log[-3000:]
+        for i in range(2):
+            assert pair.wait_exit(i, 600) == 0, pair.log(i)[-3000:]
+    finally:
+        one.kill()
+        pair.kill()
+    assert text.strip() and pair.out(0) == text
+    assert pair.out(1) == ""
+    for cache in caches:
+        [folder] = cache.glob("tiny-llama-*")
+        assert store.is_complete(folder)
