@@ -101,7 +101,10 @@ class Engine:
             max_logit_bias=settings.max_bias,
         )
         self.mesh = mesh or make_mesh()
-        settings = dataclasses.replace(settings, min_slot_bucket=self.mesh.shape["data"])
+        # Every data shard owns as many slots (engine.data_parallel): at least one each.
+        shards = self.mesh.shape["data"]
+        slots = -(-settings.max_slots // shards) * shards
+        settings = dataclasses.replace(settings, max_slots=slots, min_slot_bucket=shards)
         dtype = model.dtype
         kv_dtype = kv_dtype_named(kv_cache_dtype or dtype)
         if model.packed and kv_dtype == E4M3:
@@ -192,7 +195,8 @@ class Engine:
         each riding in the first step of the running sequences' decode call, the chunk
         taking the budget their rows leave (so a long document no longer freezes every
         stream for its whole prefill). `max_seqs` (alias `max_slots`, default
-        16) bounds the sequences decoded together, `max_len` (default: the model's context
+        16; rounded up to a multiple of the mesh's data shards, which own as many each)
+        bounds the sequences decoded together, `max_len` (default: the model's context
         length) each one's tokens; the KV cache takes `kv_cache_memory` bytes (or "4GiB";
         default kv_cache.default_budget) in pages of `page_size` tokens, stored as
         `kv_cache_dtype` (default: the compute dtype; bfloat16 or float16 halve a float32
