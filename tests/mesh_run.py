@@ -95,7 +95,7 @@ def mesh_main() -> None:
         result = {
             "mesh": [data, model],
             "tokens": [list(c.token_ids) for c in first],
-            "again": [list(c.token_ids) for c in again],
+            "again": again,
             "recompiles": recompiles,
             "cache_spec": spec(engine.scheduler.cache[0][0]),
             "state_spec": spec(engine.scheduler.state.sampling.counts),
