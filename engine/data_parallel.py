@@ -131,9 +131,8 @@ def per_shard(attend: Callable, q, k, v, positions, page_table, cache_kv) -> tup
     split = q.shape[0] > 1
     rows = P("data") if split else P()
 
-    def local(q, k, v, positions, page_table, cache_kv):
-        pages = jax.tree.leaves(cache_kv)[0].shape[0]
-        me = jax.lax.axis_index("data")
+    def local(me, q, k, v, positions, page_table, cache_kv):
+        me, pages = me[0], jax.tree.leaves(cache_kv)[0].shape[0]
         ids = page_table - me * pages
         ids = jnp.where((ids >= 0) & (ids < pages), ids, pages)
         out, cache_kv = attend(q, k, v, positions, ids, cache_kv)
@@ -143,9 +142,12 @@ def per_shard(attend: Callable, q, k, v, positions, page_table, cache_kv) -> tup
         return out, cache_kv
 
     pools = jax.tree.map(lambda _: P("data"), cache_kv)
+    # Each shard's index as data split over "data" (lax.axis_index lowers to a partition id,
+    # which XLA's partitioner refuses where "model" stays automatic and the heads replicated).
+    shard_ids = jnp.arange(shards, dtype=jnp.int32)
     return jax.shard_map(
         local,
-        in_specs=(rows, rows, rows, rows, rows, pools),
+        in_specs=(P("data"), rows, rows, rows, rows, rows, pools),
         out_specs=(rows, pools),
         axis_names={"data"},
-    )(q, k, v, positions, page_table, cache_kv)
+    )(shard_ids, q, k, v, positions, page_table, cache_kv)
