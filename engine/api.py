@@ -119,7 +119,7 @@ class Engine:
             agreed_budget(kv_cache_memory if kv_cache_memory is not None else default_budget()),
             settings.max_slots,
             settings.max_len,
-            multiple=self.mesh.shape["data"],
+            multiple=shards,
         )
         pages_per_seq = -(-settings.max_len // page_size)
         # Made where it lives, page shards on their devices (a cache made whole and then
@@ -147,7 +147,7 @@ class Engine:
             self.programs,
             model.params,
             cache,
-            ShardedPages(num_pages, page_size, self.mesh.shape["data"], namespace=self.name),
+            ShardedPages(num_pages, page_size, shards, namespace=self.name),
             self.tokenizer,
             settings,
             self.limits,

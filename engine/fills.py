@@ -73,23 +73,24 @@ class Fills(Slots):
             return None
         return Fill(owner, seq, ids, cached, resume)
 
-    def _open_slots(self, shard: int | None = None) -> int:
-        """Free slots (of one data shard, or all) not promised to a sequence being filled
-        or waiting to start."""
-        shards = range(len(self.pages.shards)) if shard is None else [shard]
-        fills = (*self.filling, *self.ready)
-        waiting = collections.Counter(self.pages.shard_of(f.seq) for f in fills)
-        return sum(self.free.count(d) - waiting[d] for d in shards)
+    def _open_slots(self) -> int:
+        """Free slots not promised to a sequence being filled or waiting to start."""
+        return len(self.free) - len(self.filling) - len(self.ready)
 
     def _shard_for(self, prompt: np.ndarray | tuple) -> int:
-        """The data shard a new sequence goes to: the most open slots, then the longest
-        cached prefix of its prompt, then the most pages."""
+        """The data shard a new sequence goes to: the most open slots (free, not promised to
+        a fill), then the longest cached prefix of its prompt, then the most pages."""
         pages = self.pages
         if len(pages.shards) == 1:
             return 0
+        promised = collections.Counter(pages.shard_of(f.seq) for f in (*self.filling, *self.ready))
         return max(
             range(len(pages.shards)),
-            key=lambda d: (self._open_slots(d), pages.cached_tokens(prompt, d), pages.available(d)),
+            key=lambda d: (
+                self.free.count(d) - promised[d],
+                pages.cached_tokens(prompt, d),
+                pages.available(d),
+            ),
         )
 
     def _start_fill(self, fill: Fill) -> int:

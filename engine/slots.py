@@ -43,7 +43,6 @@ class Slots:
         slots = settings.max_slots
         self.tables = np.full((slots, programs.pages_per_seq), PAD_PAGE, np.int32)
         self.tables_changed = False
-        self.order = programs.order  # where each slot's row is in the state
         self.state = programs.empty_state(self.tables, vocab_size, settings.max_bias)
         # New sequences take the lowest free slot of their shard, which keeps the live ones
         # packed low and the decoded slot bucket small.
@@ -78,7 +77,7 @@ class Slots:
 
     def _row(self, slot: int) -> np.int32:
         """The slot's row of the decode state (engine.data_parallel.RowOrder)."""
-        return np.int32(self.order.row(slot, self.s.max_slots))
+        return np.int32(self.p.order.row(slot, self.s.max_slots))
 
     def _table_row(self, seq: int) -> np.ndarray:
         return self.pages.page_table([seq], self.p.pages_per_seq)[0]
@@ -156,6 +155,6 @@ class Slots:
         """The host's page table to the decode state, if a row changed since the last call."""
         if self.tables_changed:
             sharding = self.state.page_table.sharding
-            rows = self.order.rows(self.tables).copy()
+            rows = self.p.order.rows(self.tables).copy()
             self.state = self.state.replace(page_table=jax.device_put(rows, sharding))
             self.tables_changed = False
