@@ -30,11 +30,14 @@ HERE = Path(__file__).resolve().parent
 def start(checkout: Path, port: int, serve_args: list[str]) -> tuple[subprocess.Popen, float]:
     """The server process and the seconds it took to answer /health with 200."""
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), *serve_args]
-    proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The log goes to a file: a pipe nobody reads would block the server once it filled.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.DEVNULL, stderr=log)
     t = time.perf_counter()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode()[-3000:])
+            log.seek(0)
+            raise RuntimeError(log.read().decode()[-3000:])
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, time.perf_counter() - t

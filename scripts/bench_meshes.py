@@ -80,8 +80,14 @@ def main() -> None:
                 rows[name].append(load(args.port, args.concurrency, offset=1000 * r))
             finally:
                 stop(proc)
+            # Each result as it comes: a run cut short still leaves what it measured.
+            got = ", ".join(
+                f"{c} clients {run['output_tokens_per_s']:.1f} tok/s"
+                for c, run in zip(args.concurrency, rows[name][-1], strict=True)
+            )
             print(
-                f"round {r + 1} {name}: ready in {ready_s:.0f}s, compiled in {settle_s:.0f}s more",
+                f"round {r + 1} {name}: ready in {ready_s:.0f}s, compiled in {settle_s:.0f}s "
+                f"more; {got}",
                 file=sys.stderr,
                 flush=True,
             )
