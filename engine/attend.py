@@ -3,11 +3,14 @@ q/k/v projection: the seam where each backend's attention plugs in.
 
 Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends within its
 new tokens and returns their K/V, one token per row is decode, one row of several tokens
-extends what its pages hold; each writes the cache in place. Everything else runs XLA's ops:
-write the block's K/V into its pages, gather the pages it attends to, masked float32
-softmax, grouped by KV head (no K/V repetition), on each data shard of a mesh over its own
-pages (engine.data_parallel.per_shard). An fp8 cache is encoded on the write and
-decoded to the compute dtype on the gather (engine.kv_cache).
+extends what its pages hold; each writes the cache in place. Everything else writes the
+block's K/V into its pages, then attends on each data shard of a mesh over its own pages
+(engine.data_parallel.per_shard): on a GPU or TPU through jax's paged decode kernel, which
+reads the pool as stored (engine.attention.pool_kernels); elsewhere, or where the kernel
+does not apply (sliding windows, fp8), XLA's ops gather the pages and take a masked float32
+softmax, grouped by KV head (no K/V repetition). A fresh prefill on a GPU runs
+jax.nn.dot_product_attention (cuDNN's flash attention). An fp8 cache is encoded on the
+write and decoded to the compute dtype on the gather (engine.kv_cache).
 """
 
 from __future__ import annotations
@@ -115,20 +118,58 @@ def attend_xla(
     q = rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
     k = rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if block.fresh and flash_prefill():  # causal within the new tokens, no [T, T] scores
+        out = jax.nn.dot_product_attention(
+            q, k, v, scale=cfg.attn_scale, is_causal=True, local_window_size=_left(window)
+        )
+        write = lambda pool, x: write_pages(pool, x, block.positions, block.page_table)  # noqa: E731
+        cache_kv = (write(cache_kv[0], k), write(cache_kv[1], v))
+        return out.reshape(B, T, cfg.num_heads * cfg.head_dim), cache_kv
     q = q.reshape(B, T, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-    attend = functools.partial(_paged, cfg, dtype, kv_len, window)
+    kernel = pool_kernel(window, cache_kv[0])
+    attend = functools.partial(_paged, cfg, dtype, kv_len, window, kernel)
     args = (q, k, v, block.positions, block.page_table, cache_kv)
     # A fresh prefill's rows are its own scratch pool, not the cache's pages.
     out, cache_kv = attend(*args) if block.fresh else per_shard(attend, *args)
     return out.reshape(B, T, cfg.num_heads * cfg.head_dim), cache_kv
 
 
-def _paged(cfg, dtype, kv_len: int, window: int | None, q, k, v, positions, page_table, cache_kv):
-    """Write k, v into the pages, gather the kv_len positions each row attends to, masked
-    float32 softmax: (out [B, T, K, G, D], cache)."""
+def flash_prefill() -> bool:
+    """Whether a fresh prefill runs jax.nn.dot_product_attention, cuDNN's flash attention
+    on a GPU, rather than XLA's ops with their [T, T] scores."""
+    return jax.default_backend() == "gpu"
+
+
+def pool_kernel(window: int | None, pool) -> str | None:
+    """The Pallas kernel this layer's attention runs on the pool, engine.attention.pool_kernels
+    ("gpu" or "tpu"), or None: XLA's ops. Pallas is imported only on an accelerator."""
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        return None
+    from engine.attention import pool_kernels
+
+    return pool_kernels.choose(backend, window, pool)
+
+
+def _left(window: int | None) -> tuple[int, int] | None:
+    """A sliding window as jax.nn.dot_product_attention's (keys to the left, to the right)."""
+    return None if window is None else (window - 1, 0)
+
+
+def _paged(cfg, dtype, kv_len: int, window, kernel, q, k, v, positions, page_table, cache_kv):
+    """Write k, v into the pages, then each row attends to the kv_len positions its pages
+    hold: through jax's paged kernel where one applies, else gather them and take a masked
+    float32 softmax. (out [B, T, K, G, D], cache)."""
     T = q.shape[1]
     k_cache = write_pages(cache_kv[0], k, positions, page_table)
     v_cache = write_pages(cache_kv[1], v, positions, page_table)
+    if kernel is not None:
+        from engine.attention.pool_kernels import attend_pool
+
+        out = attend_pool(
+            kernel, q, k_cache, v_cache, positions, page_table, kv_len, cfg.attn_scale
+        )
+        return out, (k_cache, v_cache)
     keys = read_pages(k_cache, page_table, kv_len, dtype)
     values = read_pages(v_cache, page_table, kv_len, dtype)
     mask = attention_mask(positions, kv_len, window)

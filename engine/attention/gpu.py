@@ -30,7 +30,7 @@ from engine.attention.layout import read_kv
 from engine.attention.ragged import token_positions
 
 
-def _largest_divisor_at_most(n: int, cap: int) -> int:
+def largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
@@ -61,9 +61,9 @@ def ragged_paged_attention(
     """
     pages_per_seq = page_indices.shape[1]
     if pages_per_compute_block is None:
-        pages_per_compute_block = _largest_divisor_at_most(pages_per_seq, 8)
+        pages_per_compute_block = largest_divisor_at_most(pages_per_seq, 8)
     if k_splits is None:
-        k_splits = _largest_divisor_at_most(pages_per_seq // pages_per_compute_block, 16)
+        k_splits = largest_divisor_at_most(pages_per_seq // pages_per_compute_block, 16)
 
     seq, pos, valid = token_positions(kv_lens, cu_q_lens, num_seqs, q.shape[0])
     tables = page_indices[seq]  # [T, pages_per_seq]: each row reads its sequence's pages
