@@ -173,6 +173,7 @@ class Engine:
         kv_cache_dtype: str | jnp.dtype | None = None,
         dtype: jnp.dtype | None = None,
         decode_steps: int = 4,
+        stream_rows: int = 8,
         max_queue: int = 256,
         prefill_budget: int = 4096,
         max_num_batched_tokens: int = 512,
@@ -186,6 +187,9 @@ class Engine:
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
+        A decode call runs `decode_steps` steps per host sync, or one step while a
+        streamed request (stream=True; Engine.stream) decodes and the live sequences fit
+        `stream_rows` rows, so its tokens arrive one by one (0: always decode_steps).
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls: a
         burst of new requests stalls running ones at most that long. The default admits a
         burst whole (prefill first, as vLLM schedules), so decoding runs on full batches: at
@@ -247,6 +251,7 @@ class Engine:
             max_slots=max_seqs or max_slots or 16,
             max_len=max_len,
             decode_steps=decode_steps,
+            stream_rows=stream_rows,
             max_queue=max_queue,
             prefill_budget=prefill_budget,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -312,6 +317,7 @@ class Engine:
         self, prompt: Prompt, params: samplers.SamplingParams | None = None, **request: Any
     ) -> AsyncIterator[ChoiceUpdate]:
         """Token events as they are generated; leaving the loop early cancels the request."""
+        request.setdefault("stream", True)
         handle = self.submit(
             GenerationRequest(self.encode(prompt), params or samplers.SamplingParams(), **request)
         )

@@ -54,9 +54,10 @@ class Fills(Slots):
         self.filling: collections.deque[Fill] = collections.deque()  # K/V being computed
         self.ready: collections.deque[Fill] = collections.deque()  # choices wait for a slot
         self._seq_ids = itertools.count()
-        # Compile a mixed decode program (decode + a prompt chunk) on first use; after a
-        # warm-up only those it compiled are used, the others wait for a chunk alone.
-        self.mix_on_demand = True
+        # Compile a mixed decode program (decode + a prompt chunk) or a one-step one for
+        # streams (engine.decoding) on first use; after a warm-up only those it compiled are
+        # used: a chunk waits to go alone, a stream takes k steps a call.
+        self.compile_on_demand = True
 
     def _new_fill(
         self, owner: Request, ids: np.ndarray, resume: Choice | None = None, reuse: bool = True
@@ -185,7 +186,7 @@ class Fills(Slots):
             width = self.s.max_num_batched_tokens - rows
             if rows < highest or width < 1:
                 continue
-            if self.p.decode_ready(k, kv_len, rows, width) or self.mix_on_demand:
+            if self.p.decode_ready(k, kv_len, rows, width) or self.compile_on_demand:
                 return rows
         return None
 

@@ -65,6 +65,9 @@ class GenerationRequest:
     # field it came from, named by the error when it cannot be enforced.
     grammar: str | None = None
     grammar_field: str = "grammar"
+    # The caller reads tokens as they come (an HTTP stream, Engine.stream): at small batch
+    # its decode calls take one step each, so no token waits for the call's later ones.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         # A list (what a tokenizer returns) or one stop string is what a caller means: store

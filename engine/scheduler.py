@@ -69,6 +69,9 @@ class SchedulerSettings:
     # per loop iteration: while sequences decode, the chunk (this many tokens less the
     # decoded rows) rides in the first step of their decode call (a mixed step).
     max_num_batched_tokens: int = 512
+    # While a streamed choice decodes and the live slots fit this many rows, a decode call
+    # takes one step, so each token reaches its stream as it is made (0: always k steps).
+    stream_rows: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_len", "decode_steps", "max_queue", "prefill_budget"):

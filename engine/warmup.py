@@ -107,7 +107,7 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
     width = s.s.max_num_batched_tokens - widest
     mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
-    s.mix_on_demand = False
+    s.compile_on_demand = False
     jobs = [
         lambda kv=kv: p.decoder(*shapes, k=k, kv_len=kv, rows=widest, chunk=width) for kv in mixed
     ]
@@ -117,6 +117,12 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
         for kv, r in decodes
         if (kv, r) not in now
     ]
+    if k > 1 and s.s.stream_rows:  # one step a call, for streams at small batch
+        jobs += [
+            lambda kv=kv, r=r: p.decoder(*shapes, k=1, kv_len=kv, rows=r)
+            for kv, r in decodes
+            if r <= s.s.stream_rows
+        ]
     for T in prefill.buckets:
         if T < prefill.chunk_bucket and T in prefill.extend_buckets:
             jobs.append(lambda T=T: p.extender(*shapes[:2], T))

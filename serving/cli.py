@@ -140,6 +140,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
     p.add_argument(
+        "--stream-rows",
+        type=_int_in(0),
+        default=8,
+        help="while a request streams and at most this many sequences decode, one decode step "
+        "per host sync, so each token is sent as it is made (0: always --decode-steps)",
+    )
+    p.add_argument(
         "--prefill-budget",
         type=_int_in(1),
         default=4096,
@@ -225,6 +232,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         dtype=None if args.dtype == "auto" else args.dtype,
         quantize=None if args.quantize == "auto" else args.quantize,
         decode_steps=args.decode_steps,
+        stream_rows=args.stream_rows,
         prefill_budget=args.prefill_budget,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_top_logprobs=args.max_top_logprobs,

@@ -184,6 +184,7 @@ def _prepared(
             context_overflow=g.overflow,
             grammar=g.grammar,
             grammar_field=g.grammar_field,
+            stream=bool(req.stream),
         )
         for p in prompts
     ]
