@@ -36,13 +36,13 @@ def chunk(engine, size: int, mixed: bool = False):
     """Prompts chunked by `size` tokens; `mixed`: each chunk rides in the decode call of the
     sequences decoding (compiled on first use), else it runs alone before that call."""
     sched = engine.scheduler
-    settings, on_demand = sched.s, sched.mix_on_demand
+    settings, on_demand = sched.s, sched.compile_on_demand
     sched.s = dataclasses.replace(settings, max_num_batched_tokens=size)
-    sched.mix_on_demand = mixed
+    sched.compile_on_demand = mixed
     try:
         yield
     finally:
-        sched.s, sched.mix_on_demand = settings, on_demand
+        sched.s, sched.compile_on_demand = settings, on_demand
 
 
 def run(engine, prompt, params=GREEDY, **kw) -> dict:
@@ -272,7 +272,7 @@ def test_warmup_compiles_the_mixed_step(monkeypatch):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
         engine.close()
-    assert not sched.mix_on_demand and events == []
+    assert not sched.compile_on_demand and events == []
     assert [c for c in carried if c] == [CHUNK - 4] * 5  # the widest rows' program: 12 each
     [short, prompt] = F.prompts(2, seed=68, lo=5, hi=60)
     assert running["ids"] == F.hf_greedy(short, 40)

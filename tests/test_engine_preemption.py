@@ -180,7 +180,7 @@ def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypa
     the pool runs short (a preempted sequence's recompute is chunked too): still the
     tokens and logprobs of a large pool prefilling every prompt whole."""
     sched = small.scheduler
-    settings, on_demand = sched.s, sched.mix_on_demand
+    settings, on_demand = sched.s, sched.compile_on_demand
     prompts = F.prompts(4, seed=83, lo=26, hi=36)
     requests = [
         GenerationRequest(tuple(p), params, max_tokens=24, ignore_eos=True, top_logprobs=2)
@@ -190,7 +190,7 @@ def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypa
     F.wait_idle(small)
     before = small.stats()["preemptions"]
     sched.s = dataclasses.replace(settings, max_num_batched_tokens=12)
-    sched.mix_on_demand = True
+    sched.compile_on_demand = True
     carried: list[int] = []
     decoder = sched.p.decoder
     monkeypatch.setattr(
@@ -199,7 +199,7 @@ def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypa
     try:
         got = run_all(small, requests)
     finally:
-        sched.s, sched.mix_on_demand = settings, on_demand
+        sched.s, sched.compile_on_demand = settings, on_demand
     assert small.stats()["preemptions"] > before
     assert sum(1 for c in carried if c) >= 4  # chunks rode in decode calls
     for g, w in zip(got, want, strict=True):
