@@ -1,6 +1,7 @@
 """Resident memory of `jaxfire serve` for a KV cache of a given number of tokens.
 
     python scripts/bench_memory.py [--tokens 32768] [--dtypes float32 bfloat16] [--model M]
+        [-- more serve flags]
 
 For each KV dtype, starts `jaxfire serve` with `--kv-cache-memory` sized to hold `--tokens`
 tokens (plus the pad page) and `--max-seqs` sequences of the model's context, waits for
@@ -60,7 +61,8 @@ def measure(args, dtype: str, port: int, config: ModelConfig) -> dict:
     budget = (args.tokens // page + 1) * size
     cmd = [sys.executable, "-m", "serving.cli", "serve", "--model", args.model,
            "--port", str(port), "--kv-cache-memory", str(budget), "--kv-cache-dtype", dtype,
-           "--max-seqs", str(args.max_seqs), "--log-level", "warning"]  # fmt: skip
+           "--max-seqs", str(args.max_seqs), "--log-level", "warning",
+           *args.serve_args]  # fmt: skip
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=16)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("serve_args", nargs="*", help="more `jaxfire serve` flags, after --")
     args = ap.parse_args()
     from checkpoints import registry
 
