@@ -98,8 +98,9 @@ class Decoding(Fills):
     def _per_token(self, ahead: int) -> bool:
         """Whether the next call takes one step: a live choice streams, no prompt chunk is
         being filled, and a one-step program fits the live slots within stream_rows. Each
-        call costs the host a dispatch (~0.75 ms on the default model on 2 CPU cores, ~7%
-        of a token at batch 1), so only streams pay it, and only at small batch."""
+        call costs the host a dispatch (~0.7 ms on the default model on 2 CPU cores, 14-19%
+        of one stream's throughput: scripts/bench_streams.py), so only streams pay it, and
+        only at small batch."""
         if not any(o.handle.request.stream for o, _ in self.live.values()) or self.filling:
             return False
         return self._one_step_rows(self._kv_len(ahead + 1), max(self.live) + 1) is not None
@@ -215,10 +216,9 @@ class Decoding(Fills):
             mixed = self._mixed_rows(k, kv_len, highest)
             if mixed is None:  # no mixed program for this geometry: the chunk goes alone
                 self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
-        one_step = self._one_step_rows(kv_len, highest) if k == 1 and not mixed else None
         rows = (
             mixed
-            or one_step
+            or (k == 1 and self._one_step_rows(kv_len, highest))
             or next(
                 r
                 for r in self.slot_buckets
