@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ class Fills(Slots):
         )
         self.filling: collections.deque[Fill] = collections.deque()  # K/V being computed
         self.ready: collections.deque[Fill] = collections.deque()  # choices wait for a slot
+        self.waiting: list[Fill] = []  # in `filling`, computed at the end of admission
         self._seq_ids = itertools.count()
         # Compile a mixed decode program (decode + a prompt chunk) or a one-step one for
         # streams (engine.decoding) on first use; after a warm-up only those it compiled are
@@ -95,17 +97,50 @@ class Fills(Slots):
         )
 
     def _start_fill(self, fill: Fill) -> int:
-        """Compute the fill's K/V now if it is one chunk or less (the tokens computed), else
-        leave it to `_fill_chunk`, a chunk per loop iteration."""
-        self.filling.append(fill)  # so a failure below frees its pages
+        """Leave the fill's K/V to `_fill_waiting` if it fits one call (the tokens it will
+        compute), else to `_fill_chunk`, a chunk per loop iteration."""
+        self.filling.append(fill)  # so a failure frees its pages
         rest = fill.target - fill.done
         if rest > self.s.max_num_batched_tokens:
             return 0
-        if rest:
-            self._compute(fill, rest)
-        self.filling.remove(fill)
-        self._filled(fill)
+        self.waiting.append(fill)
         return rest
+
+    def _fill_waiting(self, failed: Callable[[Fill, Exception], None]) -> None:
+        """Compute the fills admitted this iteration that fit one call, several to a call
+        where that pays (Prefiller.groups), and start their choices. A failure is handed to
+        `failed` for each fill whose K/V or slot it concerned; the others go on."""
+        waiting, self.waiting = self.waiting, []
+        sizes = [f.target - f.done for f in waiting]
+        for group in self.prefiller.groups(sizes, self.compile_on_demand):
+            fills = [waiting[i] for i in group if waiting[i] in self.filling]
+            try:
+                if len(fills) < len(group):  # a request failed meanwhile: the rest one by one
+                    for fill in fills:
+                        self._compute_all([fill])
+                else:
+                    self._compute_all(fills)
+            except Exception as e:
+                for fill in fills:
+                    failed(fill, e)
+                continue
+            for fill in fills:
+                try:
+                    self.filling.remove(fill)
+                    self._filled(fill)
+                except Exception as e:
+                    failed(fill, e)
+
+    def _compute_all(self, fills: list[Fill]) -> None:
+        """K/V of the fills' remaining positions (a chunk or less each), in one call."""
+        if len(fills) == 1:
+            if fills[0].target > fills[0].done:
+                self._compute(fills[0], fills[0].target - fills[0].done)
+            return
+        spans = [(f.ids[f.done : f.target], f.done, self._table_row(f.seq)) for f in fills]
+        self.cache = self.prefiller.compute_group(self.cache, spans)
+        for fill in fills:
+            self._computed(fill, fill.target - fill.done)
 
     def _chunked(self) -> Fill | None:
         """The oldest sequence being filled in chunks that has some left."""

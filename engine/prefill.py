@@ -38,6 +38,15 @@ class Prefiller:
         self.extend_buckets = (
             [self.chunk_bucket] if packed else [b for b in self.buckets if b <= self.chunk_bucket]
         )
+        # Short prompts admitted together are computed several to a call, each a row of
+        # chunk / G tokens, sharing each weight read (G in 8, 4, 2; none below a bucket).
+        self.group_shapes = [
+            (G, self.chunk_bucket // G) for G in (8, 4, 2) if self.chunk_bucket // G >= min_bucket
+        ]
+        # The CPU kernels compute each row's padding but the last one's: there a group must
+        # not compute more than a quarter again its tokens. On an accelerator a short call
+        # costs its weight reads far more than its tokens.
+        self.slack = 1.25 if packed else None
 
     def compute(
         self, cache: Any, ids: np.ndarray, start: int, n: int, whole: bool, pages: np.ndarray
@@ -53,10 +62,47 @@ class Prefiller:
             return self.p.insert(cache, rows, pages)
         if n <= self.chunk_bucket and (T not in self.extend_buckets or not self.p.extend_ready(T)):
             T = self.chunk_bucket  # compiled at warm-up: a padded chunk beats a compile now
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = ids[start : start + n]
-        extend = self.p.extender(self.params, cache, T)
-        return extend(self.params, cache, tokens, np.int32(start), np.int32(n), pages)
+        return self._extend(cache, [(ids[start : start + n], start, pages)], T)
+
+    def groups(self, sizes: list[int], on_demand: bool) -> list[list[int]]:
+        """The spans of `sizes` tokens each (at most a chunk), as the calls that compute them:
+        lists of indices, several to a call (shortest first, so a group pads little) where
+        a group program is compiled (or `on_demand`) and its padding costs little."""
+        order = sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: sizes[i])
+        out = [[i] for i in range(len(sizes)) if not sizes[i]]  # nothing to compute
+        while order:
+            size = 1
+            for G, T in self.group_shapes:
+                take = [sizes[i] for i in order[:G]]
+                computed = (G - 1) * T + take[-1] if self.slack else G * T
+                if (
+                    len(take) == G
+                    and take[-1] <= T
+                    and (on_demand or self.p.extend_ready(T, G))
+                    and (self.slack is None or computed <= self.slack * sum(take))
+                ):
+                    size = G
+                    break
+            out.append(order[:size])
+            order = order[size:]
+        return out
+
+    def compute_group(self, cache: Any, spans: list[tuple[np.ndarray, int, np.ndarray]]) -> Any:
+        """The cache with the K/V of G spans (a sequence's new token ids, the position of the
+        first, its page-table row) computed in one call of a group program."""
+        [T] = [T for G, T in self.group_shapes if G == len(spans)]
+        return self._extend(cache, spans, T)
+
+    def _extend(self, cache: Any, spans: list[tuple[np.ndarray, int, np.ndarray]], T: int) -> Any:
+        G = len(spans)
+        tokens = np.zeros((G, T), np.int32)
+        for g, (ids, _, _) in enumerate(spans):
+            tokens[g, : len(ids)] = ids
+        starts = np.asarray([start for _, start, _ in spans], np.int32)
+        lengths = np.asarray([len(ids) for ids, _, _ in spans], np.int32)
+        pages = np.stack([row for _, _, row in spans])
+        extend = self.p.extender(self.params, cache, T, G)
+        return extend(self.params, cache, tokens, starts, lengths, pages)
 
     def scored(self, handle: Handle, ids: np.ndarray) -> Any:
         """Prefill the whole prompt (all but its last token), setting the handle's prompt

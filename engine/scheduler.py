@@ -43,7 +43,7 @@ from engine.requests import (
     GenerationRequest,
     Timing,
 )
-from engine.sequences import Request
+from engine.sequences import Fill, Request
 from engine.sharded_pages import ShardedPages
 from engine.step import Programs
 from engine.tokenizer import Tokenizer
@@ -250,7 +250,20 @@ class Scheduler(Decoding):
     def _admit(self) -> None:
         """Choices of filled prompts take free slots first, then preempted sequences resume,
         then queued requests start (FIFO, up to the prefill budget), each while a slot and
-        the pages its prompt needs are free; otherwise it waits at the head of its queue."""
+        the pages its prompt needs are free; otherwise it waits at the head of its queue.
+        The prompts that fit one call are then computed, several to a call where it pays."""
+        self._take_admissions()
+        self._fill_waiting(self._fill_failed)
+
+    def _fill_failed(self, fill: Fill, error: Exception) -> None:
+        """Computing a fill, or starting its choices, failed: its request alone ends."""
+        if self.lockstep is not None:
+            raise error  # the loop's failure: every process ends
+        if fill in self.filling or fill in self.ready:  # not ended with another of its fills
+            log.error("prefill failed (%d prompt tokens)", len(fill.ids), exc_info=error)
+            self._fail(fill.owner, error)
+
+    def _take_admissions(self) -> None:
         while self.ready and self._place(self.ready[0]):
             self.ready.popleft()
         while self.resumes and self._open_slots() > 0:

@@ -178,37 +178,49 @@ class Programs:
         self.insert.lower(cache, rows, pages).compile()
         self.prompt_logprobs.lower(params, hidden, ids).compile()
 
-    def extend_ready(self, tokens: int) -> bool:
-        return tokens in self._extenders
+    def extend_ready(self, tokens: int, rows: int = 1) -> bool:
+        return (rows, tokens) in self._extenders
 
-    def extender(self, params: Params, cache: KVCache, tokens: int) -> Any:
-        """The compiled program extending a slot by `tokens` (a prompt bucket), compiling it
-        on first use; params and cache may be arrays or their jax.ShapeDtypeStructs."""
-        if tokens not in self._extenders:
-            ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
-            scalar = jax.ShapeDtypeStruct((), jnp.int32)
-            pages = jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32)
+    def extender(self, params: Params, cache: KVCache, tokens: int, rows: int = 1) -> Any:
+        """The compiled program extending `rows` sequences by `tokens` each (a prompt bucket),
+        compiling it on first use; params and cache may be arrays or their ShapeDtypeStructs."""
+        if (rows, tokens) not in self._extenders:
+            ids = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
+            vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            pages = jax.ShapeDtypeStruct((rows, self.pages_per_seq), jnp.int32)
             with self.on_mesh():
-                lowered = self.extend.lower(params, cache, ids, scalar, scalar, pages)
-            self._extenders[tokens] = lowered.compile()
-        return self._extenders[tokens]
+                lowered = self.extend.lower(params, cache, ids, vector, vector, pages)
+            self._extenders[rows, tokens] = lowered.compile()
+        return self._extenders[rows, tokens]
 
     def _extend(
         self,
         params: Params,
         cache: KVCache,
         tokens: jax.Array,
-        start: jax.Array,
-        length: jax.Array,
+        starts: jax.Array,
+        lengths: jax.Array,
         pages: jax.Array,
     ) -> KVCache:
-        """Prefill tokens i32[1, T] (the first `length` real, the rest padding) at positions
-        start .. start + T - 1 of the sequence whose pages are `pages` (a page-table row,
-        i32[pages_per_seq]), whose positions before `start` hold the same sequence already
-        (a cached prefix, or the chunks before). Its K/V go straight into those pages."""
-        positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        block = Rows(tokens, positions, pages[None], length, head=False)
-        _, cache = self.model.apply({"params": params}, [block], cache)
+        """Prefill tokens i32[G, T] of G sequences: row g (its first lengths[g] tokens real,
+        the rest padding) at positions starts[g] .. starts[g] + T - 1 of the sequence whose
+        page-table row is pages[g], whose positions before starts[g] hold the same sequence
+        already (a cached prefix, or the chunks before). Their K/V go straight into those
+        pages. Each row is a block of its own: the rows share every weight read, and each
+        attends as one sequence's extension does (the CPU kernels' extend, a one-row block's
+        per-shard path on a mesh)."""
+        offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        blocks = [
+            Rows(
+                tokens[g : g + 1],
+                (starts[g] + offsets)[None],
+                pages[g : g + 1],
+                lengths[g],
+                head=False,
+            )
+            for g in range(tokens.shape[0])
+        ]
+        _, cache = self.model.apply({"params": params}, blocks, cache)
         return cache
 
     def _prefill(

@@ -13,10 +13,11 @@ one a lone client got half its speed until the background caught up, minutes on 
 What `warm_up` returns compiles the rest, one program at a time and only while the engine is
 idle, so it never slows what runs (on a 2-core CPU a compilation took a core from decoding):
 the mixed decode programs (all slots, carrying a chunk of a long prompt), the other decode
-programs narrower than all slots or attending past WARM_KV_LEN, the extensions shorter than a
-chunk and the larger prefill buckets. Until one is ready the scheduler runs a chunk alone
-before the decode call, uses the next wider decode and pads a short extension to a chunk (a
-decode of a longer context compiles on first use), so startup does not grow with max_len.
+programs narrower than all slots or attending past WARM_KV_LEN, the programs computing
+several short prompts in one call, the extensions shorter than a chunk and the larger
+prefill buckets. Until one is ready the scheduler runs a chunk alone before the decode call,
+uses the next wider decode and pads a short extension to a chunk (a decode of a longer
+context compiles on first use), so startup does not grow with max_len.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
             for kv, r in decodes
             if r <= s.s.stream_rows
         ]
+    # Short prompts admitted together, several to a call (Prefiller.groups).
+    jobs += [lambda G=G, T=T: p.extender(*shapes[:2], T, G) for G, T in prefill.group_shapes]
     for T in prefill.buckets:
         if T < prefill.chunk_bucket and T in prefill.extend_buckets:
             jobs.append(lambda T=T: p.extender(*shapes[:2], T))

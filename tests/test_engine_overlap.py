@@ -43,10 +43,10 @@ class ScriptedPrograms(Programs):
         self.insert = lambda cache, rows, pages: cache
         self.next = jnp.asarray(NEXT, jnp.int32)
 
-    def extend_ready(self, tokens: int) -> bool:
+    def extend_ready(self, tokens: int, rows: int = 1) -> bool:
         return True
 
-    def extender(self, params, cache, tokens: int):
+    def extender(self, params, cache, tokens: int, rows: int = 1):
         return lambda params, cache, *rest: cache
 
     def decoder(self, params, cache, state, *, k, kv_len, rows, chunk=0):

@@ -255,7 +255,7 @@ def generate(config, params, packed: bool, table: np.ndarray, num_pages: int, pa
             rest = np.zeros((1, 32), np.int32)
             rest[0, : n - 1 - head] = ids[head : n - 1]
             cache = programs.extend(
-                params, cache, rest, np.int32(head), np.int32(n - 1 - head), table[slot]
+                params, cache, rest, np.int32([head]), np.int32([n - 1 - head]), table[slot][None]
             )
         row = samplers.make_row(samplers.SamplingParams(temperature=0.0), 97, 4, ids, 0)
         state = programs.start_slot(
