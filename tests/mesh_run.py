@@ -77,11 +77,19 @@ def mesh_main() -> None:
             warmup=False,
         )
         starts = _record_starts(engine.scheduler)
+        # Prompts grouped in one call depend on when they arrive: the two passes compared for
+        # recompiles compute each prompt alone; the third groups them (all admitted at once).
+        prefiller = engine.scheduler.prefiller
+        group_shapes, prefiller.group_shapes = prefiller.group_shapes, []
         first = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
         compiles.clear()
         engine.scheduler.forget_cached()  # the same programs again, not cached prefixes
         again = _served_greedy(engine, mesh_prompts())
         recompiles = list(compiles)
+        prefiller.group_shapes = group_shapes
+        engine.scheduler.forget_cached()
+        group_calls = _record_group_calls(prefiller)
+        grouped = engine.generate(mesh_prompts(), greedy, max_tokens=MESH_TOKENS, ignore_eos=True)
         # A prompt sharing two full pages with the one before: it goes to that one's shard
         # (the slots are all open again) and extends the cached pages there.
         reused = engine.stats()["reused_prompt_tokens"]
@@ -97,6 +105,8 @@ def mesh_main() -> None:
             "tokens": [list(c.token_ids) for c in first],
             "again": again,
             "recompiles": recompiles,
+            "grouped": [list(c.token_ids) for c in grouped],
+            "group_calls": group_calls,
             "cache_spec": spec(engine.scheduler.cache[0][0]),
             "state_spec": spec(engine.scheduler.state.sampling.counts),
             "qkv_spec": spec(qkv),
@@ -162,6 +172,14 @@ def _naive_page_gather(engine) -> int:
     gather = jax.jit(lambda pool, table: jnp.take(pool, table, axis=0))
     hlo = gather.lower(pool, table).compile().as_text()
     return len(carrying_pages(hlo, PAGE, engine.config.head_dim, set()))
+
+
+def _record_group_calls(prefiller) -> list[int]:
+    """The number of prompts in each call of a group program, recorded as they happen."""
+    sizes: list[int] = []
+    real = prefiller.compute_group
+    prefiller.compute_group = lambda cache, spans: (sizes.append(len(spans)), real(cache, spans))[1]
+    return sizes
 
 
 def _served_greedy(engine, token_prompts: list[list[int]]) -> list[list[int]]:

@@ -58,6 +58,9 @@ def test_mesh_tokens_equal_single_device(mesh_results, single_device_tokens, dat
     assert r["tokens"] == single_device_tokens
     assert r["again"] == single_device_tokens
     assert r["recompiles"] == []  # shardings are stable from one step to the next
+    # 8 prompts of 2-16 tokens to compute, admitted together: two calls of 4 (rows of 16).
+    assert r["group_calls"] == [4, 4]
+    assert r["grouped"] == single_device_tokens
 
     # Slots over "data"; 4 KV heads over "model" (it divides), in the cache and in the fused
     # q/k/v matrix [D, kv_heads, group + 2, head_dim]. A
