@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 import samplers
 from engine.buckets import bucket_for, buckets
@@ -82,6 +83,11 @@ class Decoding(Fills):
         self.inflight: Call | None = None
         self._masks_shardings: dict[tuple, Any] = {}  # a program's geometry → its masks'
 
+    def _program_k(self, k: int) -> int:
+        """The k of the decode program a call of k steps runs on (engine.step: one for every
+        count up to the configured k, or on a GPU its own)."""
+        return k if self.p.branchless else self.s.decode_steps
+
     def _steps(self) -> int:
         """k for this call: the configured k, or 1 while a constrained choice decodes
         (engine.one_step)."""
@@ -97,7 +103,7 @@ class Decoding(Fills):
 
     def _per_token(self, ahead: int) -> bool:
         """Whether the next call takes one step: a live choice streams, no prompt chunk is
-        being filled, and a one-step program fits the live slots within stream_rows. Each
+        being filled, and a compiled program fits the live slots within stream_rows. Each
         call costs the host a dispatch (~0.7 ms on the default model on 2 CPU cores, 14-19%
         of one stream's throughput: scripts/bench_streams.py), so only streams pay it, and
         only at small batch."""
@@ -107,10 +113,10 @@ class Decoding(Fills):
 
     def _one_step_rows(self, kv_len: int, highest: int) -> int | None:
         """The narrowest row bucket of at most stream_rows holding the live slots whose
-        one-step decode program is compiled (or compiles on demand), if any."""
+        decode program is compiled (or compiles on demand), if any."""
         for rows in self.slot_buckets:
             if highest <= rows <= self.s.stream_rows and (
-                self.p.decode_ready(1, kv_len, rows) or self.compile_on_demand
+                self.p.decode_ready(self._program_k(1), kv_len, rows) or self.compile_on_demand
             ):
                 return rows
         return None
@@ -203,7 +209,9 @@ class Decoding(Fills):
 
     def _dispatch(self, k: int, ahead: int) -> Call:
         """Start a call of k steps over the live slots, without waiting for it; `ahead`:
-        steps of a call in flight, by which the device's positions may lead the host's."""
+        steps of a call in flight, by which the device's positions may lead the host's. It
+        runs on the program of K steps, told to stop after k."""
+        K = self._program_k(k)
         self._send_tables()
         kv_len, highest = self._kv_len(ahead + k), max(self.live) + 1
         fill, mixed = self._chunked(), None
@@ -213,21 +221,17 @@ class Decoding(Fills):
                 self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
             return self._split_call(kv_len, split, fill)
         if fill is not None:
-            mixed = self._mixed_rows(k, kv_len, highest)
+            mixed = self._mixed_rows(K, kv_len, highest)
             if mixed is None:  # no mixed program for this geometry: the chunk goes alone
                 self._compute(fill, min(self.s.max_num_batched_tokens, fill.target - fill.done))
-        rows = (
-            mixed
-            or (k == 1 and self._one_step_rows(kv_len, highest))
-            or next(
-                r
-                for r in self.slot_buckets
-                if r >= highest and (self.p.decode_ready(k, kv_len, r) or r == self.s.max_slots)
-            )
+        rows = mixed or next(
+            r
+            for r in self.slot_buckets
+            if r >= highest and (self.p.decode_ready(K, kv_len, r) or r == self.s.max_slots)
         )
         width = self.s.max_num_batched_tokens - rows if mixed else 0
         decode = self.p.decoder(
-            self.params, self.cache, self.state, k=k, kv_len=kv_len, rows=rows, chunk=width
+            self.params, self.cache, self.state, k=K, kv_len=kv_len, rows=rows, chunk=width
         )
         self.decode_width = rows
         chunk = []
@@ -237,9 +241,12 @@ class Decoding(Fills):
         constraints = {
             slot: c.constraint for slot, (_, c) in self.live.items() if c.constraint is not None
         }
-        at = self._masks_at((k, kv_len, rows, width), decode, 3)
+        at = self._masks_at((K, kv_len, rows, width), decode, 3)
         masks = self.masks.build(rows, constraints, at)
-        self.cache, self.state, out = decode(self.params, self.cache, self.state, masks, *chunk)
+        steps = np.int32(k)
+        self.cache, self.state, out = decode(
+            self.params, self.cache, self.state, masks, steps, *chunk
+        )
         if mixed:
             self._computed(fill, n)
         return Call(out, k, dict(self.live), fill)

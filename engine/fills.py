@@ -215,8 +215,9 @@ class Fills(Slots):
         return not owner.pending
 
     def _mixed_rows(self, k: int, kv_len: int, highest: int) -> int | None:
-        """The decoded rows of a mixed program for this call (the narrowest compiled, or
-        any width when compiling on demand), None if there is none or no room for a chunk."""
+        """The decoded rows of a mixed program of k steps for this call (the narrowest
+        compiled, or any width when compiling on demand), None if there is none or no room
+        for a chunk."""
         for rows in self.slot_buckets:
             width = self.s.max_num_batched_tokens - rows
             if rows < highest or width < 1:

@@ -132,9 +132,10 @@ class Programs:
         chunk: int = 0,
     ) -> Any:
         """The compiled decode program for this geometry, compiling it on first use, called as
-        decode(params, cache, state, masks) with the rows' grammar masks i32[rows, W]; with
-        `chunk` > 0 the mixed one, whose first step also prefills a Chunk of that many tokens
-        (decode(params, cache, state, masks, chunk)).
+        decode(params, cache, state, masks, steps) with the rows' grammar masks i32[rows, W]
+        to run `steps` (int32, 1 to k) steps; with `chunk` > 0 the mixed one, whose first step
+        also prefills a Chunk of that many tokens (decode(params, cache, state, masks, steps,
+        chunk)).
 
         The arguments may be arrays or their jax.ShapeDtypeStructs (for compiling ahead)."""
         key = (k, kv_len, rows, chunk)
@@ -142,8 +143,9 @@ class Programs:
             extra = (self.chunk_shape(chunk),) if chunk else ()
             masks = self.masks_shape(rows)
             with self.on_mesh():
+                steps = jax.ShapeDtypeStruct((), jnp.int32)
                 lowered = self.decode.lower(
-                    params, cache, state, masks, *extra, k=k, kv_len=kv_len, rows=rows
+                    params, cache, state, masks, steps, *extra, k=k, kv_len=kv_len, rows=rows
                 )
             self._decoders[key] = lowered.compile()
         return self._decoders[key]
@@ -258,33 +260,51 @@ class Programs:
         cache: KVCache,
         state: DecodeState,
         masks: jax.Array,
+        steps: jax.Array,
         chunk: Chunk | None = None,
         *,
         k: int,
         kv_len: int,
         rows: int,
     ) -> tuple[KVCache, DecodeState, StepOutput]:
-        """k steps of the first `rows` slots; StepOutput fields are [k, rows, ...]. masks:
+        """`steps` (at most k) steps of the first `rows` slots; StepOutput fields are
+        [k, rows, ...], the steps not run invalid. One program serves every number of steps
+        up to k (each compiled program holds ~30 MB of a CPU server's memory), except in the
+        GPU form (branchless), where a loop of unknown length would read its condition back
+        to the host every step: there a program runs k steps, called with steps = k. masks:
         i32[rows, W], each row's allowed tokens; a constrained row takes the first step only.
         A chunk rides in the first step: the same model call computes its K/V into its pages."""
         masks = self.order.to_rows(masks)
         # Rows with a grammar wait after their first token: the host has the next mask.
         once = samplers.mask.constrained(masks)
 
-        def step(carry, xs):
-            chunk, first = xs
+        def step(carry, first):
             cache, st = carry
-            extra = [] if chunk is None else [chunk.block()]
-            logits, cache = self.forward_rows(params, cache, st, kv_len, extra)
+            logits, cache = self.forward_rows(params, cache, st, kv_len, [])
             st, out = self.advance(st, logits, masks, st.active & (first | ~once))
             return (cache, st), out
 
-        head = self.order.head(state, rows)
+        head, start = self.order.head(state, rows), int(chunk is not None)
+        if chunk is not None:  # its own first step: one model call over the rows and the chunk
+            logits, cache = self.forward_rows(params, cache, head, kv_len, [chunk.block()])
+            head, first = self.advance(head, logits, masks, head.active)
         carry = (cache, head)
-        if chunk is not None:
-            carry, first = step(carry, (chunk, True))
-        later = jnp.arange(chunk is not None, k) == 0  # first step: True
-        (cache, head), outputs = jax.lax.scan(lambda c, f: step(c, (None, f)), carry, later)
+        shapes = jax.eval_shape(lambda c: step(c, True)[1], carry)
+        outputs = jax.tree.map(lambda x: jnp.zeros((k - start, *x.shape), x.dtype), shapes)
+
+        def body(loop):
+            i, carry, outputs = loop
+            carry, out = step(carry, i == 0)
+            put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i - start, 0)  # noqa: E731
+            return i + 1, carry, jax.tree.map(put, outputs, out)
+
+        if k > start and self.branchless:  # GPU: a program per count of steps (steps == k)
+            loop = jnp.arange(start, k, dtype=jnp.int32)
+            carry, outputs = jax.lax.scan(lambda c, i: step(c, i == 0), carry, loop)
+        elif k > start:
+            loop = (jnp.int32(start), carry, outputs)
+            _, carry, outputs = jax.lax.while_loop(lambda lp: lp[0] < steps, body, loop)
+        cache, head = carry
         if chunk is not None:
             outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
         outputs = jax.tree.map(lambda x: self.order.to_slots(x, axis=1), outputs)

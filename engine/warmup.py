@@ -118,7 +118,7 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
         for kv, r in decodes
         if (kv, r) not in now
     ]
-    if k > 1 and s.s.stream_rows:  # one step a call, for streams at small batch
+    if p.branchless and k > 1 and s.s.stream_rows:  # GPU: one-step programs of their own
         jobs += [
             lambda kv=kv, r=r: p.decoder(*shapes, k=1, kv_len=kv, rows=r)
             for kv, r in decodes

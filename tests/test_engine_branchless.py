@@ -21,8 +21,9 @@ def decode_text(branchless: bool | None, chunk: int) -> str:
     params, cache, state = abstract_args(SLOTS, MAX_LEN)
     extra = (programs.chunk_shape(chunk),) if chunk else ()
     masks = programs.masks_shape(SLOTS)
+    steps = jax.ShapeDtypeStruct((), jnp.int32)
     lowered = programs.decode.lower(
-        params, cache, state, masks, *extra, k=2, kv_len=MAX_LEN, rows=SLOTS
+        params, cache, state, masks, steps, *extra, k=2, kv_len=MAX_LEN, rows=SLOTS
     )
     return lowered.as_text()
 
@@ -42,3 +43,36 @@ def test_gpu_form_of_the_decode_program_has_no_conditional(chunk):
     assert decode_text(branchless=None, chunk=chunk) == (
         gpu if jax.default_backend() == "gpu" else cond
     )
+
+
+def test_the_gpu_form_runs_a_decode_program_per_count_of_steps():
+    """Elsewhere a call's steps are an argument of one program (a loop of unknown length);
+    on a GPU such a loop would read its condition back to the host every step, so a one-step
+    call (a stream) runs a program of its own. The tokens are the same either way."""
+    pytest.importorskip("torch")
+    from engine.requests import GenerationRequest
+    from samplers import SamplingParams
+    from tests import engine_fixtures as F
+
+    engine = F.make_engine(decode_steps=4, warmup=False)
+    try:
+        engine.programs.branchless = True  # before any decode program compiles
+        prompt = tuple(F.prompts(1, seed=47)[0])
+        outs = [
+            F.collect(
+                engine.submit(
+                    GenerationRequest(
+                        prompt,
+                        SamplingParams(temperature=0.0),
+                        max_tokens=9,
+                        ignore_eos=True,
+                        stream=stream,
+                    )
+                )
+            )[0]["ids"]
+            for stream in (True, False)
+        ]
+        assert outs == [F.hf_greedy(list(prompt), 9)] * 2
+        assert {key[0] for key in engine.programs._decoders} == {1, 4}
+    finally:
+        engine.close()

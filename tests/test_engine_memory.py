@@ -58,7 +58,7 @@ def test_mixed_step_memory_grows_linearly_with_the_token_budget():
         chunk = programs.chunk_shape(size)
         masks = programs.masks_shape(SLOTS)
         lowered = programs.decode.lower(
-            params, cache, state, masks, chunk, k=1, kv_len=64, rows=SLOTS
+            params, cache, state, masks, scalar, chunk, k=1, kv_len=64, rows=SLOTS
         )
         mixed.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         ids = jax.ShapeDtypeStruct((1, size), jnp.int32)

@@ -53,12 +53,13 @@ class ScriptedPrograms(Programs):
         assert chunk == 0, "no prompt here is long enough to be chunked"
         masks = self.masks_shape(rows)
         program = jax.jit(self._scripted, static_argnames=("k", "rows"), donate_argnums=2)
-        compiled = program.lower(params, cache, state, masks, k=k, rows=rows).compile()
+        steps = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = program.lower(params, cache, state, masks, steps, k=k, rows=rows).compile()
         return Recorded(self, compiled, k)
 
-    def _scripted(self, params, cache, state, masks, *, k: int, rows: int):
-        def step(st, _):
-            live = st.active
+    def _scripted(self, params, cache, state, masks, steps, *, k: int, rows: int):
+        def step(st, i):
+            live = st.active & (i < steps)
             tokens = self.next[st.tokens]
             remaining = st.remaining - live.astype(jnp.int32)
             eos = (tokens == EOS) & st.stop_on_eos
@@ -75,7 +76,7 @@ class ScriptedPrograms(Programs):
             return st, out
 
         head = jax.tree.map(lambda x: x[:rows], state)
-        head, outputs = jax.lax.scan(step, head, None, length=k)
+        head, outputs = jax.lax.scan(step, head, jnp.arange(k))
         state = jax.tree.map(lambda full, part: full.at[:rows].set(part), state, head)
         return cache, state, outputs
 
@@ -93,7 +94,7 @@ class Recorded:
     def input_shardings(self):
         return self.compiled.input_shardings
 
-    def __call__(self, params, cache, state, masks):
+    def __call__(self, params, cache, state, masks, steps):
         # Waits for the call before (the test checks the order of calls, not their timing).
         table, positions, active = (
             np.asarray(x) for x in (state.page_table, state.positions, state.active)
@@ -101,10 +102,10 @@ class Recorded:
         for row in range(masks.shape[0]):
             if (table[row] == PAD_PAGE).all():
                 continue  # a free slot: its writes land in the pad page
-            last = positions[row] + (self.k - 1 if active[row] else 0)
+            last = positions[row] + (int(steps) - 1 if active[row] else 0)
             for p in range(positions[row], min(last, MAX_LEN - 1) + 1):
                 assert table[row, p // PAGE] != PAD_PAGE, (row, p)
-        cache, state, out = self.compiled(params, cache, state, masks)
+        cache, state, out = self.compiled(params, cache, state, masks, steps)
         self.programs.events.append(("dispatch", len(self.programs.outputs)))
         self.programs.outputs.append(out)
         return cache, state, out

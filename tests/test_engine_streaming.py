@@ -98,14 +98,17 @@ def test_stream_rows_0_keeps_k_steps(monkeypatch):
         engine.close()
 
 
-def test_warm_up_compiles_the_one_step_programs_a_stream_uses():
+def test_one_step_calls_run_on_the_k_step_programs(monkeypatch):
+    """A decode program is told how many of its k steps to run: streaming compiles nothing
+    after warm-up, and no program is kept per number of steps (each holds ~30 MB)."""
     engine = F.make_engine(decode_steps=K, stream_rows=2, background_compile=False)
     try:
         p = engine.programs
-        one_step = {key[2] for key in p._decoders if key[0] == 1}
-        assert one_step == {r for r in engine.scheduler.slot_buckets if r <= 2}
+        assert {key[0] for key in p._decoders} == {K}
         before = set(p._decoders)
-        run(engine, F.prompts(2, seed=44), stream=True, **GREEDY)
+        ks = calls_k(engine, monkeypatch)
+        outs = run(engine, F.prompts(2, seed=44), stream=True, **GREEDY)
+        assert set(ks) == {1} and all(len(o["ids"]) == 13 for o in outs)
         assert set(p._decoders) == before  # nothing compiled on demand
     finally:
         engine.close()

@@ -265,7 +265,10 @@ def generate(config, params, packed: bool, table: np.ndarray, num_pages: int, pa
     tokens, logprobs = [], []
     for _ in range(STEPS):
         free = np.full((3, samplers.mask.words(97)), -1, np.int32)  # no grammar
-        cache, state, out = programs.decode(params, cache, state, free, k=4, kv_len=64, rows=3)
+        steps = np.int32(4)
+        cache, state, out = programs.decode(
+            params, cache, state, free, steps, k=4, kv_len=64, rows=3
+        )
         tokens.append(np.asarray(out.tokens))
         logprobs.append(np.asarray(out.logprob))
     pages = np.asarray(cache[0][0])[table]  # [slots, n, K, page_size, D]
