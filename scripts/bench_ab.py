@@ -2,6 +2,7 @@
 
     python scripts/bench_ab.py BASE_TREE NEW_TREE [--batches 1 8 32] [--rounds 6]
     python scripts/bench_ab.py . . --base-kw '{"page_size": 512}' --new-kw '{"page_size": 16}'
+    python scripts/bench_ab.py BASE_TREE NEW_TREE --stream   # requests streamed
 
 On a noisy machine (the read bandwidth of these VMs swings by a third within minutes) two
 runs minutes apart differ more than the change being measured. This starts one worker
@@ -11,7 +12,9 @@ compiled engine per batch size, and asks them in turn for one burst each: B requ
 tokens after each request's first update over the time from the first of those updates to
 the last token. Reported per batch size: each side's median rate and the median of the
 per-round ratios new / base (the two bursts of a round run back to back, so they share the
-machine's state).
+machine's state), and the same for the bursts' mean time to first token (a 128-token
+prefill at B=1). `--stream` marks the requests streamed (one decode step a call at small
+batch, engine.decoding).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 from engine.api import Engine
 from engine.requests import GenerationRequest, SamplingParams
 batches, new, kw = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+stream = sys.argv[4] == "1"
 engines = {b: Engine.from_pretrained("smollm2-135m-instruct", max_slots=b, max_len=512,
                                      background_compile=False, **kw) for b in batches}
 rng = np.random.default_rng(0)
@@ -36,8 +40,9 @@ greedy = SamplingParams(temperature=0.0)
 def burst(b):
     engine = engines[b]
     prompts = [tuple(int(t) for t in rng.integers(100, 40000, 128)) for _ in range(b)]
-    handles = [engine.submit(GenerationRequest(p, greedy, max_tokens=new, ignore_eos=True))
-               for p in prompts]
+    start = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(p, greedy, max_tokens=new, ignore_eos=True,
+                                               stream=stream)) for p in prompts]
     firsts, last, tokens = [], 0.0, 0
     for h in handles:
         first = True
@@ -49,7 +54,7 @@ def burst(b):
             else:
                 tokens += len(u.token_ids)
             last = max(last, now)
-    return tokens / (last - min(firsts))
+    return [tokens / (last - min(firsts)), sum(firsts) / len(firsts) - start]
 for b in batches:
     burst(b)  # warm
 print("ready", flush=True)
@@ -58,10 +63,10 @@ for line in sys.stdin:
 """
 
 
-def start(tree: str, batches: list[int], new: int, kw: str) -> subprocess.Popen:
+def start(tree: str, batches: list[int], new: int, kw: str, stream: bool) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, json.dumps(batches), str(new), kw],
+        [sys.executable, "-c", WORKER, json.dumps(batches), str(new), kw, str(int(stream))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -74,10 +79,12 @@ def start(tree: str, batches: list[int], new: int, kw: str) -> subprocess.Popen:
     return worker
 
 
-def ask(worker: subprocess.Popen, batch: int) -> float:
+def ask(worker: subprocess.Popen, batch: int) -> tuple[float, float]:
+    """(decode tok/s, mean time to first token in s) of one burst."""
     worker.stdin.write(f"{batch}\n")
     worker.stdin.flush()
-    return float(worker.stdout.readline())
+    rate, ttft = json.loads(worker.stdout.readline())
+    return rate, ttft
 
 
 def main() -> None:
@@ -89,21 +96,28 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--base-kw", default="{}", help="JSON: Engine.from_pretrained arguments")
     ap.add_argument("--new-kw", default="{}", help="JSON: the same for the new side")
+    ap.add_argument("--stream", action="store_true", help="requests streamed")
     args = ap.parse_args()
     sides = (("base", args.base, args.base_kw), ("new", args.new, args.new_kw))
-    workers = {side: start(tree, args.batches, args.new_tokens, kw) for side, tree, kw in sides}
+    new, stream = args.new_tokens, args.stream
+    workers = {side: start(tree, args.batches, new, kw, stream) for side, tree, kw in sides}
     for b in args.batches:
-        rates: dict[str, list[float]] = {"base": [], "new": []}
+        runs: dict[str, list[tuple[float, float]]] = {"base": [], "new": []}
         for r in range(args.rounds):
             order = ("base", "new") if r % 2 == 0 else ("new", "base")
             for side in order:
-                rates[side].append(ask(workers[side], b))
+                runs[side].append(ask(workers[side], b))
+        rates = {side: [rate for rate, _ in x] for side, x in runs.items()}
+        ttfts = {side: [ttft * 1e3 for _, ttft in x] for side, x in runs.items()}
         ratios = [n / o for n, o in zip(rates["new"], rates["base"], strict=True)]
+        ttft_ratios = [n / o for n, o in zip(ttfts["new"], ttfts["base"], strict=True)]
         print(
             f"B={b:3d}: base {statistics.median(rates['base']):7.1f} tok/s, "
             f"new {statistics.median(rates['new']):7.1f} tok/s, "
             f"median ratio new/base {statistics.median(ratios):.3f} "
-            f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})",
+            f"(per round: {', '.join(f'{x:.2f}' for x in ratios)}); TTFT base "
+            f"{statistics.median(ttfts['base']):.0f} ms, new {statistics.median(ttfts['new']):.0f}"
+            f" ms, median ratio {statistics.median(ttft_ratios):.3f}",
             flush=True,
         )
     for worker in workers.values():
