@@ -82,12 +82,15 @@ def test_running_streams_decode_between_chunks(engine, monkeypatch):
     [short, long] = F.prompts(2, seed=63, lo=5, hi=60)
     F.wait_idle(engine)
     with chunk(engine, CHUNK):
-        running = engine.submit(
-            GenerationRequest(tuple(short), GREEDY, max_tokens=56, ignore_eos=True)
-        )
-        first = next(iter(running))  # decoding has started
-        assert first.token_ids
-        long_out = F.collect(engine.submit(GenerationRequest(tuple(long), GREEDY, max_tokens=4)))
+        # Admitted in one loop iteration: the short one decodes at once, and its 56 tokens
+        # (7 calls) outlast the long one's 4 chunks however slowly this thread runs (it
+        # used to submit the long one after the first token, and under load lost the race).
+        with sched.lock:
+            running = engine.submit(
+                GenerationRequest(tuple(short), GREEDY, max_tokens=56, ignore_eos=True)
+            )
+            pending = engine.submit(GenerationRequest(tuple(long), GREEDY, max_tokens=4))
+        long_out = F.collect(pending)
         F.collect(running)
     assert long_out[0]["ids"] == F.hf_greedy(long, 4)
     started = calls.index("decode")  # the short prompt's own prefill comes before
