@@ -74,12 +74,11 @@ class Prefiller:
             size = 1
             for G, T in self.group_shapes:
                 take = [sizes[i] for i in order[:G]]
-                computed = (G - 1) * T + take[-1] if self.slack else G * T
                 if (
                     len(take) == G
                     and take[-1] <= T
                     and (on_demand or self.p.extend_ready(T, G))
-                    and (self.slack is None or computed <= self.slack * sum(take))
+                    and (self.slack is None or (G - 1) * T + take[-1] <= self.slack * sum(take))
                 ):
                     size = G
                     break

@@ -267,13 +267,10 @@ class Programs:
         kv_len: int,
         rows: int,
     ) -> tuple[KVCache, DecodeState, StepOutput]:
-        """`steps` (at most k) steps of the first `rows` slots; StepOutput fields are
-        [k, rows, ...], the steps not run invalid. One program serves every number of steps
-        up to k (each compiled program holds ~30 MB of a CPU server's memory), except in the
-        GPU form (branchless), where a loop of unknown length would read its condition back
-        to the host every step: there a program runs k steps, called with steps = k. masks:
-        i32[rows, W], each row's allowed tokens; a constrained row takes the first step only.
-        A chunk rides in the first step: the same model call computes its K/V into its pages."""
+        """`steps` (at most k) steps of the first `rows` slots (_steps_from); StepOutput fields
+        are [k, rows, ...], the steps not run invalid. masks: i32[rows, W], each row's allowed
+        tokens; a constrained row takes the first step only. A chunk rides in the first step:
+        the same model call computes its K/V into its pages."""
         masks = self.order.to_rows(masks)
         # Rows with a grammar wait after their first token: the host has the next mask.
         once = samplers.mask.constrained(masks)
@@ -288,9 +285,24 @@ class Programs:
         if chunk is not None:  # its own first step: one model call over the rows and the chunk
             logits, cache = self.forward_rows(params, cache, head, kv_len, [chunk.block()])
             head, first = self.advance(head, logits, masks, head.active)
-        carry = (cache, head)
+        (cache, head), outputs = self._steps_from(step, (cache, head), start, k, steps)
+        if chunk is not None:
+            outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
+        outputs = jax.tree.map(lambda x: self.order.to_slots(x, axis=1), outputs)
+        return cache, self.order.with_head(state, head), outputs
+
+    def _steps_from(self, step, carry, start: int, k: int, steps: jax.Array):
+        """Steps start .. k - 1 of a decode call, step(carry, first) -> (carry, out): the
+        carry after them and their outputs [k - start, ...]. A while_loop stopping at `steps`
+        (the outputs it skips zeros, invalid), so one program serves every count up to k
+        (each holds ~30 MB of a CPU server's memory); in the GPU form, where a loop of unknown
+        length reads its condition back to the host every step, a scan of all (steps == k)."""
         shapes = jax.eval_shape(lambda c: step(c, True)[1], carry)
         outputs = jax.tree.map(lambda x: jnp.zeros((k - start, *x.shape), x.dtype), shapes)
+        if k == start:
+            return carry, outputs
+        if self.branchless:
+            return jax.lax.scan(lambda c, i: step(c, i == 0), carry, jnp.arange(start, k))
 
         def body(loop):
             i, carry, outputs = loop
@@ -298,17 +310,9 @@ class Programs:
             put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i - start, 0)  # noqa: E731
             return i + 1, carry, jax.tree.map(put, outputs, out)
 
-        if k > start and self.branchless:  # GPU: a program per count of steps (steps == k)
-            loop = jnp.arange(start, k, dtype=jnp.int32)
-            carry, outputs = jax.lax.scan(lambda c, i: step(c, i == 0), carry, loop)
-        elif k > start:
-            loop = (jnp.int32(start), carry, outputs)
-            _, carry, outputs = jax.lax.while_loop(lambda lp: lp[0] < steps, body, loop)
-        cache, head = carry
-        if chunk is not None:
-            outputs = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, outputs)
-        outputs = jax.tree.map(lambda x: self.order.to_slots(x, axis=1), outputs)
-        return cache, self.order.with_head(state, head), outputs
+        loop = (jnp.int32(start), carry, outputs)
+        _, carry, outputs = jax.lax.while_loop(lambda lp: lp[0] < steps, body, loop)
+        return carry, outputs
 
     def forward_rows(
         self, params: Params, cache: KVCache, st: DecodeState, kv_len: int, extra: list[Rows]
