@@ -98,9 +98,16 @@ class Programs:
             if cache_shardings is not None and state_shardings is not None
             else {}
         )
-        self.prefill = jax.jit(self._prefill)
-        self.insert = jax.jit(_insert, donate_argnums=0, **cache_out)
-        self.prompt_logprobs = jax.jit(self._prompt_logprobs, **read_out)
+        # A whole prompt's programs, by name: the jitted ones serving calls, and how
+        # compile_prefill makes throwaway copies of them.
+        self._whole_prompt = {
+            "prefill": (self._prefill, {}),
+            "insert": (_insert, {"donate_argnums": 0, **cache_out}),
+            "prompt_logprobs": (self._prompt_logprobs, read_out),
+        }
+        self.prefill, self.insert, self.prompt_logprobs = (
+            jax.jit(fn, **kw) for fn, kw in self._whole_prompt.values()
+        )
         self.extend = jax.jit(self._extend, donate_argnums=1, **cache_out)
         self._extenders: dict[int, Any] = {}
         self.decode = jax.jit(
@@ -171,14 +178,26 @@ class Programs:
     def compile_prefill(self, params: Params, cache: KVCache, tokens: int) -> None:
         """Compile, without running, what a whole prefill of a `tokens` bucket uses (prefill,
         insert, prompt logprobs); the persistent compilation cache serves their first call.
-        params and cache may be arrays or their jax.ShapeDtypeStructs."""
+        params and cache may be arrays or their jax.ShapeDtypeStructs.
+
+        Each is compiled on a throwaway jit of its function: the jitted one keeps what it
+        lowers and compiles, program included, as long as it lives (~15 MiB each on the CPU
+        for programs only a rare long scored prompt runs)."""
         ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self.prefill.lower(params, ids, scalar).compile()
-        rows, hidden = jax.eval_shape(self._prefill, params, ids, scalar)
+        throwaway = {name: jax.jit(fn, **kw) for name, (fn, kw) in self._whole_prompt.items()}
+        prefill = throwaway["prefill"].lower(params, ids, scalar).compile()
+        # The prefill's outputs as the served calls pass them on: placed where it puts them
+        # (a different placement is a different program, and a miss in the persistent cache).
+        out = jax.eval_shape(self._prefill, params, ids, scalar)
+        rows, hidden = jax.tree.map(
+            lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
+            out,
+            prefill.output_shardings,
+        )
         pages = jax.ShapeDtypeStruct((self.pages_per_seq,), jnp.int32)
-        self.insert.lower(cache, rows, pages).compile()
-        self.prompt_logprobs.lower(params, hidden, ids).compile()
+        throwaway["insert"].lower(cache, rows, pages).compile()
+        throwaway["prompt_logprobs"].lower(params, hidden, ids).compile()
 
     def extend_ready(self, tokens: int, rows: int = 1) -> bool:
         return (rows, tokens) in self._extenders

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 import samplers
+from engine.loading import return_freed_memory
 from engine.scheduler import Scheduler
 
 log = logging.getLogger("jaxfire.engine")
@@ -66,6 +67,7 @@ class Later:
                 return
             job()
             self.pending -= 1
+            return_freed_memory()
         log.info("background compilation done in %.1fs", time.perf_counter() - start)
 
     def _quiet(self) -> bool:
@@ -131,4 +133,5 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
             jobs.append(lambda T=T: p.extender(*shapes[:2], T))
         elif T > prefill.chunk_bucket:  # a whole prompt, scored
             jobs.append(lambda T=T: p.compile_prefill(*shapes[:2], T))
+    return_freed_memory()
     return Later(jobs, lambda: not s._busy(), closing)

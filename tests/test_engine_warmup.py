@@ -61,3 +61,36 @@ def test_a_lone_request_runs_on_its_own_program_from_the_start():
         assert engine.programs.decode_ready(k, kv, 2)
     finally:
         engine.close()
+
+
+def test_a_scored_bucket_compiled_ahead_is_served_without_compiling_again():
+    """compile_prefill compiles a long scored prompt's programs on throwaway jits (so they
+    do not stay in memory) with the placements the served calls have: those calls find each
+    program (in the persistent cache) instead of compiling it again."""
+    import jax
+    import numpy as np
+
+    engine = F.make_engine(max_slots=2, max_len=64, warmup=False)
+    try:
+        s, p = engine.scheduler, engine.programs
+        T = 48  # a bucket no other test runs: the first compilation is compile_prefill's
+        events: list[str] = []
+
+        def on_event(event: str, **_: object) -> None:
+            if event.startswith("/jax/compilation_cache/cache_"):
+                events.append(event)
+
+        jax.monitoring.register_event_listener(on_event)
+        try:
+            p.compile_prefill(s.params, s.cache, T)
+            assert events.count("/jax/compilation_cache/cache_misses") == 3  # compiled ahead
+            events.clear()
+            tokens = np.ones((1, T), np.int32)
+            rows, hidden = p.prefill(s.params, tokens, np.int32(T))
+            s.cache = p.insert(s.cache, rows, np.zeros(p.pages_per_seq, np.int32))
+            jax.block_until_ready(p.prompt_logprobs(s.params, hidden, tokens))
+        finally:
+            jax.monitoring.unregister_event_listener(on_event)
+        assert "/jax/compilation_cache/cache_misses" not in events
+    finally:
+        engine.close()
