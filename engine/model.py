@@ -297,15 +297,21 @@ class Transformer(nn.Module):
         cfg, blocks = self.config, tuple(blocks)
         if len(blocks) > 1 and any(b.fresh for b in blocks):
             raise ValueError("a fresh prefill block is a step alone")
-        embed = self.param(
-            "embed_tokens",
-            nn.initializers.normal(0.02),
-            (cfg.vocab_size, cfg.hidden_size),
-            self.dtype,
-        )
-        xs = [jnp.take(embed, b.tokens, axis=0).astype(self.dtype) for b in blocks]
+        if self.packed and cfg.tie_word_embeddings:  # the packed head's columns: no copy
+            head = self.get_variable("params", "lm_head")
+            xs = [cpu_kernels.embedding(head, b.tokens).astype(self.dtype) for b in blocks]
+            embed_dtype = F32
+        else:
+            embed = self.param(
+                "embed_tokens",
+                nn.initializers.normal(0.02),
+                (cfg.vocab_size, cfg.hidden_size),
+                self.dtype,
+            )
+            xs = [jnp.take(embed, b.tokens, axis=0).astype(self.dtype) for b in blocks]
+            embed_dtype = embed.dtype
         if cfg.embed_scale is not None:  # Gemma: sqrt(hidden), in the embedding's dtype
-            xs = [x * jnp.asarray(cfg.embed_scale, embed.dtype).astype(self.dtype) for x in xs]
+            xs = [x * jnp.asarray(cfg.embed_scale, embed_dtype).astype(self.dtype) for x in xs]
         # Once for every layer: the positions' rotation angles (Gemma 3's local layers
         # rotate with their own base).
         kinds = sorted(set(cfg.local_layers)) or [False]

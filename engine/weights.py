@@ -322,8 +322,8 @@ def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
     """Every linear kernel of a fused tree (fuse_projections) and the LM head as cpu_kernels
     panels (engine.model's `packed`), q/k/v and gate/up side by side.
 
-    A tied head gets its own packed copy of the embedding; the embedding itself stays for
-    the token lookup."""
+    A tied head is the packed embedding, which the token lookup reads too
+    (cpu_kernels.embedding): the float32 embedding is dropped."""
 
     def linear(module: dict, fused: str | None = None) -> dict:
         side = (lambda a: _side_by_side(fused, np.asarray(a), config)) if fused else np.asarray
@@ -344,6 +344,8 @@ def pack_for_cpu_kernels(params: Params, config: ModelConfig) -> Params:
                 for n, m in layer[block].items()
             }
         packed[f"layers_{i}"] = layer
-    head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
-    packed["lm_head"] = cpu_kernels.pack(np.asarray(head))
+    if config.tie_word_embeddings:
+        packed["lm_head"] = cpu_kernels.pack(np.asarray(packed.pop("embed_tokens")).T)
+    else:
+        packed["lm_head"] = cpu_kernels.pack(np.asarray(params["lm_head"]))
     return packed

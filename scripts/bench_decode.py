@@ -142,7 +142,7 @@ def bench_engine(
     params = engine.scheduler.params
     packed = engine.programs.model.packed
     weights = sum(x.nbytes for x in _leaves(params))
-    if packed:  # the head has its own packed copy: the embedding is only looked up
+    if packed and "embed_tokens" in params:  # untied: the embedding is only looked up
         weights -= params["embed_tokens"].nbytes
     cfg = engine.config
     engine.close()

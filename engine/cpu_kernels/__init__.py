@@ -1,15 +1,15 @@
 """Kernels for XLA CPU: a float32-accumulating matmul over packed weights, attention of one
 query token against the paged cache in place, a whole decoder layer for one token per row, a
 prompt's causal attention from its q/k/v projection (fresh, or extending a sequence in the
-cache), and the sampler's top_k.
+cache), the sampler's top_k and a tied model's token lookup from its packed LM head.
 
 The cache is engine.kv_cache's page pool: per layer K and V each
 [num_pages, kv_heads, page_size, head_dim] of float32, float16 or bfloat16 (read into float32
 registers, written rounded to nearest even), a sequence's position p in page
 pages[p // page_size] at offset p % page_size of its page-table row `pages`.
 
-The C++ sources (`matmul.cc`, `attention.cc`, `decode_attention.cc`, `layer.cc`, `top_k.cc`)
-are built on first use with the system's C++ compiler into the jaxfire cache folder
+The C++ sources (`matmul.cc`, `attention.cc`, `decode_attention.cc`, `layer.cc`, `top_k.cc`,
+`embed.cc`) are built on first use with the system's C++ compiler into the jaxfire cache folder
 (engine.disk_cache) and registered as XLA FFI targets.
 Weights are packed once at load time into 16-column panels the matmul streams contiguously,
 in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's 4- and 8-bit
@@ -47,9 +47,17 @@ PREFILL_ATTENTION = "jaxfire_cpu_prefill_attention"
 EXTEND_ATTENTION = "jaxfire_cpu_extend_attention"
 DECODE_LAYER = "jaxfire_cpu_decode_layer"
 TOP_K = "jaxfire_cpu_top_k"
+EMBED = "jaxfire_cpu_embed"
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("matmul.cc", "attention.cc", "decode_attention.cc", "layer.cc", "top_k.cc")
+    for n in (
+        "matmul.cc",
+        "attention.cc",
+        "decode_attention.cc",
+        "layer.cc",
+        "top_k.cc",
+        "embed.cc",
+    )
 ]
 _HEADERS = [
     Path(__file__).with_name(n)
@@ -114,6 +122,7 @@ def _register() -> None:
         (EXTEND_ATTENTION, lib.JaxfireExtendAttention),
         (DECODE_LAYER, lib.JaxfireDecodeLayer),
         (TOP_K, lib.JaxfireTopK),
+        (EMBED, lib.JaxfireEmbed),
     )
     for name, symbol in targets:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -269,6 +278,16 @@ def matmul(
     return jax.ffi.ffi_call(MATMUL, out)(
         x.astype(jnp.float32), packed, jnp.asarray(rows, jnp.int32)
     )
+
+
+def embedding(packed: jax.Array, tokens: jax.Array) -> jax.Array:
+    """f32[*tokens.shape, K]: column tokens[...] of a packed [K, N] weight (pack), each
+    value exactly the one packed. A tied model's LM head is its embedding transposed, so
+    this is the token lookup without a float32 copy of the embedding."""
+    _register()
+    k = packed.shape[1] if packed.dtype != jnp.uint8 else packed.shape[1] * QUANT_BLOCK
+    out = jax.ShapeDtypeStruct((*tokens.shape, k), jnp.float32)
+    return jax.ffi.ffi_call(EMBED, out)(packed, tokens.astype(jnp.int32))
 
 
 def decode_attention(

@@ -31,23 +31,12 @@ using namespace jaxfire;  // NOLINT: kPanel, kQuantBlock and the weight formats
 constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accumulators)
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 1;
-constexpr int64_t kPrefetchBytes = 8192;
 
 inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
   alignas(32) float out[kPanel];
   _mm256_store_ps(out, lo);
   _mm256_store_ps(out + 8, hi);
   std::memcpy(y, out, cols * sizeof(float));
-}
-
-// The hardware prefetcher ramps up too slowly for these short streams (a few hundred KB
-// per call): asking kPrefetchBytes ahead made batch-1 calls 10-30% faster.
-template <typename F>
-inline void prefetch_ahead(const uint8_t* panel, int64_t kb) {
-  const char* ahead = reinterpret_cast<const char*>(panel + (kb / F::kBlock) * F::kBlockBytes);
-  for (int64_t o = 0; o < F::kBlockBytes; o += 64) {
-    _mm_prefetch(ahead + kPrefetchBytes + o, _MM_HINT_T0);
-  }
 }
 
 template <typename F>
@@ -218,23 +207,6 @@ void panel_block(int64_t rows, const float* x, const float* x_scaled, const floa
     case 4: return panel_rows<4, F>(x, k_dim, panel, y, ldy, cols);
     case 5: return panel_rows<5, F>(x, k_dim, panel, y, ldy, cols);
     default: return panel_rows<6, F>(x, k_dim, panel, y, ldy, cols);
-  }
-}
-
-// A panel in float32 [K, 16] (F32Format's layout).
-template <typename F>
-void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
-  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
-    const F block(panel, kb / F::kBlock);
-    const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
-    prefetch_ahead<F>(panel, kb);
-#pragma GCC unroll 32
-    for (int64_t j = 0; j < rows; ++j) {
-      __m256 lo, hi;
-      block.load(j, &lo, &hi);
-      _mm256_storeu_ps(out + (kb + j) * kPanel, lo);
-      _mm256_storeu_ps(out + (kb + j) * kPanel + 8, hi);
-    }
   }
 }
 

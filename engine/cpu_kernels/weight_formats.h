@@ -1,11 +1,13 @@
 // The formats a packed weight's panels come in (cpu_kernels.pack; __init__.py has the
 // layouts), each read a block at a time as float32 registers: plain float32 or bfloat16
 // [K, 16], and blocks of 32 rows of 8- or 4-bit codes with a scale (and an offset) per
-// column, each weight = fma(scale, code, offset), GGUF's Q4_0/Q4_1/Q8_0 weights exactly.
+// column, each weight = fma(scale, code, offset), GGUF's Q4_0/Q4_1/Q8_0 weights exactly;
+// decode_panel expands a whole panel.
 #pragma once
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels.h"
@@ -99,5 +101,34 @@ struct QuantFormat {
 using Q8Format = QuantFormat<Quant::kQ8>;
 using Q8SymmetricFormat = QuantFormat<Quant::kQ8Symmetric>;
 using Q4Format = QuantFormat<Quant::kQ4>;
+
+// The hardware prefetcher ramps up too slowly for these short streams (a few hundred KB
+// per call): asking kPrefetchBytes ahead made batch-1 calls 10-30% faster.
+inline constexpr int64_t kPrefetchBytes = 8192;
+
+template <typename F>
+inline void prefetch_ahead(const uint8_t* panel, int64_t kb) {
+  const char* ahead = reinterpret_cast<const char*>(panel + (kb / F::kBlock) * F::kBlockBytes);
+  for (int64_t o = 0; o < F::kBlockBytes; o += 64) {
+    _mm_prefetch(ahead + kPrefetchBytes + o, _MM_HINT_T0);
+  }
+}
+
+// A panel in float32 [K, 16] (F32Format's layout).
+template <typename F>
+inline void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
+  for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
+    const F block(panel, kb / F::kBlock);
+    const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
+    prefetch_ahead<F>(panel, kb);
+#pragma GCC unroll 32
+    for (int64_t j = 0; j < rows; ++j) {
+      __m256 lo, hi;
+      block.load(j, &lo, &hi);
+      _mm256_storeu_ps(out + (kb + j) * kPanel, lo);
+      _mm256_storeu_ps(out + (kb + j) * kPanel + 8, hi);
+    }
+  }
+}
 
 }  // namespace jaxfire
