@@ -3,6 +3,7 @@
     python scripts/bench_ab.py BASE_TREE NEW_TREE [--batches 1 8 32] [--rounds 6]
     python scripts/bench_ab.py . . --base-kw '{"page_size": 512}' --new-kw '{"page_size": 16}'
     python scripts/bench_ab.py BASE_TREE NEW_TREE --stream   # requests streamed
+    python scripts/bench_ab.py . . --new-env MALLOC_ARENA_MAX=2   # an environment setting
 
 On a noisy machine (the read bandwidth of these VMs swings by a third within minutes) two
 runs minutes apart differ more than the change being measured. This starts one worker
@@ -63,8 +64,11 @@ for line in sys.stdin:
 """
 
 
-def start(tree: str, batches: list[int], new: int, kw: str, stream: bool) -> subprocess.Popen:
+def start(
+    tree: str, batches: list[int], new: int, kw: str, stream: bool, extra_env: list[str]
+) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    env.update(item.split("=", 1) for item in extra_env)
     worker = subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps(batches), str(new), kw, str(int(stream))],
         stdin=subprocess.PIPE,
@@ -96,11 +100,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--base-kw", default="{}", help="JSON: Engine.from_pretrained arguments")
     ap.add_argument("--new-kw", default="{}", help="JSON: the same for the new side")
+    ap.add_argument("--new-env", nargs="+", default=[], help="KEY=VALUE set for the new side")
     ap.add_argument("--stream", action="store_true", help="requests streamed")
     args = ap.parse_args()
-    sides = (("base", args.base, args.base_kw), ("new", args.new, args.new_kw))
+    sides = (
+        ("base", args.base, args.base_kw, []),
+        ("new", args.new, args.new_kw, args.new_env),
+    )
     new, stream = args.new_tokens, args.stream
-    workers = {side: start(tree, args.batches, new, kw, stream) for side, tree, kw in sides}
+    workers = {
+        side: start(tree, args.batches, new, kw, stream, env) for side, tree, kw, env in sides
+    }
     for b in args.batches:
         runs: dict[str, list[tuple[float, float]]] = {"base": [], "new": []}
         for r in range(args.rounds):
