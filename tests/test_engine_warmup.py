@@ -73,7 +73,7 @@ def test_a_scored_bucket_compiled_ahead_is_served_without_compiling_again():
     engine = F.make_engine(max_slots=2, max_len=64, warmup=False)
     try:
         s, p = engine.scheduler, engine.programs
-        T = 48  # a bucket no other test runs: the first compilation is compile_prefill's
+        T = 37  # no bucket: only this test compiles programs for it
         events: list[str] = []
 
         def on_event(event: str, **_: object) -> None:
@@ -83,7 +83,9 @@ def test_a_scored_bucket_compiled_ahead_is_served_without_compiling_again():
         jax.monitoring.register_event_listener(on_event)
         try:
             p.compile_prefill(s.params, s.cache, T)
-            assert events.count("/jax/compilation_cache/cache_misses") == 3  # compiled ahead
+            # Three programs compiled through the persistent cache (a miss each, unless an
+            # earlier run of this test in the same cache folder wrote them).
+            assert len(events) == 3
             events.clear()
             tokens = np.ones((1, T), np.int32)
             rows, hidden = p.prefill(s.params, tokens, np.int32(T))
