@@ -128,10 +128,9 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
         ]
     # Short prompts admitted together, several to a call (Prefiller.groups).
     jobs += [lambda G=G, T=T: p.extender(*shapes[:2], T, G) for G, T in prefill.group_shapes]
-    for T in prefill.buckets:
-        if T < prefill.chunk_bucket and T in prefill.extend_buckets:
-            jobs.append(lambda T=T: p.extender(*shapes[:2], T))
-        elif T > prefill.chunk_bucket:  # a whole prompt, scored
-            jobs.append(lambda T=T: p.compile_prefill(*shapes[:2], T))
+    short = [T for T in prefill.extend_buckets if T < prefill.chunk_bucket]
+    jobs += [lambda T=T: p.extender(*shapes[:2], T) for T in short]
+    scored = [T for T in prefill.buckets if T > prefill.chunk_bucket]  # a whole prompt
+    jobs += [lambda T=T: p.compile_prefill(*shapes[:2], T) for T in scored]
     return_freed_memory()
     return Later(jobs, lambda: not s._busy(), closing)
