@@ -382,11 +382,11 @@ def test_extend_attention_matches_prefill_attention_bitwise():
 def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path):
     import shutil
 
-    from engine.cpu_kernels import _SOURCES, KernelUnavailable, _build
+    from engine.cpu_kernels import _SOURCES, ISAS, KernelUnavailable, _build
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
-        _build(_SOURCES, tmp_path / "kernels.so")
+        _build(_SOURCES, tmp_path / "kernels.so", ISAS["avx2"][0])
     assert not (tmp_path / "kernels.so").exists()
 
 

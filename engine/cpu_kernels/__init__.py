@@ -67,8 +67,21 @@ _HEADERS = [
         "vector_math.h",
         "attention_math.h",
         "weight_formats.h",
+        "lanes16.h",
     )
 ]
+# The builds of the kernels, widest first: each one's compiler flags and the CPU flags it
+# needs. AVX-512 computes a panel row in one 512-bit register (lanes16.h), AVX2 in two; the
+# arithmetic is the same, lane for lane, so both give the same bits.
+_AVX2 = ("-mavx2", "-mfma", "-mf16c")
+ISAS = {
+    "avx512": (
+        _AVX2 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+        {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    ),
+    "avx2": (_AVX2, {"avx2", "fma", "f16c"}),
+}
+ISA_VARIABLE = "JAXFIRE_CPU_ISA"  # names the build to use instead of the widest
 log = logging.getLogger("jaxfire.cpu_kernels")
 
 
@@ -85,14 +98,34 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def _build(sources: list[Path], out: Path) -> None:
+def supported_isas() -> list[str]:
+    """The kernel builds this CPU can run, widest first."""
+    flags = _cpu_flags()
+    return [name for name, (_, needs) in ISAS.items() if needs <= flags]
+
+
+def isa() -> str:
+    """The kernel build this process uses: $JAXFIRE_CPU_ISA if set, else the widest this CPU
+    runs (KernelUnavailable when it runs none, or not the one asked for)."""
+    supported = supported_isas()
+    wanted = os.environ.get(ISA_VARIABLE, "")
+    if wanted and wanted not in ISAS:
+        raise KernelUnavailable(f"{ISA_VARIABLE}={wanted!r} is none of {', '.join(ISAS)}")
+    if wanted and wanted not in supported:
+        raise KernelUnavailable(f"{ISA_VARIABLE}={wanted} but this CPU lacks its instructions")
+    if not supported:
+        raise KernelUnavailable("needs a CPU with AVX2, FMA and F16C")
+    return wanted or supported[0]
+
+
+def _build(sources: list[Path], out: Path, flags: tuple[str, ...]) -> None:
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         raise KernelUnavailable("no C++ compiler (g++ or c++) on PATH")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
-        cmd = [compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-w"]
+        cmd = [compiler, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-w"]
         cmd += [f"-I{jax.ffi.include_dir()}", *map(str, sources), "-o", str(partial)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -104,15 +137,14 @@ def _build(sources: list[Path], out: Path) -> None:
 def _register() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"needs x86-64, this is {platform.machine()}")
-    if not {"avx2", "fma", "f16c"} <= _cpu_flags():
-        raise KernelUnavailable("needs a CPU with AVX2, FMA and F16C")
+    build = isa()
     digest = hashlib.sha256(jax.ffi.include_dir().encode())
     for path in _SOURCES + _HEADERS:
         digest.update(path.read_bytes())
-    lib_path = cache_root() / "kernels" / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
+    lib_path = cache_root() / "kernels" / f"cpu_kernels-{build}-{digest.hexdigest()[:16]}.so"
     if not lib_path.exists():
-        log.info("building the CPU kernels into %s", lib_path)
-        _build(_SOURCES, lib_path)
+        log.info("building the CPU kernels (%s) into %s", build, lib_path)
+        _build(_SOURCES, lib_path, ISAS[build][0])
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
     targets = (
         (MATMUL, lib.JaxfireMatmul),

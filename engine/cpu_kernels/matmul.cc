@@ -9,11 +9,8 @@
 // 4 took 3x as long as batch 1) and its bfloat16 dots run 10-30x slower than float32.
 // Decode is a stream over the weights, so this kernel streams each panel once per 48 rows,
 // keeps the sums of up to 6 rows in registers, and reads the weights in fewer bytes.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -32,92 +29,63 @@ constexpr int64_t kRowBlock = 6;   // rows whose sums stay in registers (12 accu
 constexpr int64_t kRowChunk = 48;  // rows per work unit: the x chunk stays in L2
 constexpr int64_t kPanelsPerUnit = 1;
 
-inline void store_cols(float* y, __m256 lo, __m256 hi, int64_t cols) {
-  alignas(32) float out[kPanel];
-  _mm256_store_ps(out, lo);
-  _mm256_store_ps(out + 8, hi);
-  std::memcpy(y, out, cols * sizeof(float));
-}
-
 template <typename F>
-inline void fma_row(const F& block, int64_t j, const float* x, __m256& lo_sum, __m256& hi_sum) {
-  __m256 lo, hi;
-  block.load(j, &lo, &hi);
-  const __m256 xj = _mm256_broadcast_ss(x + j);
-  lo_sum = _mm256_fmadd_ps(xj, lo, lo_sum);
-  hi_sum = _mm256_fmadd_ps(xj, hi, hi_sum);
+inline void fma_row(const F& block, int64_t j, const float* x, Floats16& sum) {
+  sum = fma16(splat16(x[j]), block.load(j), sum);
 }
 
-// One row is a stream over the panel: four independent pairs of sums hide the FMA
-// latency that a single chain would wait on (named, for the reason below).
+// One row is a stream over the panel: four independent sums hide the FMA latency that a
+// single chain would wait on (named, for the reason below).
 template <typename F>
 void panel_row(const float* x, int64_t k_dim, const uint8_t* panel, float* y, int64_t cols) {
-  __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00,
-         s30 = s00, s31 = s00;
+  Floats16 s0 = zeros16(), s1 = s0, s2 = s0, s3 = s0;
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = std::min(F::kBlock, k_dim - kb);
     prefetch_ahead<F>(panel, kb);
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4) {
-      fma_row(block, j, x + kb, s00, s01);
-      fma_row(block, j + 1, x + kb, s10, s11);
-      fma_row(block, j + 2, x + kb, s20, s21);
-      fma_row(block, j + 3, x + kb, s30, s31);
+      fma_row(block, j, x + kb, s0);
+      fma_row(block, j + 1, x + kb, s1);
+      fma_row(block, j + 2, x + kb, s2);
+      fma_row(block, j + 3, x + kb, s3);
     }
-    for (; j < rows; ++j) fma_row(block, j, x + kb, s00, s01);
+    for (; j < rows; ++j) fma_row(block, j, x + kb, s0);
   }
-  store_cols(y, _mm256_add_ps(_mm256_add_ps(s00, s10), _mm256_add_ps(s20, s30)),
-             _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31)), cols);
+  store_first(y, add16(add16(s0, s1), add16(s2, s3)), cols);
 }
 
 // A single row against a q4/q8 panel takes one FMA a weight: sum_j x_j * (d * c_j + m) is
 // d * sum_j x_j c_j + m * sum_j x_j, the second sum (xsum, one per block) shared by every
 // panel. A row has no other rows to share the decoding of a weight with, and decoding
 // with the scale and offset took as long as the multiply. This adds one block's four
-// pairs of partial sums of x * code to the row's totals.
+// partial sums of x * code to the row's total.
 template <typename F>
-inline void add_block(const F& block, float xsum, __m256 a00, __m256 a01, __m256 a10,
-                      __m256 a11, __m256 a20, __m256 a21, __m256 a30, __m256 a31,
-                      __m256& lo_sum, __m256& hi_sum) {
-  const __m256 xs = _mm256_set1_ps(xsum);
-  const __m256 lo = _mm256_add_ps(_mm256_add_ps(a00, a10), _mm256_add_ps(a20, a30));
-  const __m256 hi = _mm256_add_ps(_mm256_add_ps(a01, a11), _mm256_add_ps(a21, a31));
-  if constexpr (F::kOffsets) {
-    lo_sum = _mm256_fmadd_ps(block.m0, xs, lo_sum);
-    hi_sum = _mm256_fmadd_ps(block.m1, xs, hi_sum);
-  }
-  lo_sum = _mm256_fmadd_ps(block.d0, lo, lo_sum);
-  hi_sum = _mm256_fmadd_ps(block.d1, hi, hi_sum);
+inline Floats16 add_block(const F& block, float xsum, Floats16 a0, Floats16 a1, Floats16 a2,
+                          Floats16 a3, Floats16 sum) {
+  if constexpr (F::kOffsets) sum = fma16(block.m, splat16(xsum), sum);
+  return fma16(block.d, add16(add16(a0, a1), add16(a2, a3)), sum);
 }
 
 // One row against a q8 panel, either kind (q4: q4_panel_row, below).
 template <typename F>
 void q8_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_t* panel,
                   float* y, int64_t cols) {
-  __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
+  Floats16 sum = zeros16();
   for (int64_t kb = 0; kb < k_dim; kb += kQuantBlock) {
     const F block(panel, kb / kQuantBlock);
     prefetch_ahead<F>(panel, kb);
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-           a30 = a00, a31 = a00;
-#define JAXFIRE_CODES(i, j)                                \
-  {                                                        \
-    __m256 lo, hi;                                         \
-    block.codes(j, &lo, &hi);                              \
-    const __m256 xj = _mm256_broadcast_ss(x + kb + j);     \
-    a##i##0 = _mm256_fmadd_ps(xj, lo, a##i##0);            \
-    a##i##1 = _mm256_fmadd_ps(xj, hi, a##i##1);            \
-  }
+    Floats16 a0 = zeros16(), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 8
     for (int64_t j = 0; j < kQuantBlock; j += 4) {
-      JAXFIRE_CODES(0, j) JAXFIRE_CODES(1, j + 1) JAXFIRE_CODES(2, j + 2) JAXFIRE_CODES(3, j + 3)
+      a0 = fma16(splat16(x[kb + j]), block.codes(j), a0);
+      a1 = fma16(splat16(x[kb + j + 1]), block.codes(j + 1), a1);
+      a2 = fma16(splat16(x[kb + j + 2]), block.codes(j + 2), a2);
+      a3 = fma16(splat16(x[kb + j + 3]), block.codes(j + 3), a3);
     }
-#undef JAXFIRE_CODES
-    add_block(block, xsum[kb / kQuantBlock], a00, a01, a10, a11, a20, a21, a30, a31, lo_sum,
-              hi_sum);
+    sum = add_block(block, xsum[kb / kQuantBlock], a0, a1, a2, a3, sum);
   }
-  store_cols(y, lo_sum, hi_sum, cols);
+  store_first(y, sum, cols);
 }
 
 // One row against a q4 panel, no shifts: row r of a group of 8 masked in its word is
@@ -127,36 +95,28 @@ void q8_panel_row(const float* x, const float* xsum, int64_t k_dim, const uint8_
 // ran 25% slower, bound by the shuffle pipes; batch-1 decode was bound by it.)
 void q4_panel_row(const float* x, const float* x_scaled, const float* xsum, int64_t k_dim,
                   const uint8_t* panel, float* y, int64_t cols) {
-  __m256 lo_sum = _mm256_setzero_ps(), hi_sum = lo_sum;
+  Floats16 sum = zeros16();
   for (int64_t kb = 0; kb < k_dim; kb += kQuantBlock) {
     const Q4Format block(panel, kb / kQuantBlock);
     prefetch_ahead<Q4Format>(panel, kb);
-    const __m256i* words = reinterpret_cast<const __m256i*>(block.q);
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-           a30 = a00, a31 = a00;
-#define JAXFIRE_ROW(i, r)                                                                   \
-  {                                                                                         \
-    const __m256i mask = _mm256_set1_epi32(15 << (4 * (r)));                                \
-    const __m256 xr = _mm256_broadcast_ss(x_scaled + kb + 8 * g + (r));                     \
-    a##i##0 = _mm256_fmadd_ps(xr, _mm256_cvtepi32_ps(_mm256_and_si256(w0, mask)), a##i##0); \
-    a##i##1 = _mm256_fmadd_ps(xr, _mm256_cvtepi32_ps(_mm256_and_si256(w1, mask)), a##i##1); \
-  }
+    Floats16 a0 = zeros16(), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 4
     for (int64_t g = 0; g < kQuantBlock / 8; ++g) {
-      const __m256i w0 = _mm256_loadu_si256(words + 2 * g);
-      const __m256i w1 = _mm256_loadu_si256(words + 2 * g + 1);
-      JAXFIRE_ROW(0, 0) JAXFIRE_ROW(1, 1) JAXFIRE_ROW(2, 2) JAXFIRE_ROW(3, 3)
-      JAXFIRE_ROW(0, 4) JAXFIRE_ROW(1, 5) JAXFIRE_ROW(2, 6)
+      const Words16 w = load_words16(block.q + g * kPanel * 4);
+      const float* xs = x_scaled + kb + 8 * g;
+      a0 = fma16(splat16(xs[0]), masked_to_float(w, 15u), a0);
+      a1 = fma16(splat16(xs[1]), masked_to_float(w, 15u << 4), a1);
+      a2 = fma16(splat16(xs[2]), masked_to_float(w, 15u << 8), a2);
+      a3 = fma16(splat16(xs[3]), masked_to_float(w, 15u << 12), a3);
+      a0 = fma16(splat16(xs[4]), masked_to_float(w, 15u << 16), a0);
+      a1 = fma16(splat16(xs[5]), masked_to_float(w, 15u << 20), a1);
+      a2 = fma16(splat16(xs[6]), masked_to_float(w, 15u << 24), a2);
       // Row 7's mask would reach the sign bit: shifted down instead, against x unscaled.
-      const __m256 x7 = _mm256_broadcast_ss(x + kb + 8 * g + 7);
-      a30 = _mm256_fmadd_ps(x7, _mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 28)), a30);
-      a31 = _mm256_fmadd_ps(x7, _mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 28)), a31);
+      a3 = fma16(splat16(x[kb + 8 * g + 7]), shifted_to_float(w, 28), a3);
     }
-#undef JAXFIRE_ROW
-    add_block(block, xsum[kb / kQuantBlock], a00, a01, a10, a11, a20, a21, a30, a31, lo_sum,
-              hi_sum);
+    sum = add_block(block, xsum[kb / kQuantBlock], a0, a1, a2, a3, sum);
   }
-  store_cols(y, lo_sum, hi_sum, cols);
+  store_first(y, sum, cols);
 }
 
 // R rows against one panel: y[r, 0:cols] = sum_k x[r, k] * W[k, 0:cols]. Named
@@ -165,29 +125,22 @@ void q4_panel_row(const float* x, const float* x_scaled, const float* xsum, int6
 template <int R, typename F>
 void panel_rows(const float* x, int64_t k_dim, const uint8_t* panel, float* y, int64_t ldy,
                 int64_t cols) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-         a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-#define JAXFIRE_ROW(r)                                             \
-  if constexpr (R > r) {                                           \
-    const __m256 xr = _mm256_broadcast_ss(x + r * k_dim + kb + j); \
-    a##r##0 = _mm256_fmadd_ps(xr, lo, a##r##0);                    \
-    a##r##1 = _mm256_fmadd_ps(xr, hi, a##r##1);                    \
-  }
+  Floats16 a0 = zeros16(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+#define JAXFIRE_ROW(r) \
+  if constexpr (R > r) a##r = fma16(splat16(x[r * k_dim + kb + j]), w, a##r);
   for (int64_t kb = 0; kb < k_dim; kb += F::kBlock) {
     const F block(panel, kb / F::kBlock);
     const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
     prefetch_ahead<F>(panel, kb);
 #pragma GCC unroll 32
     for (int64_t j = 0; j < rows; ++j) {
-      __m256 lo, hi;
-      block.load(j, &lo, &hi);
+      const Floats16 w = block.load(j);
       JAXFIRE_ROW(0) JAXFIRE_ROW(1) JAXFIRE_ROW(2) JAXFIRE_ROW(3) JAXFIRE_ROW(4) JAXFIRE_ROW(5)
     }
   }
 #undef JAXFIRE_ROW
-  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21},
-                            {a30, a31}, {a40, a41}, {a50, a51}};
-  for (int r = 0; r < R; ++r) store_cols(y + r * ldy, acc[r][0], acc[r][1], cols);
+  const Floats16 acc[6] = {a0, a1, a2, a3, a4, a5};
+  for (int r = 0; r < R; ++r) store_first(y + r * ldy, acc[r], cols);
 }
 
 template <typename F>

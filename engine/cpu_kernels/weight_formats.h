@@ -11,15 +11,16 @@
 #include <cstdint>
 
 #include "kernels.h"
-#include "kv_storage.h"
+#include "lanes16.h"
 
 namespace jaxfire {
 
 inline constexpr int64_t kQuantBlock = 32;  // rows per q4/q8 block (__init__.py's QUANT_BLOCK)
 
-// A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns.
+// A format reads one block of a panel: rows kb .. kb + kBlock of the weight, 16 columns,
+// each row as Floats16 (lanes16.h).
 
-// Plain float32 or bfloat16 values, [K, 16] row after row (load8: kv_storage.h's).
+// Plain float32 or bfloat16 values, [K, 16] row after row.
 template <typename T>
 struct PlainFormat {
   static constexpr int64_t kBlock = 4;
@@ -28,10 +29,7 @@ struct PlainFormat {
   const T* p;
   PlainFormat(const uint8_t* panel, int64_t b)
       : p(reinterpret_cast<const T*>(panel + b * kBlockBytes)) {}
-  void load(int64_t j, __m256* lo, __m256* hi) const {
-    *lo = load8(p + j * kPanel);
-    *hi = load8(p + j * kPanel + 8);
-  }
+  Floats16 load(int64_t j) const { return load16(p + j * kPanel); }
 };
 using F32Format = PlainFormat<float>;
 using BF16Format = PlainFormat<BFloat16>;
@@ -52,50 +50,33 @@ struct QuantFormat {
   static constexpr int64_t kSideBytes =
       kKind == Quant::kQ8 ? 2 * kPanel * 4 : (kOffsets ? 2 : 1) * kPanel * 2;
   static constexpr int64_t kBlockBytes = kSideBytes + kBlock * kPanel / (kFour ? 2 : 1);
-  __m256 d0, d1, m0 = _mm256_setzero_ps(), m1 = m0;
+  Floats16 d, m = zeros16();  // scales, offsets
   const uint8_t* q;
   QuantFormat(const uint8_t* panel, int64_t b) {
     const uint8_t* s = panel + b * kBlockBytes;
     if constexpr (kKind == Quant::kQ8) {
       const float* f = reinterpret_cast<const float*>(s);
-      d0 = _mm256_loadu_ps(f), d1 = _mm256_loadu_ps(f + 8);
-      m0 = _mm256_loadu_ps(f + 16), m1 = _mm256_loadu_ps(f + 24);
+      d = load16(f), m = load16(f + kPanel);
     } else {
-      const __m128i* h = reinterpret_cast<const __m128i*>(s);
-      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
-      if constexpr (kOffsets) {
-        m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2));
-        m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
-      }
+      const Half* h = reinterpret_cast<const Half*>(s);
+      d = load16(h);
+      if constexpr (kOffsets) m = load16(h + kPanel);
     }
     q = s + kSideBytes;
   }
   // The codes of row j as floats; j is a constant once the block loop is unrolled, so Q4's
   // nibble choice costs one shift.
-  void codes(int64_t j, __m256* lo, __m256* hi) const {
+  Floats16 codes(int64_t j) const {
     if constexpr (kFour) {
-      const __m256i* words = reinterpret_cast<const __m256i*>(q) + 2 * (j / 8);
-      const __m256i nibble = _mm256_set1_epi32(15);
-      const int shift = 4 * (j % 8);
-      *lo = _mm256_cvtepi32_ps(
-          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words), shift), nibble));
-      *hi = _mm256_cvtepi32_ps(
-          _mm256_and_si256(_mm256_srli_epi32(_mm256_loadu_si256(words + 1), shift), nibble));
+      const Words16 w = load_words16(q + (j / 8) * kPanel * 4);
+      return masked_to_float(shift_right(w, 4 * (j % 8)), 15);
     } else {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel));
-      *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-      *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+      return load16(reinterpret_cast<const int8_t*>(q + j * kPanel));
     }
   }
-  void load(int64_t j, __m256* lo, __m256* hi) const {
-    codes(j, lo, hi);
-    if constexpr (kOffsets) {
-      *lo = _mm256_fmadd_ps(d0, *lo, m0);
-      *hi = _mm256_fmadd_ps(d1, *hi, m1);
-    } else {
-      *lo = _mm256_mul_ps(d0, *lo);
-      *hi = _mm256_mul_ps(d1, *hi);
-    }
+  Floats16 load(int64_t j) const {
+    if constexpr (kOffsets) return fma16(d, codes(j), m);
+    return mul16(d, codes(j));
   }
 };
 using Q8Format = QuantFormat<Quant::kQ8>;
@@ -122,12 +103,7 @@ inline void decode_panel(const uint8_t* panel, int64_t k_dim, float* out) {
     const int64_t rows = F::kQuant ? F::kBlock : std::min(F::kBlock, k_dim - kb);
     prefetch_ahead<F>(panel, kb);
 #pragma GCC unroll 32
-    for (int64_t j = 0; j < rows; ++j) {
-      __m256 lo, hi;
-      block.load(j, &lo, &hi);
-      _mm256_storeu_ps(out + (kb + j) * kPanel, lo);
-      _mm256_storeu_ps(out + (kb + j) * kPanel + 8, hi);
-    }
+    for (int64_t j = 0; j < rows; ++j) store16(out + (kb + j) * kPanel, block.load(j));
   }
 }
 
