@@ -10,7 +10,8 @@ pages[p // page_size] at offset p % page_size of its page-table row `pages`.
 
 The C++ sources (`matmul.cc`, `attention.cc`, `decode_attention.cc`, `layer.cc`, `top_k.cc`,
 `embed.cc`) are built on first use with the system's C++ compiler into the jaxfire cache folder
-(engine.disk_cache) and registered as XLA FFI targets.
+(engine.disk_cache) and registered as XLA FFI targets, for the widest instructions the CPU
+runs (`isa()`: AVX-512 or AVX2; `$JAXFIRE_CPU_ISA` names one), the same bits either way.
 Weights are packed once at load time (packing.py) into 16-column panels the matmul streams
 contiguously, in the fewest bytes that hold exactly the same float32 values (`pack`): GGUF's
 4- and 8-bit blocks as 4- or 8-bit codes with a scale and offset, bfloat16 checkpoints as
@@ -146,6 +147,7 @@ def _register() -> None:
         log.info("building the CPU kernels (%s) into %s", build, lib_path)
         _build(_SOURCES, lib_path, ISAS[build][0])
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    log.info("CPU kernels: the %s build", build)
     targets = (
         (MATMUL, lib.JaxfireMatmul),
         (ATTENTION, lib.JaxfireDecodeAttention),
