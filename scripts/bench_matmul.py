@@ -1,12 +1,12 @@
 """The CPU kernels' matmul in each build this CPU runs (AVX-512, AVX2), alternated.
 
-    python scripts/bench_matmul.py [--isas avx512 avx2] [--rounds 4] [--formats q8_0 float32]
+    python scripts/bench_matmul.py [--isas avx512 avx2] [--rounds 4] [--formats q4_1 float32]
 
 Each round starts one process per build (JAXFIRE_CPU_ISA) that times `cpu_kernels.matmul`
-on a compute-bound shape (a prefill's: 96 rows x [576 x 1536], the weights in cache) and a
-memory-bound one (a decode's: 1 row x [2048 x 16384], more than the L3 holds), best of 25
-calls of 8 products each. Printed per build: GFLOP/s (compute-bound) and GB/s of weights
-read (memory-bound), the median over rounds and the range.
+on a prefill's shape (96 rows x [576 x 1536], compute-bound), one row against a weight the
+L3 holds (the one-row kernel's own rate) and one row against a weight larger than the L3
+(a decode's stream from memory), best of 25 calls of 8 products each. Printed per build:
+GFLOP/s, or GB/s of packed weights read, the median over rounds and the range.
 """
 
 from __future__ import annotations
@@ -30,12 +30,27 @@ def weights(kind, k, n):
     if kind == "bfloat16":
         return rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16).astype(np.float32)
     d = rng.uniform(0.001, 0.05, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
-    codes = rng.integers(-127, 128, (k // 32, 32, n))  # q8_0
-    return (d * codes).astype(np.float32).reshape(k, n)
+    if kind == "q8_0":
+        codes = rng.integers(-127, 128, (k // 32, 32, n))
+        codes[:, 3] = -127  # the extreme a quantizer's block holds
+        return (d * codes).astype(np.float32).reshape(k, n)
+    m = rng.uniform(-0.4, 0.0, (k // 32, 1, n)).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, 16, (k // 32, 32, n))  # q4_1
+    codes[:, 0], codes[:, 1] = 0, 15  # the block's min and max, as a quantizer makes them
+    return (d * codes + m).astype(np.float32).reshape(k, n)
+def packed_as(kind, w):
+    packed = cpu_kernels.pack(w)
+    assert (packed.dtype == np.uint8) == kind.startswith("q"), (kind, packed.dtype)
+    return jax.device_put(packed)
+SHAPES = {  # label: (rows, k, n)
+    "GFLOP/s, 96 rows": (96, 576, 1536),
+    "GFLOP/s, 1 row in L3": (1, 1536, 2048),
+    "GB/s, 1 row from memory": (1, 4096, 16384),
+}
 out = {}
 for kind in sys.argv[2].split(","):
-    for label, (m, k, n) in {"GFLOP/s": (96, 576, 1536), "GB/s": (1, 2048, 16384)}.items():
-        packed = jax.device_put(cpu_kernels.pack(weights(kind, k, n)))
+    for label, (m, k, n) in SHAPES.items():
+        packed = packed_as(kind, weights(kind, k, n))
         x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
         # 8 products on different x (identical calls would be merged into one)
         f = jax.jit(lambda x, p: sum(cpu_kernels.matmul(x + i, p, n)[:, :1] for i in range(8)))
@@ -45,7 +60,7 @@ for kind in sys.argv[2].split(","):
             t = time.perf_counter()
             f(x, packed).block_until_ready()
             best = min(best, (time.perf_counter() - t) / 8)
-        work = 2 * m * k * n if label == "GFLOP/s" else packed.size * packed.dtype.itemsize
+        work = 2 * m * k * n if label.startswith("GFLOP") else packed.size * packed.dtype.itemsize
         out[f"{kind} {label}"] = work / best / 1e9
 print(json.dumps(out))
 """
@@ -58,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--isas", nargs="+", default=cpu_kernels.supported_isas())
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--formats", nargs="+", default=["q8_0", "float32", "bfloat16"])
+    ap.add_argument("--formats", nargs="+", default=["q4_1", "q8_0", "float32", "bfloat16"])
     args = ap.parse_args()
     runs: dict[str, list[dict[str, float]]] = {isa: [] for isa in args.isas}
     for _ in range(args.rounds):
@@ -79,7 +94,7 @@ def main() -> None:
             cells.append(
                 f"{isa} {statistics.median(values):6.1f} ({min(values):.1f}-{max(values):.1f})"
             )
-        print(f"{key:18s} " + "   ".join(cells))
+        print(f"{key:32s} " + "   ".join(cells))
 
 
 if __name__ == "__main__":
