@@ -40,13 +40,11 @@ class Prefiller:
         # The kernels skip padding rows, but the XLA ops between them and the zero fill of
         # their outputs do not: a 100-token extension took 164.7 ms padded to 512 tokens,
         # 145.0 ms to 256 (one more program, ~30 MB).
-        self.extend_buckets = [
-            b
-            for b in self.buckets
-            if b == self.chunk_bucket or (b < self.chunk_bucket and not packed)
-        ]
-        if packed and EXTEND_KERNEL_BUCKET < self.chunk_bucket:
-            self.extend_buckets.insert(0, EXTEND_KERNEL_BUCKET)
+        self.extend_buckets = (
+            sorted({min(EXTEND_KERNEL_BUCKET, self.chunk_bucket), self.chunk_bucket})
+            if packed
+            else [b for b in self.buckets if b <= self.chunk_bucket]
+        )
         # Short prompts admitted together are computed several to a call, each a row of
         # chunk / G tokens, sharing each weight read (G in 8, 4, 2; none below a bucket).
         self.group_shapes = [

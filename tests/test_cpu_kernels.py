@@ -386,7 +386,7 @@ def test_a_machine_without_a_compiler_gets_a_clear_reason(monkeypatch, tmp_path)
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
-        _build(_SOURCES, tmp_path / "kernels.so", ISAS["avx2"][0])
+        _build(_SOURCES, tmp_path / "kernels.so", ISAS["avx2"])
     assert not (tmp_path / "kernels.so").exists()
 
 
