@@ -46,6 +46,7 @@ from engine import cpu_kernels
 from engine.config import ModelConfig
 from engine.data_parallel import RowOrder
 from engine.decode_state import Chunk, DecodeState, StepOutput
+from engine.held import Held
 from engine.kv_cache import KVCache, copy_page, write_prefix
 from engine.model import Rows, Transformer, logits_from_hidden
 from samplers.pipeline import sample
@@ -106,7 +107,7 @@ class Programs:
             "prompt_logprobs": (self._prompt_logprobs, read_out),
         }
         self.prefill, self.insert, self.prompt_logprobs = (
-            jax.jit(fn, **kw) for fn, kw in self._whole_prompt.values()
+            Held(jax.jit(fn, **kw)) for fn, kw in self._whole_prompt.values()
         )
         self.extend = jax.jit(self._extend, donate_argnums=1, **cache_out)
         self._extenders: dict[int, Any] = {}
@@ -119,10 +120,10 @@ class Programs:
         self._decoders: dict[tuple[int, int, int], Any] = {}
         # Made where it lives (each slot's row on its data shard), never whole on one device.
         self.empty_state = jax.jit(DecodeState.empty, static_argnums=(1, 2), **state_out)
-        self.start_slot = jax.jit(_start_slot, donate_argnums=0, **state_out)
-        self.stop_slot = jax.jit(_stop_slot, donate_argnums=0, **state_out)
-        self.sampling_row = jax.jit(_sampling_row)
-        self.copy_page = jax.jit(_copy_page, donate_argnums=0, **cache_out)
+        self.start_slot = Held(jax.jit(_start_slot, donate_argnums=0, **state_out))
+        self.stop_slot = Held(jax.jit(_stop_slot, donate_argnums=0, **state_out))
+        self.sampling_row = Held(jax.jit(_sampling_row))
+        self.copy_page = Held(jax.jit(_copy_page, donate_argnums=0, **cache_out))
 
     def decode_ready(self, k: int, kv_len: int, rows: int, chunk: int = 0) -> bool:
         return (k, kv_len, rows, chunk) in self._decoders

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 import samplers
+from engine.held import forget_traces
 from engine.loading import return_freed_memory
 from engine.scheduler import Scheduler
 
@@ -67,6 +68,7 @@ class Later:
                 return
             job()
             self.pending -= 1
+            forget_traces()
             return_freed_memory()
         log.info("background compilation done in %.1fs", time.perf_counter() - start)
 
@@ -132,5 +134,6 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     jobs += [lambda T=T: p.extender(*shapes[:2], T) for T in short]
     scored = [T for T in prefill.buckets if T > prefill.chunk_bucket]  # a whole prompt
     jobs += [lambda T=T: p.compile_prefill(*shapes[:2], T) for T in scored]
+    forget_traces()
     return_freed_memory()
     return Later(jobs, lambda: not s._busy(), closing)

@@ -62,7 +62,7 @@ def test_mixed_step_memory_grows_linearly_with_the_token_budget():
         )
         mixed.append(lowered.compile().memory_analysis().temp_size_in_bytes)
         ids = jax.ShapeDtypeStruct((1, size), jnp.int32)
-        prefill = programs.prefill.lower(params, ids, scalar).compile()
+        prefill = programs.prefill.compiled(params, ids, scalar)
         whole.append(prefill.memory_analysis().temp_size_in_bytes)
     assert mixed[0] < mixed[1] < mixed[2]
     assert growth(mixed) < 2.5, mixed
