@@ -2,8 +2,9 @@
 q/k/v projection: the seam where each backend's attention plugs in.
 
 Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends within its
-new tokens and returns their K/V, one token per row is decode, one row of several tokens
-extends what its pages hold; each writes the cache in place. Everything else writes the
+new tokens and returns their K/V, one token per row is decode, a row of several tokens (or
+several such rows with their own lengths) extends what its pages hold; each writes the
+cache in place. Everything else writes the
 block's K/V into its pages, then attends on each data shard of a mesh over its own pages
 (engine.data_parallel.per_shard): on a GPU or TPU through jax's paged decode kernel, which
 reads the pool as stored (engine.attention.pool_kernels); elsewhere, or where the kernel
@@ -57,7 +58,8 @@ def attend_packed(
 ) -> tuple[jax.Array, KV] | None:
     """The block's attention through engine.cpu_kernels from its fused projection qkv
     [B, T, (H + 2K) D], in a layer of sliding `window` (None: global): (out [B, T, H D],
-    cache), or None where no kernel applies (several rows of several tokens: XLA's ops)."""
+    cache), or None where no kernel applies (several rows of several tokens without
+    per-row lengths: XLA's ops)."""
     cos, sin = rotation
     B, T = block.tokens.shape
     if cfg.query_pre_attn_scalar not in (None, cfg.head_dim):
@@ -82,14 +84,17 @@ def attend_packed(
             window,
         )
         return out[:, None], tuple(new_kv)
-    if B == 1:  # one sequence's next T positions, after what its pages hold
+    if B == 1 or block.lengths is not None:  # sequences' next T positions, after their pages
+        lengths = block.lengths
+        if lengths is None:
+            lengths = T if block.valid is None else block.valid
         out, *new_kv = cpu_kernels.extend_attention(
             qkv,
-            cos[0],
-            sin[0],
-            block.positions[0, 0],
-            T if block.valid is None else block.valid,
-            block.page_table[0],
+            cos,
+            sin,
+            block.positions[:, 0],
+            lengths,
+            block.page_table,
             *cache_kv,
             cfg.num_heads,
             window,

@@ -110,6 +110,9 @@ class Rows:
     `valid` (int32 scalar, may be traced): tokens from this one on, over [B, T] flattened,
     are padding; the CPU kernels skip their matrix rows (left zero) in the last block, XLA's
     ops compute them. Either way no query before it sees them.
+    `lengths` (int32[B], may be traced; the CPU kernels only): each row is a sequence of its
+    own continuing what its pages hold, its first lengths[b] tokens real (several short
+    prompts in one call); `valid` then marks the last row's padding for the matrix products.
     `kv_len` bounds how many positions are attended to (default: all a table row holds): the
     engine passes a bucket above the longest live position so short sequences don't pay for
     max_len.
@@ -125,6 +128,7 @@ class Rows:
     positions: jax.Array  # i32[B, T]
     page_table: jax.Array  # i32[B, pages_per_seq]
     valid: jax.Array | None = None
+    lengths: jax.Array | None = None
     kv_len: int | None = flax.struct.field(pytree_node=False, default=None)
     fresh: bool = flax.struct.field(pytree_node=False, default=False)
     head: bool = flax.struct.field(pytree_node=False, default=True)

@@ -183,6 +183,34 @@ def test_extend_attention_through_a_page_table_equals_the_contiguous_layout(wind
 
 
 @kernels
+@pytest.mark.parametrize("window", [None, 20])
+def test_extending_several_sequences_in_one_call_equals_extending_each_alone(window):
+    """A group of short prompts is one call of several rows, each with its own start, length
+    and page-table row: each row's output and K/V are bitwise what it gets alone."""
+    heads, kv_heads, head_dim, new = 6, 2, 64, 24
+    pool = make_pool([3, PAGES_PER_SEQ, 5], PAGES_PER_SEQ, kv_heads, head_dim)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = RNG.standard_normal((3, new, width)).astype(np.float32)
+    cos, sin = (np.stack(x) for x in zip(*(rotary(new, head_dim) for _ in range(3)), strict=True))
+    starts, valid = np.array([9, 32, 0], np.int32), np.array([24, 5, 17], np.int32)
+    call = jax.jit(cpu_kernels.extend_attention, static_argnums=(8, 9))
+    out, keys, values = call(
+        qkv, cos, sin, starts, valid, pool.table, pool.keys, pool.values, heads, window
+    )
+    want_keys, want_values, want_out = pool.keys, pool.values, []
+    for b in range(3):
+        o, want_keys, want_values = call(
+            qkv[b : b + 1], cos[b], sin[b], starts[b], valid[b], pool.table[b],
+            want_keys, want_values, heads, window,
+        )  # fmt: skip
+        want_out.append(np.asarray(o)[0])
+    np.testing.assert_array_equal(np.asarray(out), np.stack(want_out))
+    np.testing.assert_array_equal(np.asarray(keys), np.asarray(want_keys))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    assert not np.asarray(out)[1, 5:].any()  # padding: zeros
+
+
+@kernels
 def test_a_page_id_outside_the_pool_is_an_error_not_a_stray_write():
     heads, kv_heads, head_dim = 2, 1, 16
     pool = make_pool([2], 2, kv_heads, head_dim)

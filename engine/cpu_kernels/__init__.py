@@ -318,7 +318,7 @@ def extend_attention(
     qkv: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    start: jax.Array,
+    starts: jax.Array,
     valid: jax.Array,
     pages: jax.Array,
     keys: jax.Array,
@@ -326,29 +326,34 @@ def extend_attention(
     num_heads: int,
     window: int | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Causal attention of T new tokens of one sequence whose positions before `start` its
-    pages (page-table row i32[pages_per_seq]) already hold: qkv f32[1, T, (H + 2K) D] as in
-    prefill_attention, cos / sin f32[T, D/2] of positions start .. start + T - 1, the first
-    `valid` tokens real (int32 scalars, may be traced).
+    """Causal attention of T new tokens of each of B sequences whose positions before their
+    start their pages already hold: qkv f32[B, T, (H + 2K) D] as in prefill_attention,
+    cos / sin f32[B, T, D/2] of row b's positions starts[b] .. starts[b] + T - 1, the first
+    valid[b] tokens of row b real, pages i32[B, pages_per_seq] the rows' page-table rows
+    (starts and valid i32[B], may be traced; with B = 1 scalars, cos / sin [T, D/2] and a
+    page-table row [pages_per_seq] too).
 
-    Their rotated keys and values are written into its pages of the pools in place (nothing
-    past its last page), then the query at position p sees the sequence's positions
-    max(0, p + 1 - window) .. p. Returns (out f32[1, T, H D], zeros for padding; keys; values)."""
+    Their rotated keys and values are written into their pages of the pools in place
+    (nothing past a row's last page), then the query at position p sees its sequence's
+    positions max(0, p + 1 - window) .. p. Returns (out f32[B, T, H D], zeros for padding;
+    keys; values). Each row's result is the one it gets alone."""
     _register()
+    B, T = qkv.shape[:2]
     out = (
-        jax.ShapeDtypeStruct(qkv.shape[:2] + (num_heads * keys.shape[-1],), jnp.float32),
+        jax.ShapeDtypeStruct((B, T, num_heads * keys.shape[-1]), jnp.float32),
         jax.ShapeDtypeStruct(keys.shape, keys.dtype),
         jax.ShapeDtypeStruct(values.shape, values.dtype),
     )
     call = jax.ffi.ffi_call(EXTEND_ATTENTION, out, input_output_aliases={6: 1, 7: 2})
-    scalar = lambda x: jnp.asarray(x, jnp.int32).reshape(())  # noqa: E731
+    per_row = lambda x: jnp.asarray(x, jnp.int32).reshape(B)  # noqa: E731
+    angles = lambda x: x.astype(jnp.float32).reshape(B, T, -1)  # noqa: E731
     return call(
         qkv.astype(jnp.float32),
-        cos.astype(jnp.float32),
-        sin.astype(jnp.float32),
-        scalar(start),
-        scalar(valid),
-        jnp.asarray(pages, jnp.int32).reshape(-1),
+        angles(cos),
+        angles(sin),
+        per_row(starts),
+        per_row(valid),
+        jnp.asarray(pages, jnp.int32).reshape(B, -1),
         keys,
         values,
         num_heads=np.int64(num_heads),

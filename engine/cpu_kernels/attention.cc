@@ -9,9 +9,10 @@
 // split, the rotations, the transposes to and from the heads-first layout and the batched
 // dots were a quarter of a 128-token prefill, nearly all of it copies and per-op overhead.
 //
-// Extend: the same for new tokens of a sequence whose earlier positions its pages already
-// hold (a prompt sharing a prefix with the slot's last one): keys and values written into
-// its pages in place, queries attending to the sequence's positions through its pages.
+// Extend: the same for new tokens of sequences whose earlier positions their pages already
+// hold (a prompt after its cached prefix, a chunk of a long one, several short prompts in
+// one call): keys and values written into the pages in place, queries attending to their
+// sequence's positions through its pages.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -141,52 +142,58 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   return ffi::Error::Success();
 }
 
-// One sequence's T new tokens extending what its pages hold: qkv [1, T, (H + 2K) D],
-// cos / sin [T, D / 2] of their positions start .. start + T - 1, the first `valid` of them
-// real, pages [pages_per_seq] its page-table row. Their rotated keys and values are written
-// into the pools [num_pages, K, page_size, D] (float32, float16 or bfloat16) in place
-// (aliased to the results; nothing past its last page), then each query at position p
-// attends to the sequence's positions max(0, p + 1 - window) .. p. -> out [1, T, H D]
-// (zeros for padding).
+// B sequences' T new tokens each, extending what their pages hold: qkv [B, T, (H + 2K) D],
+// cos / sin [B, T, D / 2] of row b's positions starts[b] .. starts[b] + T - 1, the first
+// valid[b] of them real, pages [B, pages_per_seq] the rows' page-table rows. Their rotated
+// keys and values are written into the pools [num_pages, K, page_size, D] (float32, float16
+// or bfloat16) in place (aliased to the results; nothing past a row's last page), then each
+// query at position p attends to its sequence's positions max(0, p + 1 - window) .. p.
+// -> out [B, T, H D] (zeros for padding). A row's result does not depend on the others.
 ffi::Error ExtendAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
-                           ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> valid,
+                           ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> valid,
                            ffi::Buffer<ffi::S32> pages, ffi::AnyBuffer, ffi::AnyBuffer,
                            ffi::ResultBuffer<ffi::F32> out, ffi::Result<ffi::AnyBuffer> keys,
                            ffi::Result<ffi::AnyBuffer> values, int64_t num_heads,
                            int64_t window) {
   const auto xd = qkv.dimensions();
   const auto cd = keys->dimensions();
-  if (xd.size() != 3 || xd[0] != 1 || cd.size() != 4 ||
-      keys->element_type() != values->element_type()) {
+  if (xd.size() != 3 || cd.size() != 4 || keys->element_type() != values->element_type()) {
     return ffi::Error::InvalidArgument(
-        "qkv must be [1, T, (H + 2K) D] and caches [num_pages, K, page_size, D] of one type");
+        "qkv must be [B, T, (H + 2K) D] and caches [num_pages, K, page_size, D] of one type");
   }
-  const int64_t len = xd[1], num_pages = cd[0], kv_heads = cd[1], page_size = cd[2],
-                dim = cd[3], pages_per_seq = pages.element_count();
+  const int64_t rows = xd[0], len = xd[1], num_pages = cd[0], kv_heads = cd[1],
+                page_size = cd[2], dim = cd[3];
+  const int64_t pages_per_seq = rows == 0 ? 0 : pages.element_count() / rows;
   if (kv_heads <= 0 || num_heads % kv_heads != 0 || dim % 2 != 0 || pages_per_seq == 0 ||
-      xd[2] != (num_heads + 2 * kv_heads) * dim || cos_table.element_count() != len * (dim / 2)) {
-    return ffi::Error::InvalidArgument("qkv, cos/sin, pages and caches shapes disagree");
+      pages.element_count() != rows * pages_per_seq ||
+      xd[2] != (num_heads + 2 * kv_heads) * dim ||
+      cos_table.element_count() != rows * len * (dim / 2) || starts.element_count() != rows ||
+      valid.element_count() != rows) {
+    return ffi::Error::InvalidArgument("qkv, cos/sin, starts, valid, pages and caches disagree");
   }
-  const int64_t first = start.typed_data()[0];
-  if (first < 0) return ffi::Error::InvalidArgument("start must be >= 0");
-  if (const char* error = jaxfire::check_pages(pages.typed_data(), pages_per_seq, num_pages)) {
+  const int32_t* first = starts.typed_data();
+  if (std::any_of(first, first + rows, [](int32_t s) { return s < 0; })) {
+    return ffi::Error::InvalidArgument("starts must be >= 0");
+  }
+  if (const char* error =
+          jaxfire::check_pages(pages.typed_data(), pages.element_count(), num_pages)) {
     return ffi::Error::InvalidArgument(error);
   }
   return jaxfire::with_kv_type(keys->element_type(), [&](auto kind) {
     using T = decltype(kind);
-    const Span<T> span{qkv.typed_data(),
-                       cos_table.typed_data(),
-                       sin_table.typed_data(),
-                       static_cast<T*>(keys->untyped_data()),
-                       static_cast<T*>(values->untyped_data()),
-                       out->typed_data(),
-                       jaxfire::PagedRows{pages.typed_data(), page_size, kv_heads, dim},
-                       first,
-                       len,
-                       std::clamp<int64_t>(valid.typed_data()[0], 0, len),
-                       pages_per_seq * page_size};
-    span_attention(pool, &span, 1, num_heads, kv_heads, dim, window, false);
+    const int64_t width = xd[2], half = dim / 2;
+    std::vector<Span<T>> spans;
+    for (int64_t b = 0; b < rows; ++b) {
+      spans.push_back(Span<T>{
+          qkv.typed_data() + b * len * width, cos_table.typed_data() + b * len * half,
+          sin_table.typed_data() + b * len * half, static_cast<T*>(keys->untyped_data()),
+          static_cast<T*>(values->untyped_data()), out->typed_data() + b * len * num_heads * dim,
+          jaxfire::PagedRows{pages.typed_data() + b * pages_per_seq, page_size, kv_heads, dim},
+          first[b], len, std::clamp<int64_t>(valid.typed_data()[b], 0, len),
+          pages_per_seq * page_size});
+    }
+    span_attention(pool, spans.data(), rows, num_heads, kv_heads, dim, window, false);
     return ffi::Error::Success();
   });
 }
