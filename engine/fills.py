@@ -217,7 +217,9 @@ class Fills(Slots):
     def _mixed_rows(self, k: int, kv_len: int, highest: int) -> int | None:
         """The decoded rows of a mixed program of k steps for this call (the narrowest
         compiled, or any width when compiling on demand), None if there is none or no room
-        for a chunk."""
+        for a chunk (or no mixed programs here: Programs.mixes_chunks)."""
+        if not self.p.mixes_chunks:
+            return None
         for rows in self.slot_buckets:
             width = self.s.max_num_batched_tokens - rows
             if rows < highest or width < 1:

@@ -78,6 +78,11 @@ class Programs:
         self.pages_per_seq = pages_per_seq  # the length of a page-table row
         self.cache_shardings, self.state_shardings = cache_shardings, state_shardings
         self.model = Transformer(config, dtype, packed)
+        # Whether a prompt chunk rides in the first step of a decode call (a mixed program),
+        # sharing the decode rows' weight reads: on an accelerator a decode step's whole cost.
+        # On the CPU kernels a chunk costs its compute and riding saved nothing measurable
+        # (README: bench_mixed), while each mixed program held ~75 MiB: chunks go alone.
+        self.mixes_chunks = not packed
         self.num_top = num_top
         # On GPU a conditional in the step is a round trip to the host (samplers.branching).
         self.branchless = jax.default_backend() == "gpu" if branchless is None else branchless

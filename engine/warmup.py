@@ -12,7 +12,8 @@ one a lone client got half its speed until the background caught up, minutes on 
 
 What `warm_up` returns compiles the rest, one program at a time and only while the engine is
 idle, so it never slows what runs (on a 2-core CPU a compilation took a core from decoding):
-the mixed decode programs (all slots, carrying a chunk of a long prompt), the other decode
+the mixed decode programs (all slots, carrying a chunk of a long prompt; none on the CPU
+kernels: Programs.mixes_chunks), the other decode
 programs narrower than all slots or attending past WARM_KV_LEN, the programs computing
 several short prompts in one call, the extensions shorter than a chunk and the larger
 prefill buckets. Until one is ready the scheduler runs a chunk alone before the decode call,
@@ -111,7 +112,8 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
 
     # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
     width = s.s.max_num_batched_tokens - widest
-    mixed = [kv for kv in first if width > 0 and s.s.max_num_batched_tokens < s.s.max_len]
+    chunked = p.mixes_chunks and s.s.max_num_batched_tokens < s.s.max_len
+    mixed = [kv for kv in first if width > 0 and chunked]
     s.compile_on_demand = False
     jobs = [
         lambda kv=kv: p.decoder(*shapes, k=k, kv_len=kv, rows=widest, chunk=width) for kv in mixed

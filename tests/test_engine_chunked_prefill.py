@@ -31,6 +31,14 @@ def engine():
     return F.shared_engine()
 
 
+@pytest.fixture(scope="module")
+def xla_engine():
+    """XLA's ops (TPU, GPU, or a CPU without the kernels): where chunks ride in decode calls."""
+    engine = F.make_engine(max_slots=2, cpu_kernel=False, background_compile=False)
+    yield engine
+    engine.close()
+
+
 @contextlib.contextmanager
 def chunk(engine, size: int, mixed: bool = False):
     """Prompts chunked by `size` tokens; `mixed`: each chunk rides in the decode call of the
@@ -119,10 +127,11 @@ def decode_with_a_long_prompt(engine, mixed: bool, params=GREEDY) -> tuple[dict,
         return F.collect(running)[0], F.collect(waiting)[0]
 
 
-def test_chunks_ride_in_the_decode_calls(engine, monkeypatch):
+def test_chunks_ride_in_the_decode_calls(xla_engine, monkeypatch):
     """Mixed steps: once the short sequence decodes, each chunk of the long prompt is
     computed by a decode call (rows 1, so 15 prompt tokens each: 15 + 15 + 15 + 14), none
     alone, and both outputs are HF's greedy tokens."""
+    engine = xla_engine
     sched = engine.scheduler
     chunks: list[int] = []
     alone: list[int] = []
@@ -138,12 +147,12 @@ def test_chunks_ride_in_the_decode_calls(engine, monkeypatch):
     assert running["ids"] == F.hf_greedy(F.prompts(2, seed=68, lo=5, hi=60)[0], 40)
 
 
-def test_mixed_steps_equal_chunks_alone(engine):
+def test_mixed_steps_equal_chunks_alone(xla_engine):
     """Seeded sampling with logprobs: a chunk riding in a decode call changes nothing in
     either sequence's tokens or logprobs."""
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=11)
-    mixed = decode_with_a_long_prompt(engine, True, seeded)
-    alone = decode_with_a_long_prompt(engine, False, seeded)
+    mixed = decode_with_a_long_prompt(xla_engine, True, seeded)
+    alone = decode_with_a_long_prompt(xla_engine, False, seeded)
     for a, b in zip(mixed, alone, strict=True):
         assert a["ids"] == b["ids"]
         for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
@@ -182,25 +191,31 @@ def test_cancel_while_prefilling_frees_the_pages(engine):
     assert out["ids"] == F.hf_greedy(prompt, 4)
 
 
-def test_xla_path_chunks_too():
+def test_xla_path_chunks_too(xla_engine):
     """Without the CPU kernels (TPU, GPU, or a CPU that can't build them) the same."""
-    engine = F.make_engine(
-        max_slots=2,
-        max_len=64,
-        cpu_kernel=False,
-        background_compile=False,
-        max_num_batched_tokens=CHUNK,
+    [prompt] = F.prompts(1, seed=65, lo=40, hi=40)
+    request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=6, ignore_eos=True)
+    with chunk(xla_engine, CHUNK):
+        assert F.collect(xla_engine.submit(request))[0]["ids"] == F.hf_greedy(prompt, 6)
+
+
+def test_the_cpu_kernels_run_chunks_alone(engine, monkeypatch):
+    """On the CPU kernels a chunk costs its compute, not the weight reads a mixed step
+    would share: no mixed program is compiled, even on demand; each chunk goes alone."""
+    sched = engine.scheduler
+    assert not sched.p.mixes_chunks
+    carried: list[int] = []
+    decoder = sched.p.decoder
+    monkeypatch.setattr(
+        sched.p,
+        "decoder",
+        lambda *a, **kw: (carried.append(kw.get("chunk", 0)), decoder(*a, **kw))[1],
     )
-    try:
-        [prompt] = F.prompts(1, seed=65, lo=40, hi=40)
-        request = GenerationRequest(tuple(prompt), GREEDY, max_tokens=6, ignore_eos=True)
-        assert F.collect(engine.submit(request))[0]["ids"] == F.hf_greedy(prompt, 6)
-        running, long = decode_with_a_long_prompt(engine, mixed=True)  # XLA's mixed step
-        [short, prompt] = F.prompts(2, seed=68, lo=5, hi=60)
-        assert running["ids"] == F.hf_greedy(short, 40)
-        assert long["ids"] == F.hf_greedy(prompt, 4)
-    finally:
-        engine.close()
+    running, long = decode_with_a_long_prompt(engine, mixed=True)
+    assert carried and not any(carried)
+    [short, prompt] = F.prompts(2, seed=68, lo=5, hi=60)
+    assert running["ids"] == F.hf_greedy(short, 40)
+    assert long["ids"] == F.hf_greedy(prompt, 4)
 
 
 def test_a_prompt_prefilled_beside_a_decoding_sequence_keeps_its_pages(engine):
@@ -254,9 +269,11 @@ def test_failed_programs_leave_no_slot_taken(engine, monkeypatch):
 
 
 def test_warmup_compiles_the_mixed_step(monkeypatch):
-    """A server's path: warm-up compiles a mixed program, serving carries chunks in it
+    """A server's path on XLA's ops: warm-up compiles a mixed program, serving carries chunks in it
     (compiling nothing on demand) and compiles nothing else either."""
-    engine = F.make_engine(max_len=64, background_compile=False, max_num_batched_tokens=CHUNK)
+    engine = F.make_engine(
+        max_len=64, cpu_kernel=False, background_compile=False, max_num_batched_tokens=CHUNK
+    )
     events: list[str] = []
     carried: list[int] = []
     sched = engine.scheduler
