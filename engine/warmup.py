@@ -13,10 +13,9 @@ one a lone client got half its speed until the background caught up, minutes on 
 What `warm_up` returns compiles the rest, one program at a time and only while the engine is
 idle, so it never slows what runs (on a 2-core CPU a compilation took a core from decoding):
 the mixed decode programs (all slots, carrying a chunk of a long prompt; none on the CPU
-kernels: Programs.mixes_chunks), the other decode
-programs narrower than all slots or attending past WARM_KV_LEN, the programs computing
-several short prompts in one call, the extensions shorter than a chunk and the larger
-prefill buckets. Until one is ready the scheduler runs a chunk alone before the decode call,
+kernels: Programs.mixes_chunks), the other decode programs narrower than all slots or
+attending past WARM_KV_LEN, the programs computing several short prompts in one call, the
+extensions shorter than a chunk and the larger prefill buckets. Until one is ready the scheduler runs a chunk alone before the decode call,
 uses the next wider decode and pads a short extension to a chunk (a decode of a longer
 context compiles on first use), so startup does not grow with max_len.
 """
