@@ -1,10 +1,12 @@
 """Computing a sequence's K/V into its pages before it decodes: the device side of a fill.
 
-A prompt that is all new and fits one chunk goes through the prefill program (attention
-within the new tokens only) and is inserted into its pages; anything else (the rest after
-the prefix cache's pages, a chunk of a long prompt, a preempted sequence's recompute)
-extends what its pages hold. A request asking for prompt logprobs is prefilled whole, for
-the hidden states of every prompt position.
+On XLA's ops a prompt that is all new and fits one chunk goes through the prefill program
+(attention within the new tokens only; on a GPU cuDNN's flash attention) and is inserted
+into its pages; anything else (the rest after the prefix cache's pages, a chunk of a long
+prompt, a preempted sequence's recompute) extends what its pages hold. On the CPU kernels
+every prompt is an extension: from position 0 the same kernel does a fresh prefill's
+arithmetic, straight into the pages. A request asking for prompt logprobs is prefilled
+whole, for the hidden states of every prompt position.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from engine.buckets import bucket_for, buckets
 from engine.handle import Handle
 from engine.requests import TokenLogprob
 from engine.step import Programs
-
-EXTEND_KERNEL_BUCKET = 256  # the CPU kernels' one extension bucket below a chunk
 
 
 class Prefiller:
@@ -35,16 +35,15 @@ class Prefiller:
         # chunk needs; warm-up compiles up to it only.
         self.chunk_bucket = min(chunk, max_len)
         self.buckets = sorted({*sizes, self.chunk_bucket})
-        # Extensions shorter than a chunk (a chat turn after its template's cached page):
-        # their own buckets on XLA's ops; on the kernels a chunk and EXTEND_KERNEL_BUCKET.
-        # The kernels skip padding rows, but the XLA ops between them and the zero fill of
-        # their outputs do not: a 100-token extension took 164.7 ms padded to 512 tokens,
-        # 145.0 ms to 256 (one more program, ~30 MB).
-        self.extend_buckets = (
-            sorted({min(EXTEND_KERNEL_BUCKET, self.chunk_bucket), self.chunk_bucket})
-            if packed
-            else [b for b in self.buckets if b <= self.chunk_bucket]
-        )
+        # Extensions shorter than a chunk (a chat turn after its template's cached page, and
+        # on the kernels a short prompt) take their own buckets: the kernels skip padding
+        # rows, but the XLA ops between them and the zero fill of their outputs do not (a
+        # 100-token extension took 164.7 ms padded to 512 tokens, 145.0 ms to 256).
+        self.extend_buckets = [b for b in self.buckets if b <= self.chunk_bucket]
+        # Whether a prompt all new is prefilled by the prefill program and inserted. On the
+        # CPU kernels an extension from position 0 is the same arithmetic, with no prefill
+        # and insert programs to hold (~20 MiB a bucket): only prompt logprobs use them.
+        self.fresh_prefill = not packed
         # Short prompts admitted together are computed several to a call, each a row of
         # chunk / G tokens, sharing each weight read (G in 8, 4, 2; none below a bucket).
         self.group_shapes = [
@@ -60,9 +59,9 @@ class Prefiller:
     ) -> Any:
         """The cache with the K/V of ids[start : start + n] at those positions of the
         sequence whose page-table row is `pages`. `whole`: these are all its positions
-        (start = 0), computed by the prefill program."""
+        (start = 0), computed by the prefill program where there is one (fresh_prefill)."""
         T = bucket_for(n, self.buckets)
-        if whole:
+        if whole and self.fresh_prefill:
             tokens = np.zeros((1, T), np.int32)
             tokens[0, :n] = ids[:n]
             rows, _ = self.p.prefill(self.params, tokens, np.int32(n))

@@ -1,11 +1,13 @@
 """Warm-up: the programs serving uses, compiled (and run on the pad page) before the first
 request, so no request waits for a compilation; the rest compiled afterwards.
 
-Each prefill bucket up to a chunk, insert, prompt logprobs, slot start/stop, page copy, the
-full-width decode programs attending up to WARM_KV_LEN positions and the extension by a chunk
-are compiled first, writing only into the pad page. Longer prompts are prefilled in chunks;
-only a long prompt with prompt logprobs is prefilled whole, in a larger bucket: those are
-compiled last, without running them.
+Slot start/stop, page copy, the full-width decode programs attending up to WARM_KV_LEN
+positions, the extension by a chunk and what a short prompt takes are compiled first: on
+XLA's ops each prefill bucket up to a chunk with its insert and prompt logprobs (run,
+writing only into the pad page), on the CPU kernels each extension bucket up to a chunk.
+Longer prompts are prefilled in chunks; only a prompt with prompt logprobs is prefilled
+whole (on the kernels in any bucket, elsewhere past a chunk): those programs are compiled
+last, without running them, for the persistent cache.
 
 The narrowest decode program (a lone request) compiles before serving too: on the full-width
 one a lone client got half its speed until the background caught up, minutes on a cold cache.
@@ -15,9 +17,10 @@ idle, so it never slows what runs (on a 2-core CPU a compilation took a core fro
 the mixed decode programs (all slots, carrying a chunk of a long prompt; none on the CPU
 kernels: Programs.mixes_chunks), the other decode programs narrower than all slots or
 attending past WARM_KV_LEN, the programs computing several short prompts in one call, the
-extensions shorter than a chunk and the larger prefill buckets. Until one is ready the scheduler runs a chunk alone before the decode call,
-uses the next wider decode and pads a short extension to a chunk (a decode of a longer
-context compiles on first use), so startup does not grow with max_len.
+extensions shorter than a chunk and the whole prompts with prompt logprobs. Until one is
+ready the scheduler runs a chunk alone before the decode call, uses the next wider decode
+and pads a short extension to a chunk (a decode of a longer context compiles on first use),
+so startup does not grow with max_len.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     """Compile and run what the first requests use; returns what compiles the rest."""
     p, prefill = s.p, s.prefiller
     pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
-    for T in (b for b in prefill.buckets if b <= prefill.chunk_bucket):
+    fresh = [b for b in prefill.buckets if b <= prefill.chunk_bucket and prefill.fresh_prefill]
+    for T in fresh:
         tokens = np.zeros((1, T), np.int32)
         rows, hidden = p.prefill(s.params, tokens, np.int32(T))
         s.cache = p.insert(s.cache, rows, pad_row)
@@ -107,7 +111,9 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     now = [(kv, rows) for kv in first for rows in sorted({s.slot_buckets[0], widest})]
     for kv_len, rows in now:
         p.decoder(*shapes, k=k, kv_len=kv_len, rows=rows)
-    p.extender(*shapes[:2], prefill.chunk_bucket)  # a long prompt's chunks
+    # A long prompt's chunks; on the CPU kernels every prompt's extension, of each bucket.
+    for T in prefill.extend_buckets if not prefill.fresh_prefill else [prefill.chunk_bucket]:
+        p.extender(*shapes[:2], T)
 
     # Mixed programs (a decode call carrying a prompt chunk), when prompts get chunked.
     width = s.s.max_num_batched_tokens - widest
@@ -131,9 +137,10 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
         ]
     # Short prompts admitted together, several to a call (Prefiller.groups).
     jobs += [lambda G=G, T=T: p.extender(*shapes[:2], T, G) for G, T in prefill.group_shapes]
-    short = [T for T in prefill.extend_buckets if T < prefill.chunk_bucket]
+    short = [T for T in prefill.extend_buckets if not p.extend_ready(T)]
     jobs += [lambda T=T: p.extender(*shapes[:2], T) for T in short]
-    scored = [T for T in prefill.buckets if T > prefill.chunk_bucket]  # a whole prompt
+    # A whole prompt with prompt logprobs, in the buckets no served prompt has run yet.
+    scored = [T for T in prefill.buckets if T not in fresh]
     jobs += [lambda T=T: p.compile_prefill(*shapes[:2], T) for T in scored]
     forget_traces()
     return_freed_memory()

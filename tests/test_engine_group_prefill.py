@@ -37,15 +37,21 @@ def test_group_shapes_split_the_token_budget():
 
 
 def test_a_short_extension_takes_the_smallest_compiled_bucket():
-    """On the kernels a chunk and 256 (XLA's ops between them run on the padding); on XLA's
-    ops every bucket up to a chunk; a bucket not compiled yet pads to the chunk."""
-    kernels = prefiller(True, {(1, 256), (1, 512)})
-    assert kernels.extend_buckets == [256, 512]
-    assert [kernels.extend_bucket(n) for n in (1, 100, 256, 257, 512)] == [256, 256, 256, 512, 512]
+    """Every bucket up to a chunk (the kernels skip padding rows, the XLA ops between them
+    do not); a bucket not compiled yet pads to the chunk."""
+    kernels = prefiller(True, {(1, 16), (1, 64), (1, 256), (1, 512)})
+    assert kernels.extend_buckets == [16, 64, 256, 512]
+    assert [kernels.extend_bucket(n) for n in (1, 40, 100, 257, 512)] == [16, 64, 256, 512, 512]
     assert prefiller(True, {(1, 512)}).extend_bucket(100) == 512  # 256 not compiled yet
     xla = prefiller(False, {(1, 16), (1, 32), (1, 48), (1, 64), (1, 512)})
     assert xla.extend_buckets == [b for b in xla.buckets if b <= 512]
     assert [xla.extend_bucket(n) for n in (10, 40, 64)] == [16, 48, 64]
+
+
+def test_only_xla_prefills_a_fresh_prompt_apart():
+    """On the CPU kernels a prompt all new is an extension from position 0."""
+    assert prefiller(False, set()).fresh_prefill
+    assert not prefiller(True, set()).fresh_prefill
 
 
 def test_groups_take_the_shortest_together_and_leave_nothing_out():
