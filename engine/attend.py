@@ -4,14 +4,14 @@ q/k/v projection: the seam where each backend's attention plugs in.
 Packed weights (the CPU path) go to engine.cpu_kernels: a fresh prefill attends within its
 new tokens and returns their K/V, one token per row is decode, a row of several tokens (or
 several such rows with their own lengths) extends what its pages hold; each writes the
-cache in place. Everything else writes the
-block's K/V into its pages, then attends on each data shard of a mesh over its own pages
-(engine.data_parallel.per_shard): on a GPU or TPU through jax's paged decode kernel, which
-reads the pool as stored (engine.attention.pool_kernels); elsewhere, or where the kernel
-does not apply (sliding windows, fp8), XLA's ops gather the pages and take a masked float32
-softmax, grouped by KV head (no K/V repetition). A fresh prefill on a GPU runs
-jax.nn.dot_product_attention (cuDNN's flash attention). An fp8 cache is encoded on the
-write and decoded to the compute dtype on the gather (engine.kv_cache).
+cache in place. Everything else writes the block's K/V into its pages, then attends on each
+data shard of a mesh over its own pages (engine.data_parallel.per_shard): on a GPU or TPU
+through jax's paged decode kernel, which reads the pool as stored
+(engine.attention.pool_kernels); elsewhere, or where the kernel does not apply (sliding
+windows, fp8), XLA's ops gather the pages and take a masked float32 softmax, grouped by KV
+head (no K/V repetition). A fresh prefill on a GPU runs jax.nn.dot_product_attention
+(cuDNN's flash attention). An fp8 cache is encoded on the write and decoded to the compute
+dtype on the gather (engine.kv_cache).
 """
 
 from __future__ import annotations

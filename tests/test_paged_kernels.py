@@ -121,6 +121,33 @@ def test_decode_attention_through_a_page_table_equals_the_contiguous_layout(head
 
 @kernels
 @pytest.mark.parametrize("window", [None, 20])
+def test_a_row_decoded_alone_gets_the_bits_it_gets_in_a_batch(window):
+    """Batch invariance. A lone row has fewer (row, KV head) units than twice the threads,
+    so its positions and query heads are spread over the threads (chunks of 64 positions);
+    in a batch each unit runs whole on one thread. Scores, sums and the written K/V agree
+    bit for bit."""
+    heads, kv_heads, head_dim, rows = 6, 2, 64, len(POSITIONS)
+    pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, kv_heads, head_dim)
+    qkv = RNG.standard_normal((rows, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    cos, sin = rotary(rows, head_dim)
+    call = jax.jit(cpu_kernels.decode_attention, static_argnums=(7, 8))
+    out, keys, values = call(
+        qkv, cos, sin, POSITIONS, pool.table, pool.keys, pool.values, heads, window
+    )
+    alone_keys, alone_values = pool.keys, pool.values
+    for b in range(rows):
+        one = slice(b, b + 1)
+        alone, alone_keys, alone_values = call(
+            qkv[one], cos[one], sin[one], POSITIONS[one], pool.table[one],
+            alone_keys, alone_values, heads, window,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(alone)[0], np.asarray(out)[b])
+    np.testing.assert_array_equal(np.asarray(alone_keys), np.asarray(keys))
+    np.testing.assert_array_equal(np.asarray(alone_values), np.asarray(values))
+
+
+@kernels
+@pytest.mark.parametrize("window", [None, 20])
 def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
     d, heads, kv_heads, dim, inter, eps = 64, 4, 2, 16, 96, 1e-5
     rows = len(POSITIONS)

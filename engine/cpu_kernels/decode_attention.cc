@@ -6,7 +6,10 @@
 // 32 that was over half the decode step. Here each (row, KV head) reads only the positions
 // its query can see, once, for all the query heads of its group. layer.cc calls
 // decode_attention too, inside its whole-layer kernel.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "attention_math.h"
@@ -37,57 +40,130 @@ const char* check_decode_geometry(const DecodeGeometry& g, int64_t qkv_width, in
   return check_pages(table, table_elements, g.num_pages);
 }
 
+// The work of one token per row, by (row b, KV head h) unit: the new key and value into its
+// page, then for each query head g of the group the scores of the positions it sees (a key
+// row read once for the group) and their softmax's weighted sum of the values. Split so
+// that few units (batch 1: as many as KV heads, 3 for 2 threads) can spread positions and
+// query heads over the threads, each score and each sum computed as in one unit.
 template <class T>
-void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const float* xp,
-                      const float* cp, const float* sp, const int32_t* pos, const int32_t* table,
-                      T* kp, T* vp, float* op) {
-  const int64_t kv_heads = geo.kv_heads, dim = geo.dim, window = geo.window;
-  const int64_t capacity = geo.pages_per_seq * geo.page_size;
-  const int64_t num_heads = geo.heads, groups = num_heads / kv_heads;
-  const int64_t width = (num_heads + 2 * kv_heads) * dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  parallel_for(pool, geo.rows * kv_heads, [=](int64_t u) {
-    const int64_t b = u / kv_heads, h = u % kv_heads;
-    const Token token{xp + b * width, cp + b * (dim / 2), sp + b * (dim / 2), num_heads,
-                      kv_heads, dim};
-    const PagedRows rows{table + b * geo.pages_per_seq, geo.page_size, kv_heads, dim};
-    // Scores position by position for every query of the group (a key row is read once for
-    // the group), then each query's weighted sum of the values, its output in registers.
-    thread_local std::vector<float> scores, query;
-    query.resize(groups * dim);
-    if (pos[b] >= 0 && pos[b] < capacity) {
-      token.key(h, kp + rows.at(h, pos[b]), query.data());
-      token.value(h, vp + rows.at(h, pos[b]));
-    }
+struct DecodeUnits {
+  const DecodeGeometry& geo;
+  const float *xp, *cp, *sp;
+  const int32_t *pos, *table;
+  T *kp, *vp;
+  float* op;
+  int64_t groups, width, capacity;
+  float scale;
+
+  DecodeUnits(const DecodeGeometry& g, const float* xp, const float* cp, const float* sp,
+              const int32_t* pos, const int32_t* table, T* kp, T* vp, float* op)
+      : geo(g), xp(xp), cp(cp), sp(sp), pos(pos), table(table), kp(kp), vp(vp), op(op),
+        groups(g.heads / g.kv_heads), width((g.heads + 2 * g.kv_heads) * g.dim),
+        capacity(g.pages_per_seq * g.page_size),
+        scale(1.0f / std::sqrt(static_cast<float>(g.dim))) {}
+
+  Token token(int64_t b) const {
+    const int64_t half = geo.dim / 2;
+    return Token{xp + b * width, cp + b * half, sp + b * half, geo.heads, geo.kv_heads, geo.dim};
+  }
+  PagedRows rows(int64_t b) const {
+    return PagedRows{table + b * geo.pages_per_seq, geo.page_size, geo.kv_heads, geo.dim};
+  }
+  // The positions row b's query sees: first .. first + seen - 1.
+  std::pair<int64_t, int64_t> span(int64_t b) const {
     const int64_t last = std::min<int64_t>(pos[b], capacity - 1);
-    const int64_t first = window > 0 ? std::max<int64_t>(0, last + 1 - window) : 0;
-    const int64_t seen = std::max<int64_t>(0, last + 1 - first);
-    scores.resize(seen * groups);
-    float* oh = op + b * num_heads * dim + h * groups * dim;
-    if (seen == 0) {
-      std::fill(oh, oh + groups * dim, 0.0f);
-      return;
-    }
+    const int64_t first = geo.window > 0 ? std::max<int64_t>(0, last + 1 - geo.window) : 0;
+    return {first, std::max<int64_t>(0, last + 1 - first)};
+  }
+  // The new key (rotated) and value of (b, h) into their page; `scratch` holds dim floats.
+  void write(int64_t b, int64_t h, float* scratch) const {
+    if (pos[b] < 0 || pos[b] >= capacity) return;
+    const PagedRows r = rows(b);
+    token(b).key(h, kp + r.at(h, pos[b]), scratch);
+    token(b).value(h, vp + r.at(h, pos[b]));
+  }
+  // scores[g * stride + t] for t in [from, from + count) of the span, every query head g of
+  // the group; `query` holds groups * dim floats.
+  void score(int64_t b, int64_t h, int64_t from, int64_t count, float* scores, int64_t stride,
+             float* query) const {
+    const int64_t dim = geo.dim;
     for (int64_t g = 0; g < groups; ++g) {
-      float* qg = query.data() + g * dim;
-      token.query(h * groups + g, qg);
+      float* qg = query + g * dim;
+      token(b).query(h * groups + g, qg);
       for (int64_t i = 0; i < dim; ++i) qg[i] *= scale;
     }
-    rows.runs(h, first, seen, [&](int64_t t0, int64_t offset, int64_t n, int64_t next) {
-      const T *k = kp + offset, *v = vp + offset;
+    rows(b).runs(h, span(b).first + from, count,
+                 [&](int64_t t0, int64_t offset, int64_t n, int64_t next) {
+      const T* k = kp + offset;
       for (int64_t t = 0; t < n; ++t) {
         // kAhead rows on, into the next page once this one ends.
         prefetch_row(t + kAhead < n ? k + (t + kAhead) * dim : kp + next + (t + kAhead - n) * dim,
                      dim);
-        prefetch_row(v + t * dim, dim);  // read by the weighted sums next
+        prefetch_row(vp + offset + t * dim, dim);  // read by the weighted sums next
         for (int64_t g = 0; g < groups; ++g) {
-          scores[g * seen + t0 + t] = dot(query.data() + g * dim, k + t * dim, dim);
+          scores[g * stride + from + t0 + t] = dot(query + g * dim, k + t * dim, dim);
         }
       }
     });
-    for (int64_t g = 0; g < groups; ++g) {
-      attend(scores.data() + g * seen, vp, rows, h, first, seen, oh + g * dim);
-    }
+  }
+  // Query head g of (b, h): the softmax of its scores (seen of them, overwritten) weighting
+  // the values, into the output.
+  void finish(int64_t b, int64_t h, int64_t g, float* scores) const {
+    const auto [first, seen] = span(b);
+    float* o = op + (b * geo.heads + h * groups + g) * geo.dim;
+    if (seen == 0) return std::fill(o, o + geo.dim, 0.0f);
+    attend(scores, vp, rows(b), h, first, seen, o);
+  }
+};
+
+template <class T>
+void decode_attention(ffi::ThreadPool& pool, const DecodeGeometry& geo, const float* xp,
+                      const float* cp, const float* sp, const int32_t* pos, const int32_t* table,
+                      T* kp, T* vp, float* op) {
+  const DecodeUnits<T> w(geo, xp, cp, sp, pos, table, kp, vp, op);
+  const int64_t units = geo.rows * geo.kv_heads, groups = w.groups, dim = geo.dim;
+  if (units >= 2 * Team::get().threads()) {  // enough units: each whole on one thread
+    parallel_for(pool, units, [&w, groups, dim, kv_heads = geo.kv_heads](int64_t u) {
+      const int64_t b = u / kv_heads, h = u % kv_heads, seen = w.span(b).second;
+      thread_local std::vector<float> scores, query;
+      query.resize(groups * dim);
+      scores.resize(seen * groups);
+      w.write(b, h, query.data());
+      w.score(b, h, 0, seen, scores.data(), seen, query.data());
+      for (int64_t g = 0; g < groups; ++g) w.finish(b, h, g, scores.data() + g * seen);
+    });
+    return;
+  }
+  // Few units: the writes first (every score may read its row's new key), then chunks of
+  // positions, then each query head's softmax and sum, each spread over the threads.
+  constexpr int64_t kChunk = 64;
+  thread_local std::vector<float> scores, scratch;
+  thread_local std::vector<int64_t> at;  // where unit u's scores start
+  at.assign(units + 1, 0);
+  scratch.resize(dim);
+  int64_t chunks = 0;
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t b = u / geo.kv_heads, seen = w.span(b).second;
+    w.write(b, u % geo.kv_heads, scratch.data());
+    at[u + 1] = at[u] + seen * groups;
+    chunks = std::max(chunks, (seen + kChunk - 1) / kChunk);
+  }
+  scores.resize(at[units]);
+  float* all = scores.data();
+  const int64_t* starts = at.data();
+  const int64_t kv_heads = geo.kv_heads;
+  parallel_for(pool, units * chunks, [=, &w](int64_t v) {
+    const int64_t u = v / chunks, from = v % chunks * kChunk;
+    const int64_t b = u / kv_heads, seen = w.span(b).second;
+    if (from >= seen) return;
+    thread_local std::vector<float> query;
+    query.resize(groups * dim);
+    w.score(b, u % kv_heads, from, std::min(kChunk, seen - from), all + starts[u], seen,
+            query.data());
+  });
+  parallel_for(pool, units * groups, [=, &w](int64_t v) {
+    const int64_t u = v / groups, g = v % groups, b = u / kv_heads;
+    w.finish(b, u % kv_heads, g, all + starts[u] + g * w.span(b).second);
   });
 }
 
