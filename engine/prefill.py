@@ -42,8 +42,11 @@ class Prefiller:
         self.extend_buckets = [b for b in self.buckets if b <= self.chunk_bucket]
         # Whether a prompt all new is prefilled by the prefill program and inserted. On the
         # CPU kernels an extension from position 0 is the same arithmetic, with no prefill
-        # and insert programs to hold (~20 MiB a bucket): only prompt logprobs use them.
+        # and insert programs to hold (~33 MiB a bucket with prompt logprobs'): only prompt
+        # logprobs use them there, from a chunk's bucket up (a short prompt's padding costs
+        # its LM head rows, ~0.2 s at 512, for the rare request that scores a prompt).
         self.fresh_prefill = not packed
+        self.scored_buckets = [b for b in self.buckets if not packed or b >= self.chunk_bucket]
         # Short prompts admitted together are computed several to a call, each a row of
         # chunk / G tokens, sharing each weight read (G in 8, 4, 2; none below a bucket).
         self.group_shapes = [
@@ -123,7 +126,7 @@ class Prefiller:
         if P == 1:
             handle.prompt_logprobs = (TokenLogprob(int(ids[0]), None, None),)
             return None
-        T = bucket_for(P - 1, self.buckets)
+        T = bucket_for(P - 1, self.scored_buckets)
         tokens, targets = np.zeros((2, 1, T), np.int32)
         tokens[0, : P - 1], targets[0, : P - 1] = ids[:-1], ids[1:]
         rows, hidden = self.p.prefill(self.params, tokens, np.int32(P - 1))

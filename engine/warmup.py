@@ -4,10 +4,11 @@ request, so no request waits for a compilation; the rest compiled afterwards.
 Slot start/stop, page copy, the full-width decode programs attending up to WARM_KV_LEN
 positions, the extension by a chunk and what a short prompt takes are compiled first: on
 XLA's ops each prefill bucket up to a chunk with its insert and prompt logprobs (run,
-writing only into the pad page), on the CPU kernels each extension bucket up to a chunk.
-Longer prompts are prefilled in chunks; only a prompt with prompt logprobs is prefilled
-whole (on the kernels in any bucket, elsewhere past a chunk): those programs are compiled
-last, without running them, for the persistent cache.
+writing only into the pad page), on the CPU kernels each extension bucket up to a chunk and
+the prefill, insert and prompt logprobs of a chunk (a short prompt with prompt logprobs is
+prefilled whole in it). Longer prompts are prefilled in chunks; only a prompt with prompt
+logprobs is prefilled whole, in a larger bucket: those are compiled last, without running
+them, for the persistent cache.
 
 The narrowest decode program (a lone request) compiles before serving too: on the full-width
 one a lone client got half its speed until the background caught up, minutes on a cold cache.
@@ -91,7 +92,7 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     """Compile and run what the first requests use; returns what compiles the rest."""
     p, prefill = s.p, s.prefiller
     pad_row = np.zeros(p.pages_per_seq, np.int32)  # every page the pad page
-    fresh = [b for b in prefill.buckets if b <= prefill.chunk_bucket and prefill.fresh_prefill]
+    fresh = [b for b in prefill.scored_buckets if b <= prefill.chunk_bucket]
     for T in fresh:
         tokens = np.zeros((1, T), np.int32)
         rows, hidden = p.prefill(s.params, tokens, np.int32(T))
@@ -140,7 +141,7 @@ def warm_up(s: Scheduler, vocab_size: int, closing: threading.Event) -> Later:
     short = [T for T in prefill.extend_buckets if not p.extend_ready(T)]
     jobs += [lambda T=T: p.extender(*shapes[:2], T) for T in short]
     # A whole prompt with prompt logprobs, in the buckets no served prompt has run yet.
-    scored = [T for T in prefill.buckets if T not in fresh]
+    scored = [T for T in prefill.scored_buckets if T not in fresh]
     jobs += [lambda T=T: p.compile_prefill(*shapes[:2], T) for T in scored]
     forget_traces()
     return_freed_memory()

@@ -175,10 +175,24 @@ def budget_of(pages: int) -> int:
     )
 
 
-def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypatch):
-    """Prompts longer than the token budget ride in the decode calls chunk by chunk while
-    the pool runs short (a preempted sequence's recompute is chunked too): still the
-    tokens and logprobs of a large pool prefilling every prompt whole."""
+@pytest.fixture(scope="module")
+def xla_pair():
+    """XLA's ops, where chunks ride in decode calls: a large pool and a small one."""
+    kw = dict(max_slots=4, max_len=F.MAX_LEN, cpu_kernel=False, background_compile=False)
+    engines = F.make_engine(**kw), F.make_engine(**kw, kv_cache_memory=budget_of(12))
+    yield engines
+    for engine in engines:
+        engine.close()
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "xla"])
+def test_chunks_under_preemption_give_the_same_tokens(path, big, small, xla_pair, monkeypatch):
+    """Prompts longer than the token budget are prefilled chunk by chunk (riding in the
+    decode calls on XLA's ops, alone between them on the CPU kernels) while the pool runs
+    short (a preempted sequence's recompute is chunked too): still the tokens and logprobs
+    of a large pool prefilling every prompt whole."""
+    if path == "xla":
+        big, small = xla_pair
     sched = small.scheduler
     settings, on_demand = sched.s, sched.compile_on_demand
     prompts = F.prompts(4, seed=83, lo=26, hi=36)
@@ -192,16 +206,21 @@ def test_mixed_chunks_under_preemption_give_the_same_tokens(big, small, monkeypa
     sched.s = dataclasses.replace(settings, max_num_batched_tokens=12)
     sched.compile_on_demand = True
     carried: list[int] = []
-    decoder = sched.p.decoder
+    alone: list[int] = []
+    decoder, compute = sched.p.decoder, sched._compute
     monkeypatch.setattr(
         sched.p, "decoder", lambda *a, **kw: (carried.append(kw["chunk"]), decoder(*a, **kw))[1]
     )
+    monkeypatch.setattr(sched, "_compute", lambda f, n: (alone.append(n), compute(f, n))[1])
     try:
         got = run_all(small, requests)
     finally:
         sched.s, sched.compile_on_demand = settings, on_demand
     assert small.stats()["preemptions"] > before
-    assert sum(1 for c in carried if c) >= 4  # chunks rode in decode calls
+    if path == "xla":
+        assert sum(1 for c in carried if c) >= 4  # chunks rode in decode calls
+    else:
+        assert not any(carried) and sum(1 for n in alone if n == 12) >= 4  # chunks alone
     for g, w in zip(got, want, strict=True):
         assert g[0]["ids"] == w[0]["ids"]
         for a, b in zip(g[0]["logprobs"], w[0]["logprobs"], strict=True):

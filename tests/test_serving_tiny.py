@@ -179,14 +179,23 @@ def test_cached_tokens_header_equals_usage(engine, http):
 def test_a_failed_device_program_is_logged_once_and_others_carry_on(
     engine, http, monkeypatch, caplog
 ):
-    prefill = engine.scheduler.p.prefill
+    programs = engine.scheduler.p
+    prefill, extender = programs.prefill, programs.extender
 
-    def failing_prefill(params, tokens, length):
-        if MARKER in np.asarray(tokens):
-            raise RuntimeError("injected device fault")
-        return prefill(params, tokens, length)
+    def failing(program):
+        """The program, failing on the marked prompt's tokens (a prefill's second argument,
+        an extension's third)."""
 
-    monkeypatch.setattr(engine.scheduler.p, "prefill", failing_prefill)
+        def run(*args):
+            if MARKER in np.asarray(args[2 if len(args) > 3 else 1]):
+                raise RuntimeError("injected device fault")
+            return program(*args)
+
+        return run
+
+    # A prompt all new: the prefill program on XLA's ops, an extension on the CPU kernels.
+    monkeypatch.setattr(programs, "prefill", failing(prefill))
+    monkeypatch.setattr(programs, "extender", lambda *a: failing(extender(*a)))
     engine.scheduler.forget_cached()  # every prompt is prefilled (none reuses a slot)
     caplog.set_level(logging.INFO)
     # A long stream runs beside the failing request, and one more request comes after.
