@@ -61,6 +61,8 @@ for b in batches:
 print("ready", flush=True)
 for line in sys.stdin:
     print(json.dumps(burst(int(line))), flush=True)
+for engine in engines.values():  # not left to interpreter exit, mid-call in a daemon thread
+    engine.close()
 """
 
 
