@@ -44,7 +44,7 @@ class Prefiller:
         # CPU kernels an extension from position 0 is the same arithmetic, with no prefill
         # and insert programs to hold (~33 MiB a bucket with prompt logprobs'): only prompt
         # logprobs use them there, from a chunk's bucket up (a short prompt's padding costs
-        # its LM head rows, ~0.2 s at 512, for the rare request that scores a prompt).
+        # its LM head rows, for the rare request that scores a prompt).
         self.fresh_prefill = not packed
         self.scored_buckets = [b for b in self.buckets if not packed or b >= self.chunk_bucket]
         # Short prompts admitted together are computed several to a call, each a row of
