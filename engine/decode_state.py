@@ -44,6 +44,38 @@ class DecodeState:
             sampling=samplers.SamplingBatch.empty(slots, vocab_size, max_bias),
         )
 
+    def start(
+        self,
+        slot: jax.Array,
+        token: jax.Array,
+        position: jax.Array,
+        remaining: jax.Array,
+        stop_on_eos: jax.Array,
+        logprobs: jax.Array,
+        row: samplers.SamplingBatch,
+    ) -> DecodeState:
+        """Slot `slot` decoding from `token` at `position`, with the sampling state `row`."""
+        return self.replace(
+            tokens=self.tokens.at[slot].set(token),
+            positions=self.positions.at[slot].set(position),
+            active=self.active.at[slot].set(True),
+            remaining=self.remaining.at[slot].set(remaining),
+            stop_on_eos=self.stop_on_eos.at[slot].set(stop_on_eos),
+            logprobs=self.logprobs.at[slot].set(logprobs),
+            sampling=samplers.write_row(self.sampling, slot, row),
+        )
+
+    def stop(self, slot: jax.Array) -> DecodeState:
+        return self.replace(
+            active=self.active.at[slot].set(False),
+            sampling=samplers.clear_row(self.sampling, slot),
+        )
+
+    def sampling_row(self, slot: jax.Array) -> samplers.SamplingBatch:
+        """Slot `slot`'s sampling state (seed stream, penalty counts, mirostat mu) as a
+        one-slot batch for start: a preempted sequence resumes drawing where it stopped."""
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1), self.sampling)
+
 
 @flax.struct.dataclass
 class Chunk:

@@ -227,3 +227,17 @@ def copy_page(buf: Pool, src: jax.Array, dst: jax.Array) -> Pool:
     """Page dst becomes a copy of page src."""
     buf, scale = _parts(buf)
     return _pool(buf.at[dst].set(buf[src]), scale)
+
+
+def insert_prefix(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:
+    """Write a prefilled sequence's K/V rows into positions [0, T) of the sequence whose
+    pages are `pages` (a page-table row, i32[pages_per_seq]), in every layer."""
+    return [
+        (write_prefix(k, rk, pages), write_prefix(v, rv, pages))
+        for (k, v), (rk, rv) in zip(cache, rows, strict=True)
+    ]
+
+
+def copy_page_in_layers(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Page dst becomes a copy of page src in every layer (copy-on-write of a shared page)."""
+    return [(copy_page(k, src, dst), copy_page(v, src, dst)) for k, v in cache]

@@ -47,7 +47,7 @@ from engine.config import ModelConfig
 from engine.data_parallel import RowOrder
 from engine.decode_state import Chunk, DecodeState, StepOutput
 from engine.held import Held
-from engine.kv_cache import KVCache, copy_page, write_prefix
+from engine.kv_cache import KVCache, copy_page_in_layers, insert_prefix
 from engine.model import Rows, Transformer, logits_from_hidden
 from samplers.pipeline import sample
 
@@ -108,7 +108,7 @@ class Programs:
         # compile_prefill makes throwaway copies of them.
         self._whole_prompt = {
             "prefill": (self._prefill, {}),
-            "insert": (_insert, {"donate_argnums": 0, **cache_out}),
+            "insert": (insert_prefix, {"donate_argnums": 0, **cache_out}),
             "prompt_logprobs": (self._prompt_logprobs, read_out),
         }
         self.prefill, self.insert, self.prompt_logprobs = (
@@ -125,10 +125,10 @@ class Programs:
         self._decoders: dict[tuple[int, int, int], Any] = {}
         # Made where it lives (each slot's row on its data shard), never whole on one device.
         self.empty_state = jax.jit(DecodeState.empty, static_argnums=(1, 2), **state_out)
-        self.start_slot = Held(jax.jit(_start_slot, donate_argnums=0, **state_out))
-        self.stop_slot = Held(jax.jit(_stop_slot, donate_argnums=0, **state_out))
-        self.sampling_row = Held(jax.jit(_sampling_row))
-        self.copy_page = Held(jax.jit(_copy_page, donate_argnums=0, **cache_out))
+        self.start_slot = Held(jax.jit(DecodeState.start, donate_argnums=0, **state_out))
+        self.stop_slot = Held(jax.jit(DecodeState.stop, donate_argnums=0, **state_out))
+        self.sampling_row = Held(jax.jit(DecodeState.sampling_row))
+        self.copy_page = Held(jax.jit(copy_page_in_layers, donate_argnums=0, **cache_out))
 
     def decode_ready(self, k: int, kv_len: int, rows: int, chunk: int = 0) -> bool:
         return (k, kv_len, rows, chunk) in self._decoders
@@ -389,51 +389,3 @@ class Programs:
             sampling=batch,
         )
         return st, out
-
-
-def _insert(cache: KVCache, rows: KVCache, pages: jax.Array) -> KVCache:
-    """Write a prefilled sequence's K/V rows into positions [0, T) of the sequence whose
-    pages are `pages` (a page-table row, i32[pages_per_seq])."""
-    return [
-        (write_prefix(k, rk, pages), write_prefix(v, rv, pages))
-        for (k, v), (rk, rv) in zip(cache, rows, strict=True)
-    ]
-
-
-def _start_slot(
-    state: DecodeState,
-    slot: jax.Array,
-    token: jax.Array,
-    position: jax.Array,
-    remaining: jax.Array,
-    stop_on_eos: jax.Array,
-    logprobs: jax.Array,
-    row: samplers.SamplingBatch,
-) -> DecodeState:
-    return state.replace(
-        tokens=state.tokens.at[slot].set(token),
-        positions=state.positions.at[slot].set(position),
-        active=state.active.at[slot].set(True),
-        remaining=state.remaining.at[slot].set(remaining),
-        stop_on_eos=state.stop_on_eos.at[slot].set(stop_on_eos),
-        logprobs=state.logprobs.at[slot].set(logprobs),
-        sampling=samplers.write_row(state.sampling, slot, row),
-    )
-
-
-def _stop_slot(state: DecodeState, slot: jax.Array) -> DecodeState:
-    return state.replace(
-        active=state.active.at[slot].set(False),
-        sampling=samplers.clear_row(state.sampling, slot),
-    )
-
-
-def _sampling_row(state: DecodeState, slot: jax.Array) -> samplers.SamplingBatch:
-    """Slot `slot`'s sampling state (seed stream, penalty counts, mirostat mu) as a one-slot
-    batch for start_slot: a preempted sequence resumes drawing exactly where it stopped."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1), state.sampling)
-
-
-def _copy_page(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Page dst becomes a copy of page src in every layer (copy-on-write of a shared page)."""
-    return [(copy_page(k, src, dst), copy_page(v, src, dst)) for k, v in cache]
