@@ -112,7 +112,7 @@ class Rows:
     ops compute them. Either way no query before it sees them.
     `lengths` (int32[B], may be traced; the CPU kernels only): each row is a sequence of its
     own continuing what its pages hold, its first lengths[b] tokens real (several short
-    prompts in one call); `valid` then marks the last row's padding for the matrix products.
+    prompts in one call), in place of `valid`.
     `kv_len` bounds how many positions are attended to (default: all a table row holds): the
     engine passes a bucket above the longest live position so short sequences don't pay for
     max_len.
@@ -150,11 +150,16 @@ def _split(y: jax.Array, blocks: tuple[Rows, ...]) -> list[jax.Array]:
 
 
 def _valid_rows(blocks: tuple[Rows, ...]) -> jax.Array | None:
-    """Rows of the joined tokens from which on all is padding: the last block's padding."""
+    """Rows of the joined tokens from which on all is padding: the last block's padding
+    (with per-row lengths, its last row's)."""
     last = blocks[-1]
-    if last.valid is None:
+    valid = last.valid
+    if last.lengths is not None:
+        B, T = last.tokens.shape
+        valid = (B - 1) * T + last.lengths[B - 1]
+    if valid is None:
         return None
-    return sum(b.tokens.size for b in blocks[:-1]) + last.valid
+    return sum(b.tokens.size for b in blocks[:-1]) + valid
 
 
 class Attention(nn.Module):

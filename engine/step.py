@@ -240,8 +240,7 @@ class Programs:
         if self.model.packed:
             # One block of G rows: the CPU kernels attend each row as it would alone, and the
             # program no longer grows with G (8 blocks made a 24,000-line program, ~75 MiB).
-            valid = (G - 1) * T + lengths[G - 1]  # the last row's padding, for the products
-            blocks = [Rows(tokens, positions, pages, valid, lengths, head=False)]
+            blocks = [Rows(tokens, positions, pages, lengths=lengths, head=False)]
         else:  # XLA's ops: a block per sequence (a mesh places a block's rows by slot)
             blocks = [
                 Rows(
@@ -250,7 +249,7 @@ class Programs:
                     pages[g : g + 1],
                     lengths[g],
                     head=False,
-                )  # fmt: skip
+                )
                 for g in range(G)
             ]
         _, cache = self.model.apply({"params": params}, blocks, cache)
