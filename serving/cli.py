@@ -23,6 +23,7 @@ from engine import lockstep
 from engine.admission import MAX_TOP_LOGPROBS
 from engine.config import ConfigError
 from engine.kv_cache import KV_CACHE_DTYPES, KV_DTYPE_ALIASES, CacheConfigError
+from engine.loading import limit_heap_arenas
 from engine.paging import parse_bytes
 from engine.requests import (
     ContextLengthExceeded,
@@ -207,6 +208,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
     """The engine; `warmup=False` compiles only what the first requests use (a one-shot
     `generate`), instead of every program a server needs."""
     registry.resolve(args.model)  # a wrong --model fails now, not after the kernels build
+    limit_heap_arenas()
     distributed = getattr(args, "distributed", False)  # serve's and generate's flag
     if distributed:
         _start_distributed(args)
