@@ -172,7 +172,7 @@ class Engine:
         page_size: int | None = None,
         kv_cache_dtype: str | jnp.dtype | None = None,
         dtype: jnp.dtype | None = None,
-        decode_steps: int = 4,
+        decode_steps: int = 8,
         stream_rows: int = 8,
         max_queue: int = 256,
         prefill_budget: int = 4096,
@@ -187,9 +187,10 @@ class Engine:
     ) -> Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
-        A decode call runs `decode_steps` steps per host sync, or one step while a
-        streamed request (stream=True; Engine.stream) decodes and the live sequences fit
-        `stream_rows` rows, so its tokens arrive one by one (0: always decode_steps).
+        A decode call runs `decode_steps` steps per host sync (fewer where every live
+        sequence reaches max_tokens sooner; at most 4 while a streamed request decodes), or
+        one step while a streamed request (stream=True; Engine.stream) decodes and the live
+        sequences fit `stream_rows` rows, so its tokens arrive one by one (0: never).
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls: a
         burst of new requests stalls running ones at most that long. The default admits a
         burst whole (prefill first, as vLLM schedules), so decoding runs on full batches: at

@@ -55,7 +55,7 @@ log = logging.getLogger("jaxfire.engine")
 class SchedulerSettings:
     max_slots: int  # sequences decoded together (--max-seqs)
     max_len: int
-    decode_steps: int = 4  # k: decode steps per host sync
+    decode_steps: int = 8  # k: decode steps per host sync (engine.decoding)
     max_queue: int = 256
     min_prefill_bucket: int = 16
     min_kv_bucket: int = 64

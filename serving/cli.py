@@ -139,13 +139,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="weight-only quantization of the layers' matrices on XLA's path (auto: int8 for "
         "a GGUF file's 4/8-bit matrices on GPU and TPU, else none)",
     )
-    p.add_argument("--decode-steps", type=_int_in(1), default=4, help="decode steps per host sync")
+    p.add_argument("--decode-steps", type=_int_in(1), default=8, help="decode steps per host sync")
     p.add_argument(
         "--stream-rows",
         type=_int_in(0),
         default=8,
         help="while a request streams and at most this many sequences decode, one decode step "
-        "per host sync, so each token is sent as it is made (0: always --decode-steps)",
+        "per host sync, so each token is sent as it is made (0: never; wider batches that stream "
+        "take at most 4 steps a sync)",
     )
     p.add_argument(
         "--prefill-budget",

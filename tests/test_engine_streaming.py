@@ -40,7 +40,9 @@ def run(engine, prompts, **request) -> list[dict]:
     return [F.collect(h)[0] for h in handles]
 
 
-GREEDY = dict(params=SamplingParams(temperature=0.0), max_tokens=13, ignore_eos=True)
+# A multiple of K: a call stops where every live sequence reaches max_tokens
+# (tests/test_decode_call_steps.py), so the last one would take fewer steps otherwise.
+GREEDY = dict(params=SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
 
 
 def test_a_lone_stream_takes_one_step_a_call_with_hf_greedy_tokens(engine, monkeypatch):
@@ -48,10 +50,10 @@ def test_a_lone_stream_takes_one_step_a_call_with_hf_greedy_tokens(engine, monke
     [prompt] = F.prompts(1, seed=40, lo=12, hi=12)
     updates = list(engine.submit(GenerationRequest(prompt, stream=True, **GREEDY)))
     ids = [t for u in updates for t in u.token_ids]
-    assert ids == F.hf_greedy(prompt, 13)
+    assert ids == F.hf_greedy(prompt, 12)
     assert ks and set(ks) == {1}
     # each token its own update: none waits for a later step of its call
-    assert [len(u.token_ids) for u in updates if u.token_ids] == [1] * 13
+    assert [len(u.token_ids) for u in updates if u.token_ids] == [1] * 12
 
 
 def test_without_a_stream_or_beyond_stream_rows_a_call_takes_k_steps(engine, monkeypatch):
@@ -63,7 +65,7 @@ def test_without_a_stream_or_beyond_stream_rows_a_call_takes_k_steps(engine, mon
     outs += run(engine, prompts, stream=True, **GREEDY)  # 3 live slots > stream_rows 2
     assert K in ks
     for prompt, out in zip(prompts[:1] + prompts, outs, strict=True):
-        assert out["ids"] == F.hf_greedy(prompt, 13)
+        assert out["ids"] == F.hf_greedy(prompt, 12)
 
 
 def test_seeded_tokens_and_logprobs_do_not_depend_on_the_steps_per_call(engine, monkeypatch):
@@ -71,7 +73,7 @@ def test_seeded_tokens_and_logprobs_do_not_depend_on_the_steps_per_call(engine, 
     prompts = F.prompts(2, seed=42, lo=6, hi=18)
     sampled = dict(
         params=SamplingParams(temperature=0.9, top_p=0.95, seed=7),
-        max_tokens=11,
+        max_tokens=12,
         ignore_eos=True,
         top_logprobs=2,
     )
@@ -108,7 +110,7 @@ def test_one_step_calls_run_on_the_k_step_programs(monkeypatch):
         before = set(p._decoders)
         ks = calls_k(engine, monkeypatch)
         outs = run(engine, F.prompts(2, seed=44), stream=True, **GREEDY)
-        assert set(ks) == {1} and all(len(o["ids"]) == 13 for o in outs)
+        assert set(ks) == {1} and all(len(o["ids"]) == 12 for o in outs)
         assert set(p._decoders) == before  # nothing compiled on demand
     finally:
         engine.close()
