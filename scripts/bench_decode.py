@@ -234,7 +234,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=None, help="new tokens (default 128)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--k", type=int, default=4, help="decode_steps for the batch sweep")
+    parser.add_argument("--k", type=int, default=8, help="decode_steps (the engine's default)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument(
         "--quantize", choices=("none", "int8", "fp8"), help="jaxfire's --quantize (default: auto)"
@@ -248,7 +248,7 @@ def main() -> None:
     batches = args.batches or ([1, 8] if args.quick else [1, 8, 32, 64])
     new = args.new or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
-    ks = [1, 4] if args.quick else [1, 4, 8]
+    ks = [1, 8] if args.quick else [1, 4, 8]
 
     import jax
     import torch
