@@ -188,7 +188,7 @@ class Engine:
         """Load a registered model name, HF folder, .gguf file or converted checkpoint.
 
         A decode call runs `decode_steps` steps per host sync (fewer where every live
-        sequence reaches max_tokens sooner; at most 4 while a streamed request decodes), or
+        sequence reaches max_tokens sooner; on the CPU at most 4 while a request streams), or
         one step while a streamed request (stream=True; Engine.stream) decodes and the live
         sequences fit `stream_rows` rows, so its tokens arrive one by one (0: never).
         `prefill_budget` bounds the prompt tokens prefilled between two decode calls: a

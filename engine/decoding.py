@@ -44,9 +44,9 @@ from engine.step import Programs
 from engine.tokenizer import Tokenizer
 
 # The most steps a call runs while a live choice streams (and the batch is too wide for one
-# token a call): more steps amortise the host's work per call (8 against 4: +14% tok/s for
-# one sequence, +3% for 8, +1% for 32: scripts/bench_ab.py --new-kw '{"decode_steps": 8}'),
-# but a stream gets its tokens in bursts that long.
+# token a call): more steps amortise the host's work per call (8 against 4: 1.113 / 1.002 /
+# 1.014x the tok/s at 1 / 8 / 32 sequences, scripts/bench_ab.py, README), but a stream gets
+# its tokens in bursts that long.
 STREAMED_STEPS = 4
 
 
