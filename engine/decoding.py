@@ -116,10 +116,17 @@ class Decoding(Fills):
         k = self.s.decode_steps
         if self.p.branchless or not self.live:
             return k
-        if any(o.handle.request.stream for o, _ in self.live.values()):
+        if self._streaming():
             k = min(k, STREAMED_STEPS)
-        left = max(o.handle.max_tokens - len(c.token_ids) - ahead for o, c in self.live.values())
-        return max(1, min(k, left))
+        return max(1, min(k, self._tokens_left(ahead)))
+
+    def _streaming(self) -> bool:
+        return any(o.handle.request.stream for o, _ in self.live.values())
+
+    def _tokens_left(self, ahead: int) -> int:
+        """The most tokens a live choice may still draw after the `ahead` steps in flight."""
+        owned = self.live.values()
+        return max((o.handle.max_tokens - len(c.token_ids) - ahead for o, c in owned), default=0)
 
     def _per_token(self, ahead: int) -> bool:
         """Whether the next call takes one step: a live choice streams, no prompt chunk is
@@ -127,7 +134,7 @@ class Decoding(Fills):
         call costs the host a dispatch (~0.7 ms on the default model on 2 CPU cores, 14-19%
         of one stream's throughput: scripts/bench_streams.py), so only streams pay it, and
         only at small batch."""
-        if not any(o.handle.request.stream for o, _ in self.live.values()) or self.filling:
+        if not self._streaming() or self.filling:
             return False
         return self._one_step_rows(self._kv_len(ahead + 1), max(self.live) + 1) is not None
 
@@ -191,7 +198,7 @@ class Decoding(Fills):
             return False
         if not constrained and any(c.constraint is not None for _, c in owned):
             return False
-        return any(o.handle.max_tokens - len(c.token_ids) > call.k for o, c in owned)
+        return self._tokens_left(ahead=call.k) > 0
 
     def _kv_len(self, steps: int) -> int:
         """The attended-positions bucket of a call reaching `steps` past the host's positions."""

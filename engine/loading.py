@@ -224,12 +224,9 @@ def limit_heap_arenas(arenas: int = 2) -> None:
     server's threads each kept their freed pages in theirs (`jaxfire serve`: 1,417 -> 1,385
     MiB resident with 2; decode speed at 1, 8 and 32 sequences unchanged, scripts/bench_ab.py
     --new-env MALLOC_ARENA_MAX=2)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(_M_ARENA_MAX, arenas)
 
 
 def return_freed_memory() -> None:
@@ -239,7 +236,15 @@ def return_freed_memory() -> None:
     for the default model); after compiling: the compiler's temporaries, freed on the
     background thread's own arena (~0.1 GB)."""
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose malloc the two functions above tune), else None."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
