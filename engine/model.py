@@ -108,8 +108,9 @@ class Rows:
     row of many tokens, and a mixed step both, whose matrix products run on all their tokens
     at once while each block attends on its own (engine.attend).
     `valid` (int32 scalar, may be traced): tokens from this one on, over [B, T] flattened,
-    are padding; the CPU kernels skip their matrix rows (left zero) in the last block, XLA's
-    ops compute them. Either way no query before it sees them.
+    are padding; the CPU kernels skip their matrix rows (left zero) in the last block, and a
+    decode block's rows from `valid` on in its fused layer (nothing written to their pages);
+    XLA's ops compute them. Either way no query before it sees them.
     `lengths` (int32[B], may be traced; the CPU kernels only): each row is a sequence of its
     own continuing what its pages hold, its first lengths[b] tokens real (several short
     prompts in one call), in place of `valid`.
@@ -259,6 +260,7 @@ class DecoderLayer(nn.Module):
                 cfg.num_heads,
                 self.window,
                 eps,
+                only.valid,
             )
             return [y[:, None].astype(self.dtype)], tuple(new_kv)
         norm = RMSNorm(eps, self.dtype, name="input_layernorm")
@@ -354,18 +356,23 @@ class Transformer(nn.Module):
             )
         params = self.variables["params"]
         outs = [
-            logits_from_hidden(params, x, cfg, self.packed) if b.head else x
+            logits_from_hidden(params, x, cfg, self.packed, _valid_rows((b,))) if b.head else x
             for x, b in zip(xs, blocks, strict=True)
         ]
         return outs, new_cache
 
 
 def logits_from_hidden(
-    params: dict, hidden: jax.Array, config: ModelConfig, packed: bool = False
+    params: dict,
+    hidden: jax.Array,
+    config: ModelConfig,
+    packed: bool = False,
+    valid_rows: jax.Array | None = None,
 ) -> jax.Array:
-    """f32[B, T, V] from the final normed hidden states [B, T, D]."""
+    """f32[B, T, V] from the final normed hidden states [B, T, D]; with `packed`, the rows
+    of [B, T] flattened from `valid_rows` on are zeros, not computed (cpu_kernels.matmul)."""
     if packed:
-        return cpu_kernels.matmul(hidden, params["lm_head"], config.vocab_size)
+        return cpu_kernels.matmul(hidden, params["lm_head"], config.vocab_size, valid_rows)
     if config.tie_word_embeddings:
         # Contract against the embedding's hidden axis directly; `x @ embed.T` made XLA
         # materialise a transposed copy of the embedding every step.

@@ -349,7 +349,11 @@ class Programs:
     ) -> tuple[jax.Array, KVCache]:
         """One model call over the state's rows (their next tokens at their positions), with
         `extra` blocks beside them: (the rows' logits f32[rows, V], the cache)."""
-        block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, kv_len=kv_len)
+        valid = None
+        if self.model.packed:  # the CPU kernels skip the rows above the highest active one
+            rows = jnp.arange(1, st.active.shape[0] + 1, dtype=jnp.int32)
+            valid = jnp.max(jnp.where(st.active, rows, 0))
+        block = Rows(st.tokens[:, None], st.positions[:, None], st.page_table, valid, kv_len=kv_len)
         (logits, *_), cache = self.model.apply({"params": params}, [block, *extra], cache)
         return logits[:, 0], cache
 

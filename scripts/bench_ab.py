@@ -3,6 +3,8 @@
     python scripts/bench_ab.py BASE_TREE NEW_TREE [--batches 1 8 32] [--rounds 6]
     python scripts/bench_ab.py . . --base-kw '{"page_size": 512}' --new-kw '{"page_size": 16}'
     python scripts/bench_ab.py BASE_TREE NEW_TREE --stream   # requests streamed
+    python scripts/bench_ab.py BASE_TREE NEW_TREE --batches 3 5 --base-kw '{"max_slots": 16}' \
+        --new-kw '{"max_slots": 16}'   # fewer requests than slots (default: as many)
     python scripts/bench_ab.py . . --new-env MALLOC_ARENA_MAX=2   # an environment setting
 
 On a noisy machine (the read bandwidth of these VMs swings by a third within minutes) two
@@ -34,8 +36,9 @@ from engine.api import Engine
 from engine.requests import GenerationRequest, SamplingParams
 batches, new, kw = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 stream = sys.argv[4] == "1"
-engines = {b: Engine.from_pretrained("smollm2-135m-instruct", max_slots=b, max_len=512,
-                                     background_compile=False, **kw) for b in batches}
+settings = {"max_len": 512, "background_compile": False}
+engines = {b: Engine.from_pretrained("smollm2-135m-instruct", **{"max_slots": b, **settings, **kw})
+           for b in batches}
 rng = np.random.default_rng(0)
 greedy = SamplingParams(temperature=0.0)
 def burst(b):

@@ -146,13 +146,14 @@ def test_a_row_decoded_alone_gets_the_bits_it_gets_in_a_batch(window):
     np.testing.assert_array_equal(np.asarray(alone_values), np.asarray(values))
 
 
-@kernels
-@pytest.mark.parametrize("window", [None, 20])
-def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
-    d, heads, kv_heads, dim, inter, eps = 64, 4, 2, 16, 96, 1e-5
-    rows = len(POSITIONS)
+LAYER = {"d": 64, "heads": 4, "kv_heads": 2, "dim": 16, "inter": 96, "eps": 1e-5}
+
+
+def layer_weights() -> dict:
+    """A Llama layer's packed weights (LAYER's shapes), each matrix in another format."""
+    d, heads, kv_heads, dim, inter = (LAYER[k] for k in ("d", "heads", "kv_heads", "dim", "inter"))
     width = (heads + 2 * kv_heads) * dim
-    weights = {
+    return {
         "input_layernorm": {"weight": RNG.uniform(0.5, 1.5, d).astype(np.float32)},
         "post_attention_layernorm": {"weight": RNG.uniform(0.5, 1.5, d).astype(np.float32)},
         "self_attn": {
@@ -164,6 +165,14 @@ def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
             "down_proj": {"kernel": cpu_kernels.pack(WEIGHTS["bfloat16"](inter, d) * 0.1)},
         },
     }
+
+
+@kernels
+@pytest.mark.parametrize("window", [None, 20])
+def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
+    d, heads, kv_heads, dim, eps = (LAYER[k] for k in ("d", "heads", "kv_heads", "dim", "eps"))
+    rows = len(POSITIONS)
+    weights = layer_weights()
     pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, kv_heads, dim)
     x = RNG.standard_normal((rows, d)).astype(np.float32)
     cos, sin = rotary(rows, dim)
@@ -183,6 +192,31 @@ def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
     np.testing.assert_array_equal(pool.contiguous(keys), np.asarray(want_keys))
     np.testing.assert_array_equal(pool.contiguous(values), np.asarray(want_values))
     untouched(pool, pool.keys, keys)
+
+
+@kernels
+@pytest.mark.parametrize("valid", [0, 1, 3])
+def test_decode_layer_skips_the_rows_from_valid_rows_on(valid):
+    """The first `valid` rows come out as from a call on them alone; the rest are zeros and
+    write nothing to their pages (a decode program wider than its live rows)."""
+    d, heads, kv_heads, dim, eps = (LAYER[k] for k in ("d", "heads", "kv_heads", "dim", "eps"))
+    rows = len(POSITIONS)
+    weights = layer_weights()
+    pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, kv_heads, dim)
+    x = RNG.standard_normal((rows, d)).astype(np.float32)
+    cos, sin = rotary(rows, dim)
+    call = jax.jit(cpu_kernels.decode_layer, static_argnums=(8, 9, 10))
+    pools = (pool.keys, pool.values)
+    y, *kv = call(x, weights, cos, sin, POSITIONS, pool.table, *pools, heads, None, eps, valid)
+    first = slice(0, valid)
+    alone_y, *alone_kv = call(
+        x[first], weights, cos[first], sin[first], POSITIONS[first], pool.table[first],
+        *pools, heads, None, eps,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(y)[:valid], np.asarray(alone_y))
+    np.testing.assert_array_equal(np.asarray(y)[valid:], 0.0)
+    for got, want in zip(kv, alone_kv, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @kernels

@@ -246,6 +246,7 @@ def decode_layer(
     num_heads: int,
     window: int | None,
     eps: float,
+    valid_rows: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One Llama decoder layer (no biases) for one token per row x f32[B, D] at `positions`
     of the sequences whose pages are page_table i32[B, pages_per_seq], in one call: RMSNorm,
@@ -254,7 +255,9 @@ def decode_layer(
 
     `weights`: the layer's packed parameters, engine.model's names (`input_layernorm`,
     `self_attn/qkv_proj`, `self_attn/o_proj`, `post_attention_layernorm`,
-    `mlp/gate_up_proj`, `mlp/down_proj`). Returns (y f32[B, D], keys, values)."""
+    `mlp/gate_up_proj`, `mlp/down_proj`). `valid_rows` (int32 scalar, may be traced; None: B):
+    the rows from which on x is padding, not computed (zeros out, nothing written to their
+    pages). Returns (y f32[B, D], keys, values)."""
     _register()
     attn, mlp = weights["self_attn"], weights["mlp"]
     out = (
@@ -277,6 +280,7 @@ def decode_layer(
         weights["post_attention_layernorm"]["weight"],
         mlp["gate_up_proj"]["kernel"],
         mlp["down_proj"]["kernel"],
+        jnp.asarray(x.shape[0] if valid_rows is None else valid_rows, jnp.int32),
         num_heads=np.int64(num_heads),
         window=np.int64(window or 0),
         eps=np.float32(eps),

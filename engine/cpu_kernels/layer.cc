@@ -10,6 +10,7 @@
 // leaves the cache.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -67,13 +68,15 @@ void add_into(float* y, const float* x, int64_t n) {
 // (gate then up), wdown [I -> D]; norms f32[D]; cos / sin [B, Dh / 2]; row b's page-table
 // row table[b] (table [B, pages_per_seq]); the page pools [num_pages, K, page_size, Dh]
 // (float32, float16 or bfloat16) are updated in place (aliased to the last two results).
+// Rows from valid_rows (an int32 scalar) on are not computed: their outputs are zeros and
+// nothing is written to their pages, so a program of B rows serves fewer live ones.
 ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> input_norm, ffi::AnyBuffer wqkv,
                        ffi::Buffer<ffi::F32> cos_table, ffi::Buffer<ffi::F32> sin_table,
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> table,
                        ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer wo,
                        ffi::Buffer<ffi::F32> post_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::Result<ffi::AnyBuffer> keys,
+                       ffi::Buffer<ffi::S32> valid_rows, ffi::ResultBuffer<ffi::F32> y, ffi::Result<ffi::AnyBuffer> keys,
                        ffi::Result<ffi::AnyBuffer> values,
                        int64_t num_heads, int64_t window, float eps) {
   const auto xd = x.dimensions();
@@ -84,8 +87,8 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "x must be [B, D], the page table [B, pages] and caches [num_pages, K, page_size, Dh]");
   }
-  const int64_t rows = xd[0], d = xd[1];
-  const jaxfire::DecodeGeometry geo{rows, num_heads, cd[1], cd[0], cd[2], td[1], cd[3], window};
+  const int64_t d = xd[1];
+  jaxfire::DecodeGeometry geo{xd[0], num_heads, cd[1], cd[0], cd[2], td[1], cd[3], window};
   jaxfire::Packed qkv_w, o_w, gu_w, down_w;
   for (auto [buffer, packed] : {std::pair{&wqkv, &qkv_w}, std::pair{&wo, &o_w},
                                 std::pair{&wgu, &gu_w}, std::pair{&wdown, &down_w}}) {
@@ -105,6 +108,12 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                          table.element_count())) {
     return ffi::Error::InvalidArgument(error);
   }
+  if (valid_rows.element_count() != 1) {
+    return ffi::Error::InvalidArgument("valid_rows must be a scalar");
+  }
+  const int64_t rows = std::clamp<int64_t>(valid_rows.typed_data()[0], 0, geo.rows);
+  std::fill(y->typed_data() + rows * d, y->typed_data() + geo.rows * d, 0.0f);
+  geo.rows = rows;  // rows are laid out one after another: the first ones are a batch
   // Reused between calls: first touches of fresh pages are slow on this kind of VM.
   thread_local std::vector<float> h, qkv, attn, gate_up, act;
   h.resize(rows * d);
@@ -154,6 +163,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxfireDecodeLayer, DecodeLayer,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // post-attention norm
                                   .Arg<ffi::AnyBuffer>()         // wgu
                                   .Arg<ffi::AnyBuffer>()         // wdown
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // valid rows
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
