@@ -167,15 +167,19 @@ def layer_weights() -> dict:
     }
 
 
+def layer_inputs() -> tuple:
+    """(weights, page pool, x, cos, sin) of a decode layer call over POSITIONS' rows."""
+    rows, dim = len(POSITIONS), LAYER["dim"]
+    pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, LAYER["kv_heads"], dim)
+    x = RNG.standard_normal((rows, LAYER["d"])).astype(np.float32)
+    return (layer_weights(), pool, x, *rotary(rows, dim))
+
+
 @kernels
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
-    d, heads, kv_heads, dim, eps = (LAYER[k] for k in ("d", "heads", "kv_heads", "dim", "eps"))
-    rows = len(POSITIONS)
-    weights = layer_weights()
-    pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, kv_heads, dim)
-    x = RNG.standard_normal((rows, d)).astype(np.float32)
-    cos, sin = rotary(rows, dim)
+    rows, heads, eps = len(POSITIONS), LAYER["heads"], LAYER["eps"]
+    weights, pool, x, cos, sin = layer_inputs()
     call = jax.jit(cpu_kernels.decode_layer, static_argnums=(8, 9, 10))
     args = (x, weights, cos, sin, POSITIONS)
     y, keys, values = call(*args, pool.table, pool.keys, pool.values, heads, window, eps)
@@ -199,12 +203,8 @@ def test_decode_layer_through_a_page_table_equals_the_contiguous_layout(window):
 def test_decode_layer_skips_the_rows_from_valid_rows_on(valid):
     """The first `valid` rows come out as from a call on them alone; the rest are zeros and
     write nothing to their pages (a decode program wider than its live rows)."""
-    d, heads, kv_heads, dim, eps = (LAYER[k] for k in ("d", "heads", "kv_heads", "dim", "eps"))
-    rows = len(POSITIONS)
-    weights = layer_weights()
-    pool = make_pool(pages_used(POSITIONS), PAGES_PER_SEQ, kv_heads, dim)
-    x = RNG.standard_normal((rows, d)).astype(np.float32)
-    cos, sin = rotary(rows, dim)
+    heads, eps = LAYER["heads"], LAYER["eps"]
+    weights, pool, x, cos, sin = layer_inputs()
     call = jax.jit(cpu_kernels.decode_layer, static_argnums=(8, 9, 10))
     pools = (pool.keys, pool.values)
     y, *kv = call(x, weights, cos, sin, POSITIONS, pool.table, *pools, heads, None, eps, valid)
