@@ -76,8 +76,8 @@ ffi::Error DecodeLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> table,
                        ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer wo,
                        ffi::Buffer<ffi::F32> post_norm, ffi::AnyBuffer wgu, ffi::AnyBuffer wdown,
-                       ffi::Buffer<ffi::S32> valid_rows, ffi::ResultBuffer<ffi::F32> y, ffi::Result<ffi::AnyBuffer> keys,
-                       ffi::Result<ffi::AnyBuffer> values,
+                       ffi::Buffer<ffi::S32> valid_rows, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Result<ffi::AnyBuffer> keys, ffi::Result<ffi::AnyBuffer> values,
                        int64_t num_heads, int64_t window, float eps) {
   const auto xd = x.dimensions();
   const auto cd = keys->dimensions();
